@@ -1,0 +1,415 @@
+"""`neuron-studio`: the command line. Every subcommand has --help, shows a progress bar for long work, and ends
+with a clear message (never a traceback) and a non-zero exit code on error; the traceback goes to the log."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from app.errors import NeuronStudioError
+
+log = logging.getLogger("neuron_studio")
+
+SUBCOMMANDS = ("demo", "new", "add-model", "add-dataset", "extract", "label", "export", "import", "info", "methods",
+               "open")
+
+
+def _log_file() -> Path:
+    from platformdirs import user_log_dir
+
+    d = Path(user_log_dir("neuron-studio", appauthor=False))
+    d.mkdir(parents=True, exist_ok=True)
+    return d / "neuron-studio.log"
+
+
+def _setup_logging(verbose: bool) -> None:
+    handlers: list[logging.Handler] = []
+    try:
+        handlers.append(logging.FileHandler(_log_file(), encoding="utf-8"))
+    except OSError:
+        pass
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    handlers.append(console)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+# ---- progress ---------------------------------------------------------------------------------------------------
+def run_with_bar(job: Any, quiet: bool = False) -> Any:
+    """Run a job in this thread with a tqdm bar; Ctrl+C cancels it cleanly (it can be resumed)."""
+    from tqdm import tqdm
+
+    from app.jobs import JobProgress, run_job
+
+    progress = JobProgress()
+    bar = None if quiet else tqdm(total=0, desc=job.title, unit="it", dynamic_ncols=True, leave=True)
+
+    def show(info: Any) -> None:
+        if bar is None:
+            return
+        if bar.total != info.total:
+            bar.total = info.total
+        bar.n = info.done
+        if info.message:
+            bar.set_postfix_str(info.message[:60], refresh=False)
+        bar.refresh()
+
+    progress.listeners.append(show)
+    try:
+        return run_job(job, progress)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _parse_params(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise NeuronStudioError(f"--param {p!r} is not NAME=VALUE", fix="write e.g. --param beam_size=5")
+        k, v = p.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _preprocess_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
+    out: dict[str, Any] = {}
+    if args.resize:
+        out["resize"] = args.resize
+    if args.crop:
+        out["crop"] = args.crop
+    for name in ("mean", "std"):
+        val = getattr(args, name)
+        if val:
+            try:
+                nums = tuple(float(x) for x in val.split(","))
+            except ValueError:
+                nums = ()
+            if len(nums) != 3:
+                raise NeuronStudioError(f"--{name} {val!r} is not three comma-separated numbers",
+                                        fix=f"write e.g. --{name} 0.485,0.456,0.406")
+            out[name] = nums
+    return out or None
+
+
+# ---- subcommands -------------------------------------------------------------------------------------------------
+def cmd_new(args: argparse.Namespace) -> int:
+    from app.project.store import Project
+
+    Project.create(args.project).close()
+    print(f"created project {args.project}")
+    return 0
+
+
+def cmd_add_model(args: argparse.Namespace) -> int:
+    from app.project.store import Project
+    from app.workspace import add_model
+
+    with Project.open(args.project) as project:
+        added = add_model(project, args.spec, args.weights, name=args.name, trust_code=args.trust_code,
+                          preprocess_overrides=_preprocess_overrides(args))
+    print(f"added model {added.name}: {added.layers} modules, {added.extractable} with units")
+    return 0
+
+
+def cmd_add_dataset(args: argparse.Namespace) -> int:
+    from app.project.store import Project
+    from app.workspace import add_dataset
+
+    with Project.open(args.project) as project:
+        added = add_dataset(project, args.path, name=args.name, format=args.format)
+    print(f"added dataset {added.name}: {added.images} images, {added.concepts} concepts, "
+          f"masks: {'yes' if added.has_masks else 'no'}, {added.captions} captions")
+    skipped = {k: v for k, v in (added.report or {}).items() if v}
+    if skipped:
+        print("while reading annotations:", json.dumps(skipped, indent=1, default=str)[:2000])
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from app.engine.extract import ExtractJob, ExtractOptions
+    from app.project.store import Project
+    from app.workspace import resolve_layers
+
+    with Project.open(args.project) as project:
+        model = project.model(args.model)
+        layers = resolve_layers(project, model["id"], args.layers)
+    opts = ExtractOptions(layers=layers, batch_size=args.batch_size, device=args.device, num_workers=args.workers,
+                          topk=args.topk, mask_size=args.mask_size, mask_stats=not args.no_masks,
+                          amp=not args.no_amp, max_images=args.max_images)
+    job = ExtractJob(args.project, opts, model=args.model, dataset=args.dataset)
+    rep = run_with_bar(job, args.quiet)
+    print(f"extracted {len(rep.layers)} layer(s) over {rep.images} images ({rep.skipped} skipped) on {rep.device} "
+          f"in {rep.seconds:.1f} s ({rep.images_per_second:.1f} images/s); run {job.run_id}")
+    if rep.skipped:
+        with Project.open(args.project) as project:
+            for p in project.image_problems(job.run_id)[:10]:
+                print(f"  skipped {p['key']}: {p['problem']}")
+    return 0
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    import labelers.base as lb
+    from app.engine.labeling import LabelJob
+    from app.project.store import Project
+
+    methods = list(lb.available()) if args.method == "all" else [m.strip() for m in args.method.split(",")]
+    with Project.open(args.project) as project:
+        model = project.model(args.model)
+        if args.layer == "all":
+            layers = [r["name"] for r in project.extracted_layers(model["id"])]
+            if not layers:
+                raise NeuronStudioError("no layer of this model has been extracted",
+                                        fix="run `neuron-studio extract` first")
+        else:
+            layers = [x.strip() for x in args.layer.split(",")]
+    params = _parse_params(args.param)
+    failures = 0
+    for layer in layers:
+        for method in methods:
+            job = LabelJob(args.project, method, layer, params, model=args.model, clip_model=args.clip,
+                           device=args.device)
+            try:
+                rep = run_with_bar(job, args.quiet)
+            except lb.MissingInputError as exc:
+                if args.method != "all":
+                    raise
+                print(f"{method} on {layer}: skipped: {exc}")
+                continue
+            except (NeuronStudioError, lb.LabelerError) as exc:
+                if len(methods) * len(layers) == 1:
+                    raise
+                failures += 1
+                print(f"{method} on {layer}: failed: {exc}", file=sys.stderr)
+                continue
+            print(f"{method} on {layer}: {rep.labels} labels for {rep.units} units in {rep.seconds:.1f} s")
+    return 1 if failures else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from app.export import base as export_base
+
+    job = export_base.ExportJob(args.project, args.format, args.output, _parse_params(args.option))
+    out = run_with_bar(job, args.quiet)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from app.export import imports
+    from app.project.store import Project
+
+    with Project.open(args.project) as project:
+        if args.milan:
+            n = imports.import_milan(project, args.path, args.model)
+        else:
+            n = imports.import_tables(project, args.path)
+    print(f"imported {n} rows")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    import labelers.base as lb
+
+    for name, cls in lb.available().items():
+        print(f"{name}: {cls.title} — {cls.paper}")
+        print(f"  needs: {', '.join(i.value for i in cls.inputs)}")
+        for p in cls.params:
+            choices = f" (one of {', '.join(map(str, p.choices))})" if p.choices else ""
+            print(f"  --param {p.name}={p.default!r}  {p.type.__name__}{choices}: {p.help}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from app.project.store import Project
+
+    with Project.open(args.project) as project:
+        s = project.summary()
+        print(f"project {s['path']} (schema {s['schema_version']})")
+        for m in s["models"]:
+            print(f"model {m['name']}: {m['spec']}")
+            rows = project.layers(m["id"], extractable_only=True)
+            extracted = {r["id"] for r in project.extracted_layers(m["id"])}
+            shown = rows if args.layers else [r for r in rows if r["id"] in extracted]
+            for r in shown:
+                mark = "*" if r["id"] in extracted else " "
+                print(f"  {mark} {r['name']:<40} {r['type']:<22} {r['kind']:<6} {r['units']:>6} units  "
+                      f"{'x'.join(map(str, r['shape']))}")
+            if not args.layers:
+                print(f"  ({len(rows)} layers with units; --layers lists them all; * = extracted)")
+        for d in s["datasets"]:
+            print(f"dataset {d['name']}: {d['format']}, {d['num_images']} images")
+        print("runs:", ", ".join(f"{k} {v}" for k, v in sorted(s["runs"].items())) or "none")
+        for r in project.runs():
+            if r.status != "done":
+                print(f"  run {r.id} {r.kind} {r.method or ''} {r.status}: {r.error or r.message}")
+        for r in project.all("SELECT l.name AS layer, lb.method, COUNT(DISTINCT lb.unit_id) AS units, COUNT(*) AS n"
+                             " FROM labels lb JOIN units u ON u.id=lb.unit_id JOIN layers l ON l.id=u.layer_id"
+                             " GROUP BY l.id, lb.method ORDER BY l.position, lb.method"):
+            print(f"  labels {r['layer']:<30} {r['method']:<14} {r['units']:>5} units {r['n']:>7} labels")
+        print(f"labels: {s['labels']}, annotations: {s['annotations']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from app.demo.pipeline import DemoJob, format_summary
+
+    job = DemoJob(Path(args.out), n_images=args.images, epochs=args.epochs, device=args.device, rebuild=args.rebuild)
+    summary = run_with_bar(job, args.quiet)
+    print(format_summary(summary))
+    if not args.headless:
+        return _open_gui(Path(args.out) / "demo.nstudio")
+    return 0
+
+
+def _open_gui(project: Path | None) -> int:
+    try:
+        from app.ui.main_window import run_app
+    except ImportError as exc:
+        raise NeuronStudioError(f"the window cannot start ({exc})",
+                                fix="install the GUI dependencies (pip install neuron-studio) or use --headless") from exc
+    return run_app(project)
+
+
+def cmd_open(args: argparse.Namespace) -> int:
+    return _open_gui(Path(args.project) if args.project else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="neuron-studio",
+        description="Find out what the units of a vision model respond to, and name them. "
+                    "`neuron-studio PROJECT` opens the window on a project.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log details to the terminal")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, help: str, fn: Any) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(fn=fn)
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        return sp
+
+    sp = add("demo", "build the demo project (procedural shapes, a small CNN, every labeler) and open it", cmd_demo)
+    sp.add_argument("--headless", action="store_true", help="do not open the window; print a summary")
+    sp.add_argument("--out", default="neuron-studio-demo", help="folder for the demo data and project")
+    sp.add_argument("--images", type=int, default=3000, help="number of generated images (default 3000)")
+    sp.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's own)")
+    sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    sp.add_argument("--rebuild", action="store_true", help="start over even if the demo was built before")
+
+    sp = add("new", "create an empty project folder", cmd_new)
+    sp.add_argument("project", help="the new project folder, e.g. study.nstudio")
+
+    sp = add("add-model", "add a model from local files (checked before anything is written)", cmd_add_model)
+    sp.add_argument("project")
+    sp.add_argument("spec", help="torchvision:NAME | torchscript:FILE | hf:DIR | python:FILE.py:FACTORY | builtin:NAME")
+    sp.add_argument("--weights", help="state dict (.pth/.pt, loaded with weights_only=True) or .safetensors")
+    sp.add_argument("--name", help="name in the project (default: from the file)")
+    sp.add_argument("--trust-code", action="store_true", help="allow python: specs, which run the file's code")
+    sp.add_argument("--resize", type=int, help="override: resize the shorter side to this")
+    sp.add_argument("--crop", type=int, help="override: centre crop size")
+    sp.add_argument("--mean", help="override: normalisation mean, e.g. 0.485,0.456,0.406")
+    sp.add_argument("--std", help="override: normalisation std, e.g. 0.229,0.224,0.225")
+
+    sp = add("add-dataset", "add an image dataset (folder, ImageFolder, COCO, Broden index.csv, labels.csv)",
+             cmd_add_dataset)
+    sp.add_argument("project")
+    sp.add_argument("path", help="dataset folder (or its annotation file)")
+    sp.add_argument("--name")
+    sp.add_argument("--format", choices=["folder", "imagefolder", "coco", "broden", "labels-csv"],
+                    help="skip detection")
+
+    sp = add("extract", "record what every unit of the chosen layers responds to (resumable)", cmd_extract)
+    sp.add_argument("project")
+    sp.add_argument("--layers", required=True, help="comma-separated dotted layer names, or 'all'")
+    sp.add_argument("--model")
+    sp.add_argument("--dataset")
+    sp.add_argument("--batch-size", type=int, default=32)
+    sp.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    sp.add_argument("--workers", type=int, default=None, help="image decoding processes (default: cores - 1)")
+    sp.add_argument("--topk", type=int, default=15, help="exemplars kept per unit (MILAN: 15)")
+    sp.add_argument("--mask-size", type=int, default=None, help="segmentation grid side (default: crop, <= 112)")
+    sp.add_argument("--no-masks", action="store_true", help="skip the mask-overlap pass")
+    sp.add_argument("--no-amp", action="store_true", help="full precision on CUDA")
+    sp.add_argument("--max-images", type=int, default=None, help="only the first N images")
+
+    sp = add("label", "label units with an automatic method", cmd_label)
+    sp.add_argument("project")
+    sp.add_argument("--method", required=True, help="a method name (see `neuron-studio methods`), several "
+                                                     "comma-separated, or 'all'")
+    sp.add_argument("--layer", required=True, help="an extracted layer, several comma-separated, or 'all'")
+    sp.add_argument("--model")
+    sp.add_argument("--param", action="append", default=[], help="NAME=VALUE, repeatable")
+    sp.add_argument("--clip", help="local CLIP model folder (transformers format) for clip_dissect")
+    sp.add_argument("--device", default="auto")
+
+    sp = add("export", "write labels, concept sets, reports and activations", cmd_export)
+    sp.add_argument("project")
+    sp.add_argument("--format", required=True, help="e.g. labels-csv (see `neuron-studio export --help`)")
+    sp.add_argument("-o", "--output", required=True, help="file or folder to write")
+    sp.add_argument("--option", action="append", default=[], help="NAME=VALUE for the format, repeatable")
+
+    sp = add("import", "import labels/annotations exported by another project, or MILAN annotations", cmd_import)
+    sp.add_argument("project")
+    sp.add_argument("path")
+    sp.add_argument("--milan", action="store_true", help="the file is MILANNOTATIONS-style JSON")
+    sp.add_argument("--model")
+
+    sp = add("info", "what a project holds", cmd_info)
+    sp.add_argument("project")
+    sp.add_argument("--layers", action="store_true", help="list every layer with units, not only extracted ones")
+
+    add("methods", "list the labeling methods and their parameters", cmd_methods)
+
+    sp = add("open", "open the window (optionally on a project)", cmd_open)
+    sp.add_argument("project", nargs="?")
+    return p
+
+
+def _export_formats_help() -> str:
+    try:
+        from app.export.base import list_formats
+
+        return ", ".join(list_formats())
+    except Exception:
+        return "labels-csv"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `neuron-studio PROJECT` (no subcommand) opens the window on it.
+    if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+        argv = ["open", *argv]
+    elif not argv:
+        argv = ["open"]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.fn(args) or 0)
+    except KeyboardInterrupt:
+        print("cancelled; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from labelers.base import Cancelled, LabelerError
+
+        if isinstance(exc, Cancelled):
+            print("cancelled; run the same command again to resume", file=sys.stderr)
+            return 130
+        if isinstance(exc, (NeuronStudioError, LabelerError)):
+            log.info("error", exc_info=True)
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        log.exception("unexpected error")
+        print(f"error: unexpected {type(exc).__name__}: {exc} (details in {_log_file()})", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""The built-in demo, end to end and offline: generate the shapes dataset, train the small CNN, create a project,
+extract its layers and run every labeler whose inputs the demo has. Each step is skipped when its result is
+already there, so an interrupted demo continues where it stopped."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import labelers.base as lb
+from app.jobs import JobProgress
+
+log = logging.getLogger(__name__)
+
+PROJECT_NAME = "demo.nstudio"
+DATASET_DIR = "shapes"
+WEIGHTS_NAME = "shapes_cnn.safetensors"
+
+
+@dataclass
+class DemoSummary:
+    project: str
+    training: dict[str, Any]
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    skipped_methods: dict[str, str] = field(default_factory=dict)
+
+
+def demo_layers(project: Any, model_id: int) -> list[str]:
+    """The blocks and the classifier: the top-level modules with units (their inner conv/bn/relu are left out)."""
+    rows = project.layers(model_id, extractable_only=True)
+    return [r["name"] for r in rows if "." not in r["name"] and r["name"]]
+
+
+class DemoJob:
+    title = "Build the demo project"
+
+    def __init__(self, out_dir: Path, n_images: int = 3000, epochs: int | None = None, device: str = "auto",
+                 rebuild: bool = False, seed: int = 0):
+        self.out_dir = Path(out_dir)
+        self.n_images = n_images
+        self.epochs = epochs
+        self.device = device
+        self.rebuild = rebuild
+        self.seed = seed
+
+    def execute(self, progress: JobProgress) -> DemoSummary:
+        from app.demo.shapes import generate_shapes_dataset
+        from app.demo.train import train_demo_model
+        from app.engine.extract import ExtractJob, ExtractOptions
+        from app.engine.labeling import LabelJob
+        from app.project.store import Project
+        from app.workspace import add_dataset, add_model
+
+        out = self.out_dir
+        if self.rebuild and out.exists():
+            for name in (PROJECT_NAME, DATASET_DIR, WEIGHTS_NAME, "training.json"):
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        data_dir = out / DATASET_DIR
+        done_marker = data_dir / ".complete"
+        if not done_marker.exists():
+            progress.begin_stage("generating the shapes dataset")
+            if data_dir.exists():
+                shutil.rmtree(data_dir)
+            generate_shapes_dataset(data_dir, n_images=self.n_images, seed=self.seed, progress=progress)
+            done_marker.write_text(json.dumps({"images": self.n_images, "seed": self.seed}))
+        weights = out / WEIGHTS_NAME
+        metrics_file = out / "training.json"
+        if not weights.exists():
+            progress.begin_stage("training the demo CNN")
+            kwargs: dict[str, Any] = {"seed": self.seed, "progress": progress}
+            if self.epochs is not None:
+                kwargs["epochs"] = self.epochs
+            metrics = train_demo_model(data_dir, weights, **kwargs)
+            metrics_file.write_text(json.dumps(metrics, indent=1, default=float))
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+
+        project_dir = out / PROJECT_NAME
+        with Project.open_or_create(project_dir) as project:
+            if not project.all("SELECT id FROM models"):
+                add_model(project, "builtin:shapes_cnn", weights, name="shapes_cnn")
+            if not project.all("SELECT id FROM datasets"):
+                add_dataset(project, data_dir, name="shapes")
+            model = project.model()
+            layers = demo_layers(project, model["id"])
+        summary = DemoSummary(project=str(project_dir), training=metrics)
+        ExtractJob(project_dir, ExtractOptions(layers=layers, device=self.device)).execute(progress)
+        methods = lb.available()
+        for layer in layers:
+            for name in methods:
+                job = LabelJob(project_dir, name, layer, device=self.device)
+                try:
+                    job.execute(progress)
+                except lb.MissingInputError as exc:
+                    summary.skipped_methods[name] = str(exc)
+        with Project.open(project_dir) as project:
+            summary.layers = layer_summaries(project, model["id"], layers)
+        return summary
+
+
+def layer_summaries(project: Any, model_id: int, layers: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for name in layers:
+        row = project.layer(model_id, name)
+        per_method: dict[str, Any] = {}
+        for lab in project.labels(layer_id=row["id"], max_rank=1):
+            m = per_method.setdefault(lab["method"], {"units": 0, "interpretable": 0, "significant": 0, "top": {}})
+            m["units"] += 1
+            m["interpretable"] += bool(lab["extra"].get("interpretable"))
+            m["significant"] += bool(lab["extra"].get("significant"))
+            m["top"][lab["label"]] = m["top"].get(lab["label"], 0) + 1
+        out.append({"layer": name, "units": row["units"], "methods": per_method})
+    return out
+
+
+def format_summary(summary: DemoSummary) -> str:
+    lines = [f"demo project: {summary.project}"]
+    t = summary.training
+    if t:
+        acc = t.get("heldout_accuracy", t.get("val_accuracy", t.get("test_accuracy")))
+        lines.append(f"model: shapes_cnn, held-out accuracy {acc:.3f}" if isinstance(acc, float) else "model: shapes_cnn")
+    for layer in summary.layers:
+        lines.append(f"layer {layer['layer']} ({layer['units']} units)")
+        for method, m in sorted(layer["methods"].items()):
+            top = ", ".join(f"{k} ({v})" for k, v in sorted(m["top"].items(), key=lambda kv: -kv[1])[:4])
+            extra = ""
+            if method == "netdissect":
+                extra = f", {m['interpretable']} interpretable (IoU >= 0.04)"
+            elif method == "invert":
+                extra = f", {m['significant']} significant"
+            lines.append(f"  {method:<13} {m['units']:>4} units labeled{extra}; most common: {top}")
+    for method, why in summary.skipped_methods.items():
+        lines.append(f"skipped {method}: {why}")
+    return "\n".join(lines)

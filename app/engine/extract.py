@@ -1,0 +1,523 @@
+"""The extraction job: run the model over a dataset once (twice when the dataset has masks) and keep, per unit of
+each chosen layer, what the labelers need, with memory bounded independently of the dataset size.
+
+Pass 1, every image: per-image spatial max and mean (memory-mapped [N, U] arrays), exact upper quantiles
+(`stats.TopQuantiles`) and the top-k exemplars with their maps (`stats.TopKExemplars`).
+Pass 2, only when the dataset has per-pixel masks: unit maps upsampled to the mask size, thresholded at the
+Network Dissection quantile, counted against every concept present in the batch (intersection, active area per
+annotated category, concept area): the `MaskCounts` of Network Dissection.
+
+Resume: every few seconds the streaming state goes to a safetensors checkpoint (atomic rename) after the
+memory-mapped rows before it were flushed; a killed or cancelled run continues from its last checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.engine import hooks
+from app.engine.device import describe, pick_device
+from app.engine.stats import TopKExemplars, TopQuantiles
+from app.errors import DatasetError, JobError, ModelLoadError
+from app.jobs import Cancelled, JobProgress
+from app.project import arrays
+from app.project.store import Project
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.safetensors"
+
+
+@dataclass
+class ExtractOptions:
+    layers: list[str]
+    batch_size: int = 32
+    device: str = "auto"
+    num_workers: int | None = None  # None: one fewer than the CPU count, at most 8
+    topk: int = 15  # MILAN's exemplar count
+    quantiles: tuple[float, ...] = (0.99, 0.995)  # MILAN masks at 0.99; Network Dissection thresholds at 0.995
+    iou_quantile: float = 0.995
+    mask_size: int | None = None  # side of the square mask grid; None: the input crop, at most 112 (Broden's)
+    mask_stats: bool = True
+    amp: bool = True  # mixed precision on CUDA
+    memory_budget_mb: int = 512  # per layer, for the exact quantile buffers
+    checkpoint_seconds: float = 10.0
+    max_images: int | None = None
+
+    def key_fields(self) -> dict[str, Any]:
+        # What changes the results (not batch size, workers, device or checkpoint cadence).
+        return {
+            "layers": sorted(self.layers), "topk": self.topk, "quantiles": list(self.quantiles),
+            "iou_quantile": self.iou_quantile, "mask_size": self.mask_size, "mask_stats": self.mask_stats,
+            "max_images": self.max_images,
+        }
+
+
+def safe_name(layer: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", layer) or "_"
+
+
+def load_project_model(model_row: dict[str, Any], device: torch.device) -> Any:
+    """Load a model the way it was added, and refuse it if its file changed since."""
+    from app.sources.models import load_model
+
+    model = load_model(
+        model_row["spec"], model_row["weights_path"], trust_code=bool(model_row["trust_code"]),
+        preprocess_overrides=model_row["preprocess"], device=device,
+    )
+    if model.fingerprint != model_row["fingerprint"]:
+        raise ModelLoadError(
+            "the model file changed since it was added to the project (its checksum differs)",
+            file=model_row["weights_path"] or model_row["spec"],
+            fix="restore the original file, or add the new file as another model",
+        )
+    return model
+
+
+def open_project_dataset(ds_row: dict[str, Any]) -> Any:
+    from app.sources.datasets import open_dataset
+
+    root = Path(ds_row["root"])
+    if not root.exists():
+        raise DatasetError(
+            "the dataset folder is gone", file=root, fix="put it back at this path, or add the dataset again"
+        )
+    reader = open_dataset(root, ds_row["format"])
+    if len(reader.images) != ds_row["num_images"]:
+        raise DatasetError(
+            f"the dataset now lists {len(reader.images)} images, the project recorded {ds_row['num_images']}",
+            file=root,
+            fix="add it again as a new dataset",
+        )
+    return reader
+
+
+class ImageSet(torch.utils.data.Dataset):
+    """Decodes images (in DataLoader workers); a corrupt image becomes ok=False with its message, never a crash."""
+
+    def __init__(self, reader: Any, transform: Any, indices: list[int], crop: int, mask_size: int | None):
+        self.reader = reader
+        self.transform = transform
+        self.indices = indices
+        self.crop = crop
+        self.mask_size = mask_size
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from app.sources.datasets import load_rgb
+
+        idx = self.indices[i]
+        item: dict[str, Any] = {"index": idx, "ok": True, "error": ""}
+        try:
+            item["x"] = self.transform(load_rgb(self.reader.images[idx].path))
+        except DatasetError as exc:
+            item.update(ok=False, error=str(exc), x=torch.zeros(3, self.crop, self.crop))
+        except Exception as exc:  # a decoder crash on one odd file must not end the job
+            item.update(ok=False, error=f"{self.reader.images[idx].path}: cannot decode ({exc})",
+                        x=torch.zeros(3, self.crop, self.crop))
+        if self.mask_size is not None:
+            if item["ok"]:
+                cidx, masks = self.reader.masks(idx, (self.mask_size, self.mask_size))
+                item["concepts"] = torch.as_tensor(np.asarray(cidx, dtype=np.int64))
+                item["masks"] = torch.from_numpy(np.ascontiguousarray(masks, dtype=bool))
+                item["annotated"] = torch.from_numpy(np.asarray(self.reader.annotated_categories(idx), dtype=bool))
+            else:
+                item["concepts"] = torch.zeros(0, dtype=torch.int64)
+                item["masks"] = torch.zeros((0, self.mask_size, self.mask_size), dtype=torch.bool)
+                item["annotated"] = torch.zeros(len(self.reader.categories), dtype=torch.bool)
+        return item
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
+        "ok": torch.tensor([it["ok"] for it in items], dtype=torch.bool),
+        "error": [it["error"] for it in items],
+        "x": torch.stack([it["x"] for it in items]),
+    }
+    if "masks" in items[0]:
+        out["concepts"] = [it["concepts"] for it in items]
+        out["masks"] = [it["masks"] for it in items]
+        out["annotated"] = torch.stack([it["annotated"] for it in items])
+    return out
+
+
+def layer_info(row: dict[str, Any]) -> Any:
+    """The `LayerInfo` of a project's layers row."""
+    from app.sources.models import LayerInfo
+
+    return LayerInfo(name=row["name"], type=row["type"], shape=tuple(row["shape"]), kind=row["kind"],
+                     units=row["units"], grid=tuple(row["grid"]) if row["grid"] else None,
+                     prefix_tokens=row["prefix_tokens"])
+
+
+def make_loader(reader: Any, preprocess: Any, indices: list[int], batch_size: int, num_workers: int | None,
+                device: torch.device, mask_size: int | None = None) -> torch.utils.data.DataLoader:
+    workers = min(8, max(0, (os.cpu_count() or 1) - 1)) if num_workers is None else num_workers
+    ds = ImageSet(reader, preprocess.transform(), indices, int(preprocess.crop), mask_size)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+    )
+
+
+class MapRunner:
+    """Runs the model on a batch and returns the unit maps [B, U, h, w] (float32) of the chosen layers, stopping
+    the forward pass after the deepest of them, with mixed precision on CUDA and a micro-batch that halves when
+    the device runs out of memory (and stays halved)."""
+
+    def __init__(self, model: Any, infos: dict[str, Any], device: torch.device, amp: bool = True,
+                 batch_size: int = 32):
+        self.model = model
+        self.infos = infos
+        self.device = device
+        self.amp = amp and device.type == "cuda"
+        self.micro = max(1, batch_size)
+        if device.type == "cuda":
+            model.module.to(memory_format=torch.channels_last)
+
+    def maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        from app.sources.models import unit_maps
+
+        results: dict[str, list[torch.Tensor]] = {n: [] for n in self.infos}
+        start = 0
+        with hooks.capture(self.model.module, list(self.infos), stop_after_last=True) as outs:
+            while start < x.shape[0]:
+                chunk = x[start:start + self.micro].to(self.device, non_blocking=True)
+                if self.device.type == "cuda":
+                    chunk = chunk.contiguous(memory_format=torch.channels_last)
+                try:
+                    with torch.inference_mode(), torch.autocast(device_type=self.device.type, enabled=self.amp):
+                        got = hooks.run_captured(self.model.forward, chunk, outs)
+                except torch.OutOfMemoryError:
+                    if self.micro == 1:
+                        raise JobError("the device ran out of memory even with one image per batch",
+                                       fix="use --device cpu or fewer layers at once") from None
+                    self.micro = max(1, self.micro // 2)
+                    log.warning("out of memory: batch size lowered to %d", self.micro)
+                    torch.cuda.empty_cache()
+                    continue
+                for name, info in self.infos.items():
+                    results[name].append(unit_maps(info, got[name]).float())
+                start += chunk.shape[0]
+        return {n: torch.cat(v) for n, v in results.items()}
+
+
+@dataclass
+class LayerState:
+    info: dict[str, Any]  # the layers row of the project
+    dir: Path
+    pooled_max: np.memmap
+    pooled_mean: np.memmap
+    quant: TopQuantiles
+    topk: TopKExemplars
+    thresholds: torch.Tensor | None = None
+    inter: torch.Tensor | None = None
+    unit_area: torch.Tensor | None = None
+    concept_area: torch.Tensor | None = None
+
+
+@dataclass
+class ExtractReport:
+    images: int
+    skipped: int
+    seconds: float
+    images_per_second: float
+    device: str
+    batch_size: int
+    quantile_exact: bool
+    layers: list[str] = field(default_factory=list)
+    mask_counts: bool = False
+
+
+class ExtractJob:
+    """Extract activation statistics of chosen layers of a project's model over one of its datasets."""
+
+    kind = "extract"
+
+    def __init__(self, project_path: str | Path, options: ExtractOptions, model: str | int | None = None,
+                 dataset: str | int | None = None):
+        self.project_path = Path(project_path)
+        self.options = options
+        self.model_ref = model
+        self.dataset_ref = dataset
+        self.title = f"Extract {', '.join(options.layers)}"
+        self.run_id: int | None = None
+
+    # ---- setup ---------------------------------------------------------------------------------------------
+    def _key(self, model_row: dict[str, Any], ds_row: dict[str, Any]) -> str:
+        blob = json.dumps(
+            {"model": model_row["fingerprint"], "spec": model_row["spec"], "dataset": ds_row["fingerprint"],
+             "preprocess": model_row["preprocess"], **self.options.key_fields()},
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def execute(self, progress: JobProgress) -> ExtractReport:
+        project = Project.open(self.project_path)
+        try:
+            return self._execute(project, progress)
+        finally:
+            project.close()
+
+    def _execute(self, project: Project, progress: JobProgress) -> ExtractReport:
+        opts = self.options
+        model_row = project.model(self.model_ref)
+        ds_row = project.dataset(self.dataset_ref)
+        if not opts.layers:
+            raise JobError("no layer was chosen", fix="name layers with --layers (see `neuron-studio info`)")
+        layer_rows = [project.layer(model_row["id"], name) for name in opts.layers]
+        for row in layer_rows:
+            if row["units"] <= 0:
+                raise JobError(f"layer {row['name']} ({row['type']}) has no units to extract",
+                               fix="pick a convolution, linear or transformer block layer")
+        device = pick_device(opts.device)
+        key = self._key(model_row, ds_row)
+        done_run = project.finished_run(self.kind, key)
+        if done_run is not None:
+            log.info("extraction already done as run %d", done_run.id)
+            self.run_id = done_run.id
+            return ExtractReport(**{k: v for k, v in (done_run.report or {}).items()
+                                    if k in {f.name for f in dataclasses.fields(ExtractReport)}})
+        model = load_project_model(model_row, device)
+        reader = open_project_dataset(ds_row)
+        resumable = project.resumable_run(self.kind, key)
+        if resumable is not None:
+            run_id = resumable.id
+        else:
+            run_id = project.create_run(
+                kind=self.kind, key=key, params=dataclasses.asdict(opts) | {"device": str(device)},
+                model_id=model_row["id"], dataset_id=ds_row["id"],
+            )
+        self.run_id = run_id
+        project.start_run(run_id)
+        t_start = time.monotonic()
+        prior_seconds = project.run(run_id).seconds
+        try:
+            report = self._extract(project, run_id, model, reader, ds_row, layer_rows, device, progress)
+        except Cancelled:
+            project.finish_run(run_id, "cancelled", message="cancelled; run the same extraction again to resume",
+                               seconds=prior_seconds + time.monotonic() - t_start)
+            raise
+        except BaseException as exc:
+            project.finish_run(run_id, "failed", error=str(exc) or type(exc).__name__,
+                               seconds=prior_seconds + time.monotonic() - t_start)
+            raise
+        report.seconds = prior_seconds + time.monotonic() - t_start
+        project.finish_run(run_id, "done", report=dataclasses.asdict(report), seconds=report.seconds,
+                           message=f"{report.images} images, {report.skipped} skipped")
+        return report
+
+    # ---- the passes ----------------------------------------------------------------------------------------
+    def _extract(self, project: Project, run_id: int, model: Any, reader: Any, ds_row: dict[str, Any],
+                 layer_rows: list[dict[str, Any]], device: torch.device, progress: JobProgress) -> ExtractReport:
+        opts = self.options
+        n_images = len(reader.images) if opts.max_images is None else min(opts.max_images, len(reader.images))
+        crop = int(model.preprocess.crop)
+        with_masks = bool(opts.mask_stats and reader.has_masks and reader.concepts)
+        mask_size = opts.mask_size or min(112, crop)
+        run_dir = project.arrays_dir / f"run-{run_id}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        state_path = run_dir / STATE_FILE
+
+        infos = {r["name"]: layer_info(r) for r in layer_rows}
+        budget = opts.memory_budget_mb * 2**20
+        layers: dict[str, LayerState] = {}
+        for r in layer_rows:
+            d = run_dir / safe_name(r["name"])
+            d.mkdir(exist_ok=True)
+            grid = tuple(r["grid"] or (1, 1))
+            per_unit = n_images * int(np.prod(grid))
+            layers[r["name"]] = LayerState(
+                info=r, dir=d,
+                pooled_max=arrays.open_rows(d / "pooled_max.npy", (n_images, r["units"]), np.float32),
+                pooled_mean=arrays.open_rows(d / "pooled_mean.npy", (n_images, r["units"]), np.float32),
+                quant=TopQuantiles(r["units"], per_unit, list(opts.quantiles), device, budget_bytes=budget),
+                topk=TopKExemplars(r["units"], opts.topk, grid, device),
+            )
+        # Resume point: the checkpoint, not the database, says which rows are valid and what the state was.
+        stage, next_index, problems = 1, 0, {}
+        if state_path.exists():
+            tensors, meta = arrays.load_state(state_path)
+            stage, next_index = int(meta["stage"]), int(meta["next_index"])
+            problems = {int(k): v for k, v in meta.get("problems", {}).items()}
+            for name, ls in layers.items():
+                p = safe_name(name) + "/"
+                ls.quant.load_state({k[len(p) + 2:]: v for k, v in tensors.items() if k.startswith(p + "q/")})
+                ls.topk.load_state({k[len(p) + 2:]: v for k, v in tensors.items() if k.startswith(p + "k/")})
+                if stage == 2:
+                    ls.thresholds = tensors[p + "thresholds"].to(device)
+                    ls.inter = tensors[p + "inter"].to(device)
+                    ls.unit_area = tensors[p + "unit_area"].to(device)
+                    ls.concept_area = tensors[p + "concept_area"].to(device)
+            log.info("resuming run %d at stage %d, image %d", run_id, stage, next_index)
+
+        passes = 2 if with_masks else 1
+        total = n_images * passes
+        runner = MapRunner(model, infos, device, amp=opts.amp, batch_size=opts.batch_size)
+        last_ckpt = [time.monotonic()]
+        t_first = time.monotonic()
+        images_seen = [0]
+
+        def checkpoint(stage_now: int, next_idx: int) -> None:
+            for ls in layers.values():
+                ls.pooled_max.flush()
+                ls.pooled_mean.flush()
+            tensors: dict[str, torch.Tensor] = {}
+            for name, ls in layers.items():
+                p = safe_name(name) + "/"
+                tensors.update({p + "q/" + k: v for k, v in ls.quant.state().items()})
+                tensors.update({p + "k/" + k: v for k, v in ls.topk.state().items()})
+                if stage_now == 2:
+                    tensors.update({p + "thresholds": ls.thresholds, p + "inter": ls.inter,
+                                    p + "unit_area": ls.unit_area, p + "concept_area": ls.concept_area})
+            arrays.save_state(state_path, tensors, {"stage": stage_now, "next_index": next_idx,
+                                                    "problems": {str(k): v for k, v in problems.items()}})
+            done = (stage_now - 1) * n_images + next_idx
+            project.update_run(run_id, done=done, total=total, message=f"pass {stage_now} of {passes}")
+            last_ckpt[0] = time.monotonic()
+
+        def loader(start: int, masks: bool) -> torch.utils.data.DataLoader:
+            return make_loader(reader, model.preprocess, list(range(start, n_images)), opts.batch_size,
+                               opts.num_workers, device, mask_size if masks else None)
+
+        # -- pass 1 --
+        if stage == 1:
+            progress.begin_stage("pass 1: activations, quantiles, exemplars", next_index)
+            for batch in loader(next_index, masks=False):
+                ok = batch["ok"]
+                for i, err in zip(batch["index"].tolist(), batch["error"]):
+                    if err:
+                        problems[i] = err
+                if ok.any():
+                    maps_all = runner.maps(batch["x"][ok])
+                    idx = batch["index"][ok]
+                    for name, maps in maps_all.items():
+                        ls = layers[name]
+                        b, u = maps.shape[:2]
+                        flat = maps.reshape(b, u, -1)
+                        mx = flat.amax(dim=2)
+                        ls.pooled_max[idx.numpy()] = mx.cpu().numpy()
+                        ls.pooled_mean[idx.numpy()] = flat.mean(dim=2).cpu().numpy()
+                        ls.quant.update(flat.transpose(0, 1).reshape(u, -1))
+                        ls.topk.update(mx, idx, maps)
+                next_index = int(batch["index"][-1]) + 1
+                images_seen[0] += len(batch["index"])
+                progress.update(next_index, total, "pass 1: activations, quantiles, exemplars")
+                if time.monotonic() - last_ckpt[0] >= opts.checkpoint_seconds:
+                    checkpoint(1, next_index)
+            # quantiles and exemplars are final: write them and move to pass 2
+            for name, ls in layers.items():
+                qres = ls.quant.result()
+                arrays.save_npy(ls.dir / "quantiles.npy", qres.values)
+                arrays.save_npy(ls.dir / "topk_index.npy", ls.topk.index)
+                arrays.save_npy(ls.dir / "topk_scores.npy", ls.topk.scores)
+                arrays.save_npy(ls.dir / "topk_maps.npy", ls.topk.maps)
+                ls.thresholds = qres.values[list(opts.quantiles).index(opts.iou_quantile)
+                                            if opts.iou_quantile in opts.quantiles else -1].to(device)
+                (ls.dir / "meta.json").write_text(json.dumps({
+                    "layer": name, "quantiles": qres.quantiles, "exact": qres.exact, "sample_rate": qres.sample_rate,
+                    "expected_relative_error": qres.expected_relative_error, "topk": opts.topk,
+                    "iou_quantile": opts.iou_quantile,
+                }, indent=1))
+            stage, next_index = 2, 0
+            if with_masks:
+                n_concepts = len(reader.concepts)
+                n_cat = len(reader.categories)
+                for ls in layers.values():
+                    u = ls.info["units"]
+                    ls.inter = torch.zeros((u, n_concepts), dtype=torch.float64, device=device)
+                    ls.unit_area = torch.zeros((u, n_cat), dtype=torch.float64, device=device)
+                    ls.concept_area = torch.zeros(n_concepts, dtype=torch.float64, device=device)
+            checkpoint(2, 0)
+
+        # -- pass 2: mask counts --
+        if with_masks:
+            from labelers.netdissect import iou_counts, threshold_and_upsample
+
+            cat_index = {c: i for i, c in enumerate(reader.categories)}
+            concept_category = torch.tensor([cat_index[c.category] for c in reader.concepts], dtype=torch.int64,
+                                            device=device)
+            progress.begin_stage("pass 2: mask overlap counts", n_images + next_index)
+            for batch in loader(next_index, masks=True):
+                ok = batch["ok"]
+                if ok.any():
+                    keep = ok.nonzero().flatten().tolist()
+                    maps_all = runner.maps(batch["x"][ok])
+                    present = torch.unique(torch.cat([batch["concepts"][i] for i in keep]))
+                    if present.numel():
+                        col = {int(c): j for j, c in enumerate(present.tolist())}
+                        dense = torch.zeros((len(keep), len(present), mask_size, mask_size), dtype=torch.bool)
+                        for row, i in enumerate(keep):
+                            cols = [col[int(c)] for c in batch["concepts"][i].tolist()]
+                            if cols:
+                                dense[row, cols] = batch["masks"][i]
+                        dense = dense.to(device)
+                        present = present.to(device)
+                    annotated = batch["annotated"][ok].to(device)
+                    for name, maps in maps_all.items():
+                        ls = layers[name]
+                        u_total = maps.shape[1]
+                        # Chunk units so the upsampled masks stay within ~256 MB.
+                        per_unit = maps.shape[0] * mask_size * mask_size * 5
+                        chunk = max(1, min(u_total, (256 * 2**20) // max(per_unit, 1)))
+                        for s in range(0, u_total, chunk):
+                            sl = slice(s, min(s + chunk, u_total))
+                            active = threshold_and_upsample(maps[:, sl], ls.thresholds[sl], (mask_size, mask_size))
+                            if present.numel():
+                                inter, area, c_area = iou_counts(active, dense, annotated, concept_category[present])
+                                ls.inter[sl].index_add_(1, present, inter.to(ls.inter))
+                                if s == 0:
+                                    ls.concept_area.index_add_(0, present, c_area.to(ls.concept_area))
+                            else:
+                                empty = torch.zeros((len(keep), 0, mask_size, mask_size), dtype=torch.bool,
+                                                    device=device)
+                                _, area, _ = iou_counts(active, empty, annotated,
+                                                        torch.zeros(0, dtype=torch.int64, device=device))
+                            ls.unit_area[sl] += area.to(ls.unit_area)
+                next_index = int(batch["index"][-1]) + 1
+                progress.update(n_images + next_index, total, "pass 2: mask overlap counts")
+                if time.monotonic() - last_ckpt[0] >= opts.checkpoint_seconds:
+                    checkpoint(2, next_index)
+            for ls in layers.values():
+                arrays.save_npy(ls.dir / "mask_intersection.npy", ls.inter)
+                arrays.save_npy(ls.dir / "mask_unit_area.npy", ls.unit_area)
+                arrays.save_npy(ls.dir / "mask_concept_area.npy", ls.concept_area)
+                arrays.save_npy(ls.dir / "concept_category.npy", concept_category)
+
+        # -- commit: the layer statistics become visible together with the run's 'done' --
+        exact = all((ls.dir / "meta.json").exists() and json.loads((ls.dir / "meta.json").read_text())["exact"]
+                    for ls in layers.values())
+        skipped = len(problems)
+        if problems:
+            project.record_image_problems(run_id, sorted(problems.items()))
+        for name, ls in layers.items():
+            ls.pooled_max.flush()
+            ls.pooled_mean.flush()
+            project.add_layer_stats(
+                run_id=run_id, layer_id=ls.info["id"], array_dir=str(ls.dir.relative_to(project.path)),
+                quantiles=list(opts.quantiles), quantile_method="exact" if exact else "sampled",
+                has_mask_counts=with_masks, mask_size=(mask_size, mask_size) if with_masks else None,
+            )
+        state_path.unlink(missing_ok=True)
+        elapsed = time.monotonic() - t_first
+        return ExtractReport(
+            images=n_images - skipped, skipped=skipped, seconds=elapsed,
+            images_per_second=images_seen[0] / elapsed if elapsed > 0 else math.nan,
+            device=describe(device), batch_size=runner.micro, quantile_exact=exact, layers=list(layers),
+            mask_counts=with_masks,
+        )

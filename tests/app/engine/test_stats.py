@@ -1,0 +1,70 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from app.engine.stats import TopKExemplars, TopQuantiles
+
+
+def _stream(values: torch.Tensor, chunk: int, tq: TopQuantiles) -> None:
+    for s in range(0, values.shape[1], chunk):
+        tq.update(values[:, s:s + chunk])
+
+
+@pytest.mark.parametrize("dist", ["normal", "relu", "ties"])
+def test_top_quantiles_exact_matches_torch_quantile(dist):
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(7, 20_000, generator=g)
+    if dist == "relu":
+        v = v.clamp(min=0)  # most values tie at zero, as after a ReLU
+    elif dist == "ties":
+        v = torch.round(v * 4) / 4
+    tq = TopQuantiles(7, v.shape[1], [0.99, 0.995], torch.device("cpu"))
+    assert tq.exact
+    _stream(v, 1_337, tq)
+    res = tq.result()
+    expected = torch.quantile(v.double(), torch.tensor([0.99, 0.995], dtype=torch.float64), dim=1).float()
+    torch.testing.assert_close(res.values, expected, rtol=0, atol=1e-6)
+    assert res.expected_relative_error == 0
+
+
+def test_top_quantiles_state_round_trip_resumes_identically():
+    v = torch.randn(3, 9_000, generator=torch.Generator().manual_seed(1))
+    a = TopQuantiles(3, 9_000, [0.995], torch.device("cpu"))
+    _stream(v[:, :4_000], 500, a)
+    b = TopQuantiles(3, 9_000, [0.995], torch.device("cpu"))
+    b.load_state({k: t.clone() for k, t in a.state().items()})
+    _stream(v[:, 4_000:], 500, a)
+    _stream(v[:, 4_000:], 500, b)
+    torch.testing.assert_close(a.result().values, b.result().values)
+
+
+def test_sampled_fallback_stays_within_its_documented_error():
+    n = 400_000
+    v = torch.randn(4, n, generator=torch.Generator().manual_seed(2))
+    # a budget far below 0.5% of the values forces the sampled path
+    tq = TopQuantiles(4, n, [0.995], torch.device("cpu"), budget_bytes=4 * 4 * 600)
+    assert not tq.exact and tq.rate < 1
+    _stream(v, 10_000, tq)
+    res = tq.result()
+    realised = (v > res.values[0][:, None]).float().mean(dim=1)  # true fraction above the estimated threshold
+    rel = (realised - 0.005).abs() / 0.005
+    assert res.expected_relative_error > 0
+    # 4 standard errors: a wrong sampler or index would miss by far more
+    assert float(rel.max()) < 4 * res.expected_relative_error, (rel, res.expected_relative_error)
+
+
+def test_topk_exemplars_match_direct_topk():
+    g = torch.Generator().manual_seed(3)
+    maps = torch.rand(50, 5, 3, 3, generator=g)
+    scores = maps.flatten(2).amax(2)
+    tk = TopKExemplars(5, 4, (3, 3), torch.device("cpu"))
+    for s in range(0, 50, 7):
+        tk.update(scores[s:s + 7], torch.arange(s, min(s + 7, 50)), maps[s:s + 7])
+    top = scores.T.topk(4, dim=1)
+    assert torch.equal(tk.index, top.indices)
+    torch.testing.assert_close(tk.scores, top.values)
+    for u in range(5):
+        for j in range(4):
+            torch.testing.assert_close(tk.maps[u, j].float(), maps[top.indices[u, j], u].half().float())
