@@ -162,7 +162,7 @@ def layer_info(row: dict[str, Any]) -> Any:
 
     return LayerInfo(name=row["name"], type=row["type"], shape=tuple(row["shape"]), kind=row["kind"],
                      units=row["units"], grid=tuple(row["grid"]) if row["grid"] else None,
-                     prefix_tokens=row["prefix_tokens"])
+                     prefix_tokens=row["prefix_tokens"], channels_last=bool(row["channels_last"]), note=row["note"])
 
 
 def make_loader(reader: Any, preprocess: Any, indices: list[int], batch_size: int, num_workers: int | None,

@@ -65,6 +65,8 @@ CREATE TABLE layers (
     units INTEGER NOT NULL,
     grid TEXT,
     prefix_tokens INTEGER NOT NULL DEFAULT 0,
+    channels_last INTEGER NOT NULL DEFAULT 0,
+    note TEXT NOT NULL DEFAULT '',
     UNIQUE (model_id, name)
 );
 CREATE TABLE units (
@@ -444,10 +446,11 @@ class Project:
             model_id = int(cur.lastrowid)
             for pos, layer in enumerate(layers):
                 lcur = self.conn.execute(
-                    "INSERT INTO layers (model_id, position, name, type, kind, shape, units, grid, prefix_tokens)"
-                    " VALUES (?,?,?,?,?,?,?,?,?)",
+                    "INSERT INTO layers (model_id, position, name, type, kind, shape, units, grid, prefix_tokens,"
+                    " channels_last, note) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     (model_id, pos, layer.name, layer.type, layer.kind, _json(list(layer.shape)), layer.units,
-                     _json(list(layer.grid) if layer.grid else None), getattr(layer, "prefix_tokens", 0)),
+                     _json(list(layer.grid) if layer.grid else None), getattr(layer, "prefix_tokens", 0),
+                     int(getattr(layer, "channels_last", False)), getattr(layer, "note", "")),
                 )
                 if layer.units:
                     lid = int(lcur.lastrowid)
