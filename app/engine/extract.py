@@ -130,15 +130,23 @@ class ImageSet(torch.utils.data.Dataset):
             item.update(ok=False, error=f"{self.reader.images[idx].path}: cannot decode ({exc})",
                         x=torch.zeros(3, self.crop, self.crop))
         if self.mask_size is not None:
+            no_masks = {
+                "concepts": torch.zeros(0, dtype=torch.int64),
+                "masks": torch.zeros((0, self.mask_size, self.mask_size), dtype=torch.bool),
+                "annotated": torch.zeros(len(self.reader.categories), dtype=torch.bool),
+            }
+            item.update(no_masks)
             if item["ok"]:
-                cidx, masks = self.reader.masks(idx, (self.mask_size, self.mask_size))
-                item["concepts"] = torch.as_tensor(np.asarray(cidx, dtype=np.int64))
-                item["masks"] = torch.from_numpy(np.ascontiguousarray(masks, dtype=bool))
-                item["annotated"] = torch.from_numpy(np.asarray(self.reader.annotated_categories(idx), dtype=bool))
-            else:
-                item["concepts"] = torch.zeros(0, dtype=torch.int64)
-                item["masks"] = torch.zeros((0, self.mask_size, self.mask_size), dtype=torch.bool)
-                item["annotated"] = torch.zeros(len(self.reader.categories), dtype=torch.bool)
+                try:
+                    cidx, masks = self.reader.masks(idx, (self.mask_size, self.mask_size))
+                    annotated = self.reader.annotated_categories(idx)
+                except DatasetError as exc:
+                    # The image still counts for activations; its masks are left out of the overlap counts.
+                    item["mask_error"] = str(exc)
+                else:
+                    item["concepts"] = torch.as_tensor(np.asarray(cidx, dtype=np.int64))
+                    item["masks"] = torch.from_numpy(np.ascontiguousarray(masks, dtype=bool))
+                    item["annotated"] = torch.from_numpy(np.asarray(annotated, dtype=bool))
         return item
 
 
@@ -153,6 +161,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         out["concepts"] = [it["concepts"] for it in items]
         out["masks"] = [it["masks"] for it in items]
         out["annotated"] = torch.stack([it["annotated"] for it in items])
+        out["mask_error"] = [it.get("mask_error", "") for it in items]
     return out
 
 
@@ -242,6 +251,7 @@ class ExtractReport:
     quantile_exact: bool
     layers: list[str] = field(default_factory=list)
     mask_counts: bool = False
+    masks_skipped: int = 0
 
 
 class ExtractJob:
@@ -350,16 +360,17 @@ class ExtractJob:
                 topk=TopKExemplars(r["units"], opts.topk, grid, device),
             )
         # Resume point: the checkpoint, not the database, says which rows are valid and what the state was.
-        stage, next_index, problems = 1, 0, {}
+        stage, next_index, problems, mask_problems = 1, 0, {}, {}
         if state_path.exists():
             tensors, meta = arrays.load_state(state_path)
             stage, next_index = int(meta["stage"]), int(meta["next_index"])
             problems = {int(k): v for k, v in meta.get("problems", {}).items()}
+            mask_problems = {int(k): v for k, v in meta.get("mask_problems", {}).items()}
             for name, ls in layers.items():
                 p = safe_name(name) + "/"
                 ls.quant.load_state({k[len(p) + 2:]: v for k, v in tensors.items() if k.startswith(p + "q/")})
                 ls.topk.load_state({k[len(p) + 2:]: v for k, v in tensors.items() if k.startswith(p + "k/")})
-                if stage == 2:
+                if stage == 2 and with_masks:
                     ls.thresholds = tensors[p + "thresholds"].to(device)
                     ls.inter = tensors[p + "inter"].to(device)
                     ls.unit_area = tensors[p + "unit_area"].to(device)
@@ -382,11 +393,12 @@ class ExtractJob:
                 p = safe_name(name) + "/"
                 tensors.update({p + "q/" + k: v for k, v in ls.quant.state().items()})
                 tensors.update({p + "k/" + k: v for k, v in ls.topk.state().items()})
-                if stage_now == 2:
+                if stage_now == 2 and with_masks:
                     tensors.update({p + "thresholds": ls.thresholds, p + "inter": ls.inter,
                                     p + "unit_area": ls.unit_area, p + "concept_area": ls.concept_area})
             arrays.save_state(state_path, tensors, {"stage": stage_now, "next_index": next_idx,
-                                                    "problems": {str(k): v for k, v in problems.items()}})
+                                                    "problems": {str(k): v for k, v in problems.items()},
+                                                    "mask_problems": {str(k): v for k, v in mask_problems.items()}})
             done = (stage_now - 1) * n_images + next_idx
             project.update_run(run_id, done=done, total=total, message=f"pass {stage_now} of {passes}")
             last_ckpt[0] = time.monotonic()
@@ -455,6 +467,9 @@ class ExtractJob:
             progress.begin_stage("pass 2: mask overlap counts", n_images + next_index)
             for batch in loader(next_index, masks=True):
                 ok = batch["ok"]
+                for i, err in zip(batch["index"].tolist(), batch["mask_error"]):
+                    if err:
+                        mask_problems[i] = err
                 if ok.any():
                     keep = ok.nonzero().flatten().tolist()
                     maps_all = runner.maps(batch["x"][ok])
@@ -503,8 +518,9 @@ class ExtractJob:
         exact = all((ls.dir / "meta.json").exists() and json.loads((ls.dir / "meta.json").read_text())["exact"]
                     for ls in layers.values())
         skipped = len(problems)
-        if problems:
-            project.record_image_problems(run_id, sorted(problems.items()))
+        if problems or mask_problems:
+            project.record_image_problems(
+                run_id, sorted({**{k: f"masks left out: {v}" for k, v in mask_problems.items()}, **problems}.items()))
         for name, ls in layers.items():
             ls.pooled_max.flush()
             ls.pooled_mean.flush()
@@ -519,5 +535,5 @@ class ExtractJob:
             images=n_images - skipped, skipped=skipped, seconds=elapsed,
             images_per_second=images_seen[0] / elapsed if elapsed > 0 else math.nan,
             device=describe(device), batch_size=runner.micro, quantile_exact=exact, layers=list(layers),
-            mask_counts=with_masks,
+            mask_counts=with_masks, masks_skipped=len(mask_problems),
         )

@@ -13,6 +13,17 @@ class StopForward(Exception):
     """Raised by the hook of the deepest captured layer when the rest of the network is not needed."""
 
 
+def _snapshot(output: Any) -> Any:
+    if isinstance(output, torch.Tensor):
+        return output.clone()
+    if isinstance(output, (tuple, list)):
+        return type(output)(_snapshot(o) if i == 0 else o for i, o in enumerate(output))
+    if isinstance(output, dict):
+        first = next(iter(output), None)
+        return {k: (_snapshot(v) if k == first else v) for k, v in output.items()}
+    return output
+
+
 def _module_by_name(model: torch.nn.Module, name: str) -> torch.nn.Module:
     modules = dict(model.named_modules())
     if name not in modules:
@@ -30,7 +41,8 @@ def capture(model: torch.nn.Module, names: Sequence[str], stop_after_last: bool 
 
     def make_hook(name: str):
         def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
-            outputs[name] = output
+            # A later in-place op (ReLU(inplace=True) after a BatchNorm) would otherwise rewrite what we captured.
+            outputs[name] = _snapshot(output)
             remaining.discard(name)
             if stop_after_last and not remaining:
                 raise StopForward()

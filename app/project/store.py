@@ -513,7 +513,8 @@ class Project:
             cur = self.conn.execute(
                 "INSERT INTO datasets (name, format, root, fingerprint, num_images, has_masks, categories, report,"
                 " added_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                (name, reader.format, str(reader.root), fingerprint, len(reader.images), int(reader.has_masks),
+                # `source` is what was opened (a folder, or one annotation file among several), so it reopens alike.
+                (name, reader.format, str(getattr(reader, "source", reader.root)), fingerprint, len(reader.images), int(reader.has_masks),
                  _json(list(reader.categories)), _json(reader.report()), now()),
             )
             ds_id = int(cur.lastrowid)

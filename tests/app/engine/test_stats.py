@@ -68,3 +68,17 @@ def test_topk_exemplars_match_direct_topk():
     for u in range(5):
         for j in range(4):
             torch.testing.assert_close(tk.maps[u, j].float(), maps[top.indices[u, j], u].half().float())
+
+
+def test_capture_is_not_rewritten_by_a_later_inplace_op():
+    from app.engine import hooks
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.ReLU(inplace=True))
+    with torch.no_grad():
+        net[0].weight.fill_(-1.0)
+        net[0].bias.zero_()
+    x = torch.ones(1, 1, 2, 2)
+    with hooks.capture(net, ["0"]) as outs:
+        got = hooks.run_captured(net, x, outs)
+    assert float(got["0"].max()) == -1.0  # the conv output, not the ReLU's zeros
+    assert not net[0]._forward_hooks

@@ -1,0 +1,704 @@
+"""INVERT: Inverse Recognition (Bykov, Kopf, Nakajima, Kloft & Hoehne, NeurIPS 2023, arXiv:2311.13594).
+
+A unit is labelled with the concept formula whose images it ranks highest: the score of a formula F is the AUROC
+of the unit's per-image activation as a classifier of "F holds on the image" (ties count half, so AUC equals the
+Mann-Whitney U statistic over n+ n-). Formulas are built by beam search as in the reference code (lapalap/invert,
+`Invert.explain_representation`):
+
+- atoms are every concept c and its negation NOT c (AUC(NOT c) = 1 - AUC(c));
+- the first beam holds the B best atoms whose positive fraction lies in [min_fraction, max_fraction] (and strictly
+  between 0 and 1);
+- for each length 2..L every beam formula is combined with every atom by AND and by OR (the atoms optionally limited
+  to the `limit_search` most "differentiable" ones, 2 |0.5 - AUC|); candidates go through the same fraction filter,
+  compete with the current beam, and the B best survive;
+- significance: the two-sided Mann-Whitney U test of the unit's activations on formula-positive against
+  formula-negative images (normal approximation with tie and continuity correction, as
+  `scipy.stats.mannwhitneyu(method="asymptotic")`), corrected over all units x formulas tested.
+
+Where we deliberately differ from the reference, for labels a user can read:
+- candidates whose image set equals one already in the pool (a formula that changes nothing, "dog AND animal" next
+  to "dog", or the same set reached twice) are scored once; the shortest, earliest spelling is kept;
+- an atom is not combined with a formula that already contains its concept (sympy, which the reference uses,
+  collapses such formulas to shorter ones anyway).
+
+Speed: nothing is ever re-sorted. Each unit's activations are ranked once (average ranks for ties); a formula's rank
+sum, positive count and a set fingerprint over all concepts come from one matrix product with the concept matrix,
+and AND / AND NOT / OR / OR NOT of a beam formula with every atom follow by inclusion-exclusion from those products.
+All sums are integer-valued and computed exactly (float64 on the CPU; on a GPU float32 with TF32 off, on 12-bit
+digits in blocks of 4096 images, so that every partial sum stays below 2^24).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from labelers.base import (
+    Input,
+    Label,
+    Labeler,
+    LabelerError,
+    LabelerInputs,
+    LabelingResult,
+    MissingInputError,
+    NullProgress,
+    Param,
+    Progress,
+    register,
+    unit_chunks,
+)
+from labelers.formulas import And, Formula, Leaf, Not, Or, to_text
+
+log = logging.getLogger(__name__)
+
+CORRECTIONS = ("bonferroni", "holm", "fdr_bh", "none")
+
+# Operations on a beam formula F and an atom's concept c, in the order candidates are laid out.
+OP_AND, OP_AND_NOT, OP_OR, OP_OR_NOT = range(4)
+# Codes stored per step of a formula (0 marks an unused step of a shorter formula).
+STEP_NONE, STEP_AND, STEP_OR = 0, 1, 2
+
+_DIGIT = 4096.0  # 12-bit digits for the float32 path
+_F32_BLOCK = 4096  # images per float32 block: a digit sum stays below 4096 * 4096 = 2^24
+_F64_BLOCK = 8192  # images per float64 block: bounds the float64 copy of the concept matrix
+_HASH_BITS = 20  # at most this many bits per image weight of the set fingerprint
+_POOL_BUDGET = 1 << 21  # candidate scores held at once per unit chunk
+_ROW_BUDGET = 1 << 25  # float64 entries of the matrix-product rows held at once (256 MiB)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ranks, AUC and the Mann-Whitney test
+
+
+def average_ranks(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranks of each row of `values` [U, N] with ties averaged (1-based, float64), and each row's tie term
+    sum over tie groups of (t^3 - t), which the variance of the Mann-Whitney U statistic needs."""
+    num_rows, n = values.shape
+    sorted_vals, order = torch.sort(values, dim=1, stable=True)
+    pos = torch.arange(n, device=values.device).expand(num_rows, n)
+    change = sorted_vals[:, 1:] != sorted_vals[:, :-1]
+    edge = torch.ones(num_rows, 1, dtype=torch.bool, device=values.device)
+    is_start = torch.cat([edge, change], dim=1)
+    is_end = torch.cat([change, edge], dim=1)
+    start = torch.where(is_start, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    end = torch.where(is_end, pos, torch.full_like(pos, n - 1)).flip(1).cummin(dim=1).values.flip(1)
+    avg = (start + end).to(torch.float64) / 2 + 1
+    ranks = torch.empty_like(avg).scatter_(1, order, avg)
+    size = (end - start + 1).to(torch.float64)
+    # Each member of a group of size t contributes t^2 - 1, so the group contributes t^3 - t.
+    tie_term = (size * size - 1).sum(dim=1)
+    return ranks, tie_term
+
+
+def auc_from_rank_sum(rank_sum: torch.Tensor, n_pos: torch.Tensor, n: int) -> torch.Tensor:
+    """AUROC with half credit for ties: U / (n+ n-), U = R+ - n+(n+ + 1)/2. NaN where a class is empty."""
+    n_neg = n - n_pos
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def mannwhitney_log_p(rank_sum: torch.Tensor, n_pos: torch.Tensor, n: int, tie_term: torch.Tensor) -> torch.Tensor:
+    """Natural log of the two-sided Mann-Whitney U p-value, normal approximation with tie and continuity correction
+    (scipy's `mannwhitneyu(method="asymptotic", use_continuity=True)`). `tie_term` broadcasts against `n_pos`.
+    Computed in log space so that p-values far below 1e-308 still order correctly."""
+    n1 = n_pos
+    n2 = n - n_pos
+    u1 = rank_sum - n1 * (n1 + 1) / 2
+    u = torch.maximum(u1, n1 * n2 - u1)
+    var = n1 * n2 / 12 * ((n + 1) - tie_term / (n * (n - 1)))
+    sd = var.clamp_min(0).sqrt()
+    ok = sd > 0
+    z = (u - n1 * n2 / 2 - 0.5) / torch.where(ok, sd, torch.ones_like(sd))
+    log_p = (math.log(2.0) + torch.special.log_ndtr(-z)).clamp_max(0.0)
+    # Without spread (one class empty, or all values tied) nothing can be rejected.
+    return torch.where(ok, log_p, torch.zeros_like(log_p))
+
+
+def exact_int_matmul(rows: torch.Tensor, presence: torch.Tensor, float32: bool | None = None) -> torch.Tensor:
+    """rows [M, N] holding non-negative integers, presence [N, C] bool -> the exact sums rows @ presence, float64.
+
+    float64 products are exact while sums stay below 2^53. On a GPU float64 is slow, so (by default, or with
+    `float32=True`) rows are split into 12-bit digits and multiplied in float32 with TF32 off over blocks of 4096
+    images: every partial sum is then an integer below 2^24, which float32 holds exactly whatever the order of
+    accumulation."""
+    use_f32 = rows.device.type != "cpu" if float32 is None else float32
+    m, n = rows.shape
+    out = torch.zeros(m, presence.shape[1], dtype=torch.float64, device=rows.device)
+    if not use_f32:
+        rows64 = rows.to(torch.float64)
+        for s in range(0, n, _F64_BLOCK):
+            out.addmm_(rows64[:, s : s + _F64_BLOCK], presence[s : s + _F64_BLOCK].to(torch.float64))
+        return out
+    rows64 = rows.to(torch.float64)
+    top = float(rows64.max()) if rows64.numel() else 0.0
+    num_digits = max(1, math.ceil(math.log2(top + 1) / 12)) if top > 0 else 1
+    digits = []
+    rest = rows64
+    for _ in range(num_digits):
+        high = torch.floor(rest / _DIGIT)
+        digits.append((rest - high * _DIGIT).to(torch.float32))
+        rest = high
+    stacked = torch.cat(digits, dim=0)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        for s in range(0, n, _F32_BLOCK):
+            part = (stacked[:, s : s + _F32_BLOCK] @ presence[s : s + _F32_BLOCK].to(torch.float32)).to(torch.float64)
+            scale = 1.0
+            for d in range(num_digits):
+                out += part[d * m : (d + 1) * m] * scale
+                scale *= _DIGIT
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    return out
+
+
+def auc_table(pooled: torch.Tensor, presence: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """AUC and two-sided Mann-Whitney log p-value of every unit x concept: pooled [N, U], presence [N, C] bool ->
+    ([U, C] float64, [U, C] float64). Ranks each unit once; one exact matrix product gives every rank sum."""
+    n, num_units = pooled.shape
+    presence = presence.to(pooled.device, torch.bool)
+    n_pos = presence.sum(dim=0).to(torch.float64)
+    aucs, log_ps = [], []
+    for sl in unit_chunks(num_units, chunk):
+        ranks, tie = average_ranks(pooled[:, sl].T.contiguous())
+        rank_sum = exact_int_matmul(ranks * 2, presence) / 2
+        aucs.append(auc_from_rank_sum(rank_sum, n_pos, n))
+        log_ps.append(mannwhitney_log_p(rank_sum, n_pos, n, tie[:, None]))
+    return torch.cat(aucs), torch.cat(log_ps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multiple-testing correction
+
+
+def adjust_p_values(
+    log_p: torch.Tensor, num_tests: int, method: str, tested_log_p: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Adjusted p-values (not logs) of the reported `log_p` within a family of `num_tests` tests.
+
+    Bonferroni needs only the count. Holm and Benjamini-Hochberg need where each reported p-value lies among all
+    tested ones: `tested_log_p` holds them all (any order), the reported ones among them."""
+    log_p = log_p.to(torch.float64)
+    if method == "none":
+        return log_p.exp()
+    m = max(int(num_tests), 1)
+    if method == "bonferroni":
+        return (log_p + math.log(m)).clamp_max(0.0).exp()
+    if method not in ("holm", "fdr_bh"):
+        raise LabelerError(f"correction must be one of {', '.join(CORRECTIONS)}, not {method!r}")
+    if tested_log_p is None:
+        raise ValueError(f"{method} needs the p-values of all tested formulas")
+    ordered = torch.sort(tested_log_p.to(torch.float32).flatten()).values
+    t = ordered.numel()
+    if t != m:
+        raise ValueError(f"{t} tested p-values for a family of {m} tests")
+    flat = log_p.flatten().cpu()
+    key = flat.to(torch.float32)
+    ordered64 = ordered.to(torch.float64)
+    j = torch.arange(t, dtype=torch.float64)
+    if method == "holm":
+        # p_adj(i) = max over j <= i of (m - j) p_(j) (0-based); ties share the value of their first position.
+        step = (torch.log(m - j) + ordered64).cummax(dim=0).values
+        pos = torch.searchsorted(ordered, key, right=False)
+        before = torch.where(pos > 0, step[(pos - 1).clamp_min(0)], torch.full_like(flat, -math.inf))
+        own = torch.log(m - pos.to(torch.float64).clamp_max(m - 1)) + flat
+        adj = torch.maximum(before, own)
+    else:
+        # p_adj(i) = min over j >= i of m p_(j) / (j + 1); ties share the value of their last position.
+        step = (math.log(m) - torch.log(j + 1) + ordered64).flip(0).cummin(dim=0).values.flip(0)
+        pos = torch.searchsorted(ordered, key, right=True).clamp_min(1)
+        own = math.log(m) - torch.log(pos.to(torch.float64)) + flat
+        after = torch.where(pos < t, step[pos.clamp_max(t - 1)], torch.full_like(flat, math.inf))
+        adj = torch.minimum(own, after)
+    return adj.clamp_max(0.0).exp().reshape(log_p.shape).to(log_p.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Beam search
+
+
+@dataclass
+class InvertSearch:
+    """Each unit's final beam, best first (slot 0 is the label). Atom index a < C is concept a; a >= C is NOT a-C.
+
+    A formula is left-deep: first atom, then per step (op, atom), e.g. ((a OR b) AND (NOT c))."""
+
+    first: torch.Tensor  # [U, B] int64 first atom
+    ops: torch.Tensor  # [U, B, L-1] int64 STEP_AND / STEP_OR, STEP_NONE after the formula ends
+    atoms: torch.Tensor  # [U, B, L-1] int64 atom of each step
+    length: torch.Tensor  # [U, B] int64 number of atoms
+    ok: torch.Tensor  # [U, B] bool: the slot holds a formula (fewer may pass the fraction filter)
+    auc: torch.Tensor  # [U, B] float64
+    count: torch.Tensor  # [U, B] float64 images on which the formula holds
+    log_p: torch.Tensor  # [U, B] float64 two-sided Mann-Whitney log p-value
+    tests: torch.Tensor  # [U] int64 formulas scored for the unit (the multiple-testing family)
+    tested_log_p: torch.Tensor | None  # [sum(tests)] float32 log p of every formula scored, when asked for
+    num_images: int
+    num_concepts: int
+
+    def formula(self, unit: int, slot: int) -> Formula:
+        c = self.num_concepts
+
+        def atom(a: int) -> Formula:
+            return Leaf(a) if a < c else Not(Leaf(a - c))
+
+        f = atom(int(self.first[unit, slot]))
+        for op, a in zip(self.ops[unit, slot].tolist(), self.atoms[unit, slot].tolist()):
+            if op == STEP_AND:
+                f = And(f, atom(a))
+            elif op == STEP_OR:
+                f = Or(f, atom(a))
+        return f
+
+
+def _select(key: torch.Tensor, count: torch.Tensor, fingerprint: torch.Tensor, tiebreak: torch.Tensor, k: int):
+    """Per row, the k best entries by key (descending, then tiebreak ascending), one per distinct image set
+    (entries with equal key, count and fingerprint are the same set; the one with the smallest tiebreak stays).
+    Invalid entries carry key -inf. Returns indices [R, k] and whether each holds a valid entry."""
+    rows, m = key.shape
+    tiebreak = tiebreak.expand(rows, m)
+    # Order by (key desc, fingerprint, count, tiebreak): copies of one set end up adjacent, the first one kept.
+    o = torch.argsort(tiebreak, dim=1, stable=True)
+    o = o.gather(1, torch.argsort(count.gather(1, o), dim=1, stable=True))
+    o = o.gather(1, torch.argsort(fingerprint.gather(1, o), dim=1, stable=True))
+    o = o.gather(1, torch.argsort(-key.gather(1, o), dim=1, stable=True))
+    ks, fs, cs = key.gather(1, o), fingerprint.gather(1, o), count.gather(1, o)
+    dup = torch.zeros_like(ks, dtype=torch.bool)
+    dup[:, 1:] = (ks[:, 1:] == ks[:, :-1]) & (fs[:, 1:] == fs[:, :-1]) & (cs[:, 1:] == cs[:, :-1])
+    ks = ks.masked_fill(dup, -math.inf)
+    tb = tiebreak.gather(1, o)
+    o2 = torch.argsort(tb, dim=1, stable=True)
+    o2 = o2.gather(1, torch.argsort(-ks.gather(1, o2), dim=1, stable=True))
+    kk = min(k, m)
+    top = o2[:, :kk]
+    idx = o.gather(1, top)
+    ok = ks.gather(1, top) > -math.inf
+    if kk < k:
+        idx = torch.cat([idx, idx.new_zeros(rows, k - kk)], dim=1)
+        ok = torch.cat([ok, ok.new_zeros(rows, k - kk)], dim=1)
+    return idx, ok
+
+
+def _select_fast(key, count, fingerprint, tiebreak, k, short: int | None = None):
+    """`_select` on a short list first: the k best distinct sets are exactly those among the top K by key when at
+    least k distinct sets there score strictly above the K-th key (every copy of such a set is then inside too).
+    Rows where that fails (many copies of one set, large ties) are redone with a list 8 times longer, at worst on
+    the whole pool."""
+    rows, m = key.shape
+    big_k = short or max(4 * k, k + 32)
+    if big_k >= m:
+        return _select(key, count, fingerprint, tiebreak, k)
+    tiebreak = tiebreak.expand(rows, m)
+    top_key, top_idx = torch.topk(key, big_k, dim=1, sorted=False)
+    sub_idx, ok = _select(
+        top_key, count.gather(1, top_idx), fingerprint.gather(1, top_idx), tiebreak.gather(1, top_idx), k
+    )
+    idx = top_idx.gather(1, sub_idx)
+    threshold = top_key.min(dim=1).values
+    strictly_above = ok & (key.gather(1, idx) > threshold[:, None])
+    redo = strictly_above.sum(dim=1) < k
+    # Rows with fewer than K valid entries in the whole pool are complete once every valid entry is in the list.
+    redo &= (key > -math.inf).sum(dim=1) > big_k
+    if bool(redo.any()):
+        r = redo.nonzero().flatten()
+        idx_r, ok_r = _select_fast(key[r], count[r], fingerprint[r], tiebreak[r], k, big_k * 8)
+        idx[r] = idx_r
+        ok[r] = ok_r
+    return idx, ok
+
+
+def invert_search(
+    pooled: torch.Tensor,
+    presence: torch.Tensor,
+    *,
+    beam_size: int = 5,
+    max_length: int = 3,
+    min_fraction: float = 0.0,
+    max_fraction: float = 0.5,
+    mode: str = "positive",
+    limit_search: int = 0,
+    keep_tested: bool = False,
+    progress: Progress | None = None,
+    chunk: int | None = None,
+) -> InvertSearch:
+    """INVERT's beam search for every unit: pooled [N, U] activations, presence [N, C] bool. Runs on
+    `pooled.device`. `limit_search` 0 means every atom; `keep_tested` keeps every scored formula's log p-value
+    (for Holm / Benjamini-Hochberg corrections)."""
+    progress = progress or NullProgress()
+    device = pooled.device
+    n, num_units = pooled.shape
+    presence = presence.to(device=device, dtype=torch.bool)
+    num_c = presence.shape[1]
+    b_size, length_max = int(beam_size), int(max_length)
+    sign = 1.0 if mode == "positive" else -1.0
+
+    # One product row per beam formula carries both its count and its set fingerprint: each image weighs
+    # scale + w_i, so the sum is count * scale + sum(w_i) with sum(w_i) < scale. The fingerprint narrows as the
+    # dataset grows so that the sum stays below 2^53 (exact in float64).
+    count_bits = max(1, math.ceil(math.log2(n + 1)))
+    hash_bits = max(0, min(_HASH_BITS, 52 - 2 * count_bits))
+    scale = float(2 ** (hash_bits + count_bits))
+    gen = torch.Generator().manual_seed(0x1A7E)
+    weights = torch.randint(0, 1 << hash_bits, (n,), generator=gen, dtype=torch.int64).to(device, torch.float64)
+    n_c = presence.sum(dim=0).to(torch.float64)  # [C]
+    h_c = exact_int_matmul(weights[None, :], presence)[0]  # [C]
+    h_all = weights.sum()
+    r2_all = float(n) * (n + 1)  # sum of 2 * rank over all images
+    atom_n = torch.cat([n_c, n - n_c])  # [2C]
+    atom_h = torch.cat([h_c, h_all - h_c])
+    lo, hi = min_fraction * n, max_fraction * n
+    atom_valid = (atom_n > 0) & (atom_n < n) & (atom_n >= lo) & (atom_n <= hi)
+    presence_t = presence.T.contiguous()  # [C, N] to gather atom image sets
+
+    pool_m = b_size + 4 * b_size * num_c
+    if chunk is None:
+        # Bound the candidate pool ([chunk, B + 4BC] scores) and the product rows ([chunk * 2B, N] float64).
+        chunk = max(1, min(num_units, _POOL_BUDGET // pool_m, _ROW_BUDGET // (b_size * 2 * n)))
+    chunks = unit_chunks(num_units, chunk)
+    total_steps = len(chunks) * length_max
+    done = 0
+
+    steps = max(length_max - 1, 0)
+    out_first = torch.zeros(num_units, b_size, dtype=torch.int64, device=device)
+    out_ops = torch.zeros(num_units, b_size, steps, dtype=torch.int64, device=device)
+    out_atoms = torch.zeros(num_units, b_size, steps, dtype=torch.int64, device=device)
+    out_len = torch.zeros(num_units, b_size, dtype=torch.int64, device=device)
+    out_ok = torch.zeros(num_units, b_size, dtype=torch.bool, device=device)
+    out_auc = torch.full((num_units, b_size), math.nan, dtype=torch.float64, device=device)
+    out_count = torch.zeros(num_units, b_size, dtype=torch.float64, device=device)
+    out_logp = torch.zeros(num_units, b_size, dtype=torch.float64, device=device)
+    out_tests = torch.zeros(num_units, dtype=torch.int64, device=device)
+    tested: list[torch.Tensor] = []
+
+    for sl in chunks:
+        uc = sl.stop - sl.start
+        rows_u = torch.arange(uc, device=device)
+        ranks, tie = average_ranks(pooled[:, sl].T.contiguous())
+        r2 = ranks * 2  # integers, so every sum below is exact
+        del ranks
+        tie_col = tie[:, None]
+
+        # Length 1: every concept and its negation.
+        r2_c = exact_int_matmul(r2, presence)  # [Uc, C]
+        atom_r2 = torch.cat([r2_c, r2_all - r2_c], dim=1)  # [Uc, 2C]
+        atom_auc = auc_from_rank_sum(atom_r2 / 2, atom_n, n)
+        atom_auc = torch.where(torch.isfinite(atom_auc), atom_auc, torch.full_like(atom_auc, 0.5))
+        key = torch.where(atom_valid, sign * atom_auc, torch.full_like(atom_auc, -math.inf))
+        out_tests[sl] += int(atom_valid.sum())
+        if keep_tested:
+            lp = mannwhitney_log_p(atom_r2 / 2, atom_n.expand(uc, -1), n, tie_col)
+            tested.append(lp[atom_valid.expand(uc, -1)].to(torch.float32).cpu())
+        idx, ok = _select_fast(
+            key, atom_n.expand(uc, -1), atom_h.expand(uc, -1), torch.arange(2 * num_c, device=device), b_size
+        )
+        beam_first = idx
+        beam_ops = torch.zeros(uc, b_size, steps, dtype=torch.int64, device=device)
+        beam_atoms = torch.zeros(uc, b_size, steps, dtype=torch.int64, device=device)
+        beam_len = torch.ones(uc, b_size, dtype=torch.int64, device=device)
+        beam_ok = ok
+        beam_key = key.gather(1, idx).masked_fill(~ok, -math.inf)
+        beam_n = atom_n[idx]
+        beam_r2 = atom_r2.gather(1, idx)
+        beam_h = atom_h[idx]
+        concept = idx % num_c
+        negated = idx >= num_c
+        beam_sets = presence_t[concept] ^ negated[..., None]  # [Uc, B, N]
+        beam_used = torch.zeros(uc, b_size, num_c, dtype=torch.bool, device=device)
+        beam_used.scatter_(2, concept[..., None], True)
+
+        if limit_search and limit_search < 2 * num_c:
+            # The reference ranks atoms by metric, then (stably) by differentiability 2|0.5 - AUC|.
+            diff = 2 * (0.5 - atom_auc).abs()
+            order = torch.argsort(-sign * atom_auc, dim=1, stable=True)
+            order = order.gather(1, torch.argsort(-diff.gather(1, order), dim=1, stable=True))
+            allowed = torch.zeros(uc, 2 * num_c, dtype=torch.bool, device=device)
+            allowed.scatter_(1, order[:, :limit_search], True)
+        else:
+            allowed = torch.ones(uc, 2 * num_c, dtype=torch.bool, device=device)
+        allowed_ops = torch.stack(
+            [allowed[:, :num_c], allowed[:, num_c:], allowed[:, :num_c], allowed[:, num_c:]], dim=1
+        )  # [Uc, 4, C]
+        done += 1
+        progress.update(done, total_steps, f"INVERT: units {sl.start}-{sl.stop - 1}, length 1")
+
+        for ell in range(2, length_max + 1):
+            # Intersections F AND c of every beam formula with every concept: rank sum, count, fingerprint.
+            f = beam_sets.to(torch.float64)
+            rows = torch.stack([f * r2[:, None, :], f * (scale + weights)], dim=2).reshape(uc * b_size * 2, n)
+            del f
+            inter = exact_int_matmul(rows, presence).reshape(uc, b_size, 2, num_c)
+            del rows
+            i_r2 = inter[:, :, 0]
+            i_n = torch.floor(inter[:, :, 1] / scale)
+            i_h = inter[:, :, 1] - i_n * scale
+            f_r2, f_n, f_h = beam_r2[..., None], beam_n[..., None], beam_h[..., None]
+            c_r2, c_n, c_h = r2_c[:, None, :], n_c, h_c
+            # F AND c; F AND NOT c = F - (F AND c); F OR c = F + c - (F AND c); F OR NOT c = NOT (c AND NOT F).
+            cand_r2 = torch.stack([i_r2, f_r2 - i_r2, f_r2 + c_r2 - i_r2, r2_all - c_r2 + i_r2], dim=2)
+            cand_n = torch.stack([i_n, f_n - i_n, f_n + c_n - i_n, n - c_n + i_n], dim=2)
+            cand_h = torch.stack([i_h, f_h - i_h, f_h + c_h - i_h, h_all - c_h + i_h], dim=2)
+            del inter, i_r2, i_n, i_h
+            valid = (
+                beam_ok[:, :, None, None]
+                & allowed_ops[:, None]
+                & ~beam_used[:, :, None, :]
+                & (cand_n > 0)
+                & (cand_n < n)
+                & (cand_n >= lo)
+                & (cand_n <= hi)
+                & (cand_n != f_n[..., None])  # a formula that changes nothing is not a new test
+            )  # [Uc, B, 4, C]
+            cand_auc = auc_from_rank_sum(cand_r2 / 2, cand_n, n)
+            cand_key = torch.where(valid, sign * cand_auc, torch.full_like(cand_auc, -math.inf))
+            out_tests[sl] += valid.flatten(1).sum(dim=1)
+            if keep_tested:
+                lp = mannwhitney_log_p(cand_r2 / 2, cand_n, n, tie[:, None, None, None])
+                tested.append(lp[valid].to(torch.float32).cpu())
+                del lp
+
+            pool_key = torch.cat([beam_key, cand_key.flatten(1)], dim=1)
+            pool_n = torch.cat([beam_n, cand_n.flatten(1)], dim=1)
+            pool_h = torch.cat([beam_h, cand_h.flatten(1)], dim=1)
+            pool_r2 = torch.cat([beam_r2, cand_r2.flatten(1)], dim=1)
+            m = pool_key.shape[1]
+            position = torch.arange(m, device=device).expand(uc, m)
+            pool_len = torch.cat([beam_len, torch.full((uc, m - b_size), ell, device=device)], dim=1)
+            tiebreak = pool_len * m + position  # shorter first, then the current beam, then candidate order
+            del cand_key, cand_n, cand_h, cand_r2, valid
+
+            sel, ok = _select_fast(pool_key, pool_n, pool_h, tiebreak, b_size)
+            from_old = sel < b_size
+            j = (sel - b_size).clamp_min(0)
+            src_b = torch.where(from_old, sel, j // (4 * num_c))
+            op = (j // num_c) % 4
+            c = j % num_c
+            g = (rows_u[:, None], src_b)
+            new_first = beam_first[g]
+            new_ops = beam_ops[g].clone()
+            new_atoms = beam_atoms[g].clone()
+            new_len = torch.where(from_old, beam_len[g], torch.full_like(sel, ell))
+            is_new = ~from_old
+            step_op = torch.where((op == OP_AND) | (op == OP_AND_NOT), STEP_AND, STEP_OR)
+            step_atom = c + num_c * ((op == OP_AND_NOT) | (op == OP_OR_NOT)).long()
+            new_ops[..., ell - 2] = torch.where(is_new, step_op, new_ops[..., ell - 2])
+            new_atoms[..., ell - 2] = torch.where(is_new, step_atom, new_atoms[..., ell - 2])
+            src_sets = beam_sets[g]
+            atom_sets = presence_t[c] ^ ((op == OP_AND_NOT) | (op == OP_OR_NOT))[..., None]
+            is_and = ((op == OP_AND) | (op == OP_AND_NOT))[..., None]
+            combined = torch.where(is_and, src_sets & atom_sets, src_sets | atom_sets)
+            new_sets = torch.where(is_new[..., None], combined, src_sets)
+            new_used = beam_used[g].clone()
+            new_used[rows_u[:, None], torch.arange(b_size, device=device)[None, :], c] |= is_new
+
+            beam_first, beam_ops, beam_atoms, beam_len = new_first, new_ops, new_atoms, new_len
+            beam_sets, beam_used, beam_ok = new_sets, new_used, ok
+            beam_key = pool_key.gather(1, sel).masked_fill(~ok, -math.inf)
+            beam_n = pool_n.gather(1, sel)
+            beam_h = pool_h.gather(1, sel)
+            beam_r2 = pool_r2.gather(1, sel)
+            del pool_key, pool_n, pool_h, pool_r2, tiebreak, position, pool_len
+            done += 1
+            progress.update(done, total_steps, f"INVERT: units {sl.start}-{sl.stop - 1}, length {ell}")
+
+        out_first[sl] = beam_first
+        out_ops[sl] = beam_ops
+        out_atoms[sl] = beam_atoms
+        out_len[sl] = beam_len
+        out_ok[sl] = beam_ok
+        out_auc[sl] = torch.where(beam_ok, auc_from_rank_sum(beam_r2 / 2, beam_n, n), out_auc[sl])
+        out_count[sl] = beam_n
+        out_logp[sl] = mannwhitney_log_p(beam_r2 / 2, beam_n, n, tie_col)
+
+    return InvertSearch(
+        first=out_first,
+        ops=out_ops,
+        atoms=out_atoms,
+        length=out_len,
+        ok=out_ok,
+        auc=out_auc,
+        count=out_count,
+        log_p=out_logp,
+        tests=out_tests,
+        tested_log_p=torch.cat(tested) if keep_tested else None,
+        num_images=n,
+        num_concepts=num_c,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The labeler
+
+
+@register
+class Invert(Labeler):
+    name = "invert"
+    title = "INVERT (inverse recognition)"
+    paper = "Bykov et al., Labeling Neural Representations with Inverse Recognition, NeurIPS 2023"
+    inputs = (Input.POOLED, Input.CONCEPT_PRESENCE)
+    params = (
+        Param(
+            "pooling",
+            str,
+            "mean",
+            "per-image activation of a unit: spatial mean (the reference labels average-pooled features) or max",
+            choices=("mean", "max"),
+        ),
+        Param("beam_size", int, 5, "formulas kept per step of the beam search (B)", minimum=1, maximum=1000),
+        Param("max_length", int, 3, "most concepts in a formula (L)", minimum=1, maximum=10),
+        Param(
+            "min_fraction", float, 0.0, "least fraction of images on which a formula may hold", minimum=0.0, maximum=1.0
+        ),
+        Param(
+            "max_fraction", float, 0.5, "largest fraction of images on which a formula may hold", minimum=0.0, maximum=1.0
+        ),
+        Param(
+            "mode",
+            str,
+            "positive",
+            "positive: formulas the unit ranks highest (maximise AUC); negative: ranks lowest (minimise AUC)",
+            choices=("positive", "negative"),
+        ),
+        Param(
+            "limit_search",
+            int,
+            0,
+            "combine beam formulas only with this many atoms, the most differentiable (2|0.5-AUC|); 0 = all",
+            minimum=0,
+        ),
+        Param("top_n", int, 5, "labels reported per unit, from the final beam", minimum=1),
+        Param("alpha", float, 0.05, "significance level after correction", minimum=0.0, maximum=1.0),
+        Param(
+            "correction",
+            str,
+            "bonferroni",
+            "multiple-testing correction over all units x formulas scored",
+            choices=CORRECTIONS,
+        ),
+    )
+
+    def run(self, inputs: LabelerInputs, params: dict[str, Any], progress: Progress) -> LabelingResult:
+        kind = params["pooling"]
+        pooled = inputs.pooled_mean if kind == "mean" else inputs.pooled_max
+        if pooled is None:
+            raise MissingInputError(
+                self.name,
+                Input.POOLED,
+                f"no per-image {kind} activations of {inputs.layer}; extract them or set pooling to the other kind",
+            )
+        presence = inputs.concept_presence
+        concepts = inputs.concepts
+        assert presence is not None and concepts is not None  # `require` checked both
+        if params["min_fraction"] > params["max_fraction"]:
+            raise LabelerError(
+                f"invert: min_fraction {params['min_fraction']} is above max_fraction {params['max_fraction']}; "
+                "no formula could pass. Lower min_fraction or raise max_fraction."
+            )
+        if pooled.dim() != 2 or presence.dim() != 2:
+            raise LabelerError(
+                f"invert: pooled activations must be [images, units] and concept presence [images, concepts], "
+                f"got {tuple(pooled.shape)} and {tuple(presence.shape)}. Re-run the extraction of {inputs.layer}."
+            )
+        n, num_units = pooled.shape
+        if presence.shape[0] != n:
+            raise LabelerError(
+                f"invert: {inputs.layer} has activations for {n} images but the concept labels cover "
+                f"{presence.shape[0]}. Re-run the extraction on the same dataset as the concept labels."
+            )
+        if presence.shape[1] != len(concepts):
+            raise LabelerError(
+                f"invert: the concept matrix has {presence.shape[1]} columns for {len(concepts)} concept names. "
+                "Re-import the dataset's annotations."
+            )
+        if n < 2:
+            raise LabelerError(f"invert: {n} image(s) is too few to compare activations; use a larger dataset.")
+        device = inputs.device
+        pooled = pooled.to(device=device, dtype=torch.float32)
+        if not bool(torch.isfinite(pooled).all()):
+            bad = int((~torch.isfinite(pooled)).any(dim=0).sum())
+            raise LabelerError(
+                f"invert: {bad} unit(s) of {inputs.layer} have NaN or infinite activations. "
+                "Re-run the extraction (check the model's numerics, e.g. run in float32)."
+            )
+        presence = presence.to(device) != 0
+
+        correction = params["correction"]
+        search = invert_search(
+            pooled,
+            presence,
+            beam_size=params["beam_size"],
+            max_length=params["max_length"],
+            min_fraction=params["min_fraction"],
+            max_fraction=params["max_fraction"],
+            mode=params["mode"],
+            limit_search=params["limit_search"],
+            keep_tested=correction in ("holm", "fdr_bh"),
+            progress=progress,
+        )
+        num_tests = int(search.tests.sum())
+        top_n = min(params["top_n"], params["beam_size"])
+        report = search.ok[:, :top_n]
+        p_adj = torch.ones_like(search.log_p[:, :top_n])
+        if num_tests > 0 and bool(report.any()):
+            p_adj[report] = adjust_p_values(
+                search.log_p[:, :top_n][report].cpu(), num_tests, correction, search.tested_log_p
+            ).to(p_adj.device)
+
+        names = [c.name for c in concepts]
+        # Python objects per reported label only; all arithmetic above is vectorised.
+        ok = report.cpu()
+        auc = search.auc[:, :top_n].cpu().tolist()
+        log_p = search.log_p[:, :top_n].cpu().tolist()
+        p_adj_l = p_adj.cpu().tolist()
+        count = search.count[:, :top_n].cpu().tolist()
+        length = search.length[:, :top_n].cpu().tolist()
+        alpha = params["alpha"]
+        labels: list[Label] = []
+        for unit, slot in ok.nonzero().tolist():
+            formula = search.formula(unit, slot)
+            text = to_text(formula, names)
+            base = formula.child if isinstance(formula, Not) else formula
+            category = (concepts[base.concept].category or None) if isinstance(base, Leaf) else None
+            lp = log_p[unit][slot]
+            labels.append(
+                Label(
+                    unit=unit,
+                    rank=slot + 1,
+                    text=text,
+                    score=float(auc[unit][slot]),
+                    p_value=math.exp(lp),
+                    formula=text,
+                    category=category,
+                    extra={
+                        "auc": float(auc[unit][slot]),
+                        "significant": bool(p_adj_l[unit][slot] <= alpha),
+                        "p_adjusted": float(p_adj_l[unit][slot]),
+                        "log10_p": lp / math.log(10),
+                        "positive_fraction": count[unit][slot] / n,
+                        "length": int(length[unit][slot]),
+                    },
+                )
+            )
+        significant_units = len({lab.unit for lab in labels if lab.rank == 1 and lab.extra["significant"]})
+        summary = {
+            "metric": "AUROC",
+            "pooling": kind,
+            "tests": num_tests,
+            "correction": correction,
+            "alpha": alpha,
+            "units": num_units,
+            "units_labelled": len({lab.unit for lab in labels}),
+            "units_significant": significant_units,
+        }
+        log.info(
+            "invert: %s, %d units, %d formulas tested, %d units significant at %s (%s)",
+            inputs.layer,
+            num_units,
+            num_tests,
+            significant_units,
+            alpha,
+            correction,
+        )
+        return LabelingResult(labels=labels, summary=summary)
