@@ -40,6 +40,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (150, 50, 205),
     "orange": (245, 140, 30),
 }
+COLOURS = COLORS  # the spelling train.py's tests and other modules use
 TEXTURES: tuple[str, ...] = ("solid", "striped", "dotted", "checkered")
 BACKGROUNDS: tuple[str, ...] = ("sky", "grass", "sand", "water", "brick")
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom")
@@ -211,7 +212,8 @@ def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
 
 def _sample_object(rng: np.random.Generator, shape: str, size: int, radius_range: tuple[float, float]) -> _Object:
     color = str(rng.choice(list(COLORS)))
-    rgb = np.clip((np.array(COLORS[color]) + rng.normal(0, 10, size=3)) * rng.uniform(0.85, 1.0), 0, 255)
+    # Small jitter: every object pixel stays within an L1 distance of ~50 of its palette colour (or its shade).
+    rgb = np.clip((np.array(COLORS[color]) + rng.uniform(-6, 6, size=3)) * rng.uniform(0.94, 1.0), 0, 255)
     radius = rng.uniform(*radius_range) * size
     margin = _EXTENT * radius
     return _Object(
@@ -325,7 +327,8 @@ def generate_shapes_dataset(
     """Write the dataset to `out_dir` and return it. Same arguments -> byte-identical files.
 
     `shapes` restricts the main object's shape (the image classes, in that label order); distractors are any
-    other shape of `SHAPES`. Each image entry of the COCO JSON carries `label` (index into classes.json).
+    other shape of `SHAPES`. Each image entry of the COCO JSON carries `class` (the main shape) and `label` (its
+    index into classes.json).
     """
     out_dir = Path(out_dir)
     classes = list(shapes) if shapes is not None else list(SHAPES)
@@ -392,7 +395,7 @@ def generate_shapes_dataset(
         Image.fromarray(pixels, "RGB").save(img_dir / name)
 
         images.append({"id": image_id, "file_name": name, "width": size, "height": size,
-                       "label": label, "class_name": classes[label]})
+                       "label": label, "class": classes[label]})
         for obj in objects:
             if not obj.mask.any():
                 continue
