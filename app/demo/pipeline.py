@@ -29,9 +29,10 @@ class DemoSummary:
 
 
 def demo_layers(project: Any, model_id: int) -> list[str]:
-    """The blocks and the classifier: the top-level modules with units (their inner conv/bn/relu are left out)."""
+    """The blocks and the classifier: the top-level modules with units (their inner conv/bn/relu are left out, and
+    the global pooling, which only repeats the last block's per-image means)."""
     rows = project.layers(model_id, extractable_only=True)
-    return [r["name"] for r in rows if "." not in r["name"] and r["name"]]
+    return [r["name"] for r in rows if "." not in r["name"] and r["name"] and "Pool" not in r["type"]]
 
 
 class DemoJob:

@@ -73,6 +73,9 @@ class LabelJob:
             {"source": results.run_id, "layer": layer_row["id"], "method": self.method, "params": params,
              "clip": str(self.clip_model) if self.clip_model else None}, sort_keys=True, default=str,
         ).encode()).hexdigest()
+        # Inputs first: a method this project cannot feed leaves no failed run behind, only its message.
+        inputs = self._inputs(project, labeler, results, layer_row, model_row, ds_row, device)
+        inputs.require(self.method, *labeler.inputs)
         prior = project.resumable_run(self.kind, key)
         run_id = prior.id if prior else project.create_run(
             kind=self.kind, key=key, params=params | ({"clip_model": str(self.clip_model)} if self.clip_model else {}),
@@ -83,7 +86,6 @@ class LabelJob:
         project.start_run(run_id)
         t0 = time.monotonic()
         try:
-            inputs = self._inputs(project, labeler, results, layer_row, model_row, ds_row, device)
             out = labeler(inputs, params, progress)
             n = project.replace_labels(run_id, layer_row["id"], self.method, out.labels)
         except Cancelled:
