@@ -208,7 +208,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         if args.milan:
             n = imports.import_milan(project, args.path, args.model)
         else:
-            n = imports.import_tables(project, args.path)
+            n = imports.import_tables(project, args.path, args.model)
     print(f"imported {n} rows")
     return 0
 
@@ -350,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto")
 
     sp = add("export", "write labels, concept sets, reports and activations", cmd_export)
+    sp.epilog = _export_formats_help()
+    sp.formatter_class = argparse.RawDescriptionHelpFormatter
     sp.add_argument("project")
     sp.add_argument("--format", required=True, help="e.g. labels-csv (see `neuron-studio export --help`)")
     sp.add_argument("-o", "--output", required=True, help="file or folder to write")
@@ -373,12 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _export_formats_help() -> str:
-    try:
-        from app.export.base import list_formats
+    from app.export.base import formats_help
 
-        return ", ".join(list_formats())
-    except Exception:
-        return "labels-csv"
+    return formats_help()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,15 @@ def test_full_cli_workflow(setup, capsys):
                  "--param", "top_n=2", "-q"]) == 0
     out = capsys.readouterr().out
     assert "netdissect on conv1" in out and "invert on conv2" in out
+    out_csv = tmp / "labels.csv"
+    assert main(["export", str(proj), "--format", "labels-csv", "-o", str(out_csv), "-q"]) == 0
+    import csv
+
+    rows = list(csv.DictReader(out_csv.open()))
+    assert list(rows[0])[:8] == ["model", "layer", "unit", "method", "rank", "label", "score", "p_value"]
+    with Project.open(proj) as p:
+        assert len(rows) == len(p.labels())
+    assert {r["method"] for r in rows} == {"netdissect", "invert"}
     assert main(["info", str(proj)]) == 0
     out = capsys.readouterr().out
     assert "conv1" in out and "netdissect" in out and "labels:" in out
