@@ -10,9 +10,10 @@ import enum
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-import torch
+if TYPE_CHECKING:  # torch is imported by the methods themselves: the window must start without it
+    import torch
 
 
 class Cancelled(Exception):
@@ -115,7 +116,7 @@ class LabelerInputs:
 
     layer: str
     num_units: int
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: torch.device = field(default_factory=lambda: __import__("torch").device("cpu"))
     # [N, U] float32 per-image spatial max / mean of each unit (features of linear layers: the value itself)
     pooled_max: torch.Tensor | None = None
     pooled_mean: torch.Tensor | None = None

@@ -12,3 +12,12 @@ def test_import_contracts_hold():
                           text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Contracts: 2 kept, 0 broken" in proc.stdout, proc.stdout
+
+
+def test_startup_modules_do_not_import_torch():
+    """The window and the CLI's --help start fast: torch and transformers load only when a job needs them."""
+    code = ("import sys, app.cli, app.jobs, app.project.store, app.workspace, labelers.base; app.cli.build_parser();"
+            "print(sorted(m for m in ('torch', 'transformers', 'torchvision') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
