@@ -24,7 +24,8 @@ from typing import Any
 
 from app.errors import JobError
 from app.jobs import Cancelled, JobProgress
-from app.project.store import Project
+from app.project.arrays import fsync_path
+from app.project.store import Project, pid_alive
 from labelers.base import LabelerError, Param, Progress
 
 log = logging.getLogger(__name__)
@@ -169,13 +170,6 @@ def _remove(path: Path) -> None:
         pass
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
@@ -188,22 +182,9 @@ def _clean_stale(target: Path) -> None:
         if not entry.name.startswith(prefix):
             continue
         pid_text = entry.name[len(prefix):].split("-", 1)[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+        if pid_text.isdigit() and not pid_alive(int(pid_text)):
             log.info("removing %s, left by an export that was killed", entry)
             _remove(entry)
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _check_target(target: Path, exp: Exporter) -> None:
@@ -221,7 +202,7 @@ def _check_target(target: Path, exp: Exporter) -> None:
 
 def _commit(tmp: Path, target: Path, is_folder: bool) -> None:
     if not is_folder:
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, target)
     else:
         old = None
@@ -232,7 +213,7 @@ def _commit(tmp: Path, target: Path, is_folder: bool) -> None:
         os.replace(tmp, target)
         if old is not None:
             _remove(old)
-    _fsync(target.parent)
+    fsync_path(target.parent)
 
 
 class ExportJob:

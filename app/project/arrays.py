@@ -17,7 +17,8 @@ from numpy.lib.format import open_memmap
 from safetensors.torch import load_file, save_file
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (after a rename, the folder entry is what must reach the disk)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -32,7 +33,7 @@ def _fsync_dir(path: Path) -> None:
 
 def atomic_replace(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
-    _fsync_dir(target.parent)
+    fsync_path(target.parent)
 
 
 def save_npy(path: Path, array: np.ndarray | torch.Tensor) -> None:

@@ -267,7 +267,7 @@ class RunInfo:
         )
 
 
-def _pid_alive(pid: int | None) -> bool:
+def pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
     if pid == os.getpid():
@@ -371,7 +371,7 @@ class Project:
         stale = [
             r["id"]
             for r in self.conn.execute("SELECT id, pid FROM runs WHERE status IN ('running','queued')")
-            if not _pid_alive(r["pid"])
+            if not pid_alive(r["pid"])
         ]
         if stale:
             with self.transaction():
@@ -419,6 +419,22 @@ class Project:
     def all(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         return [dict(r) for r in self.conn.execute(sql, params)]
 
+    def _pick(self, table: str, what: str, ref: int | str | None, add_command: str, option: str) -> dict[str, Any]:
+        """A row of `table` by id or name; with None, the only one (several or none is the user's to resolve)."""
+        rows = self.all(f"SELECT * FROM {table} ORDER BY id")
+        if not rows:
+            raise ProjectError(f"the project has no {what} yet", file=self.path,
+                               fix=f"add one with `neuron-studio {add_command}`")
+        names = ", ".join(r["name"] for r in rows)
+        if ref is None:
+            if len(rows) > 1:
+                raise ProjectError(f"the project has several {what}s ({names})", fix=f"name one with {option}")
+            return rows[0]
+        match = [r for r in rows if r["id"] == ref or r["name"] == str(ref)]
+        if not match:
+            raise ProjectError(f"no {what} named {ref!r} in the project (it has: {names})")
+        return match[0]
+
     # ---- models and layers ---------------------------------------------------------------------------------
     def add_model(
         self,
@@ -461,20 +477,7 @@ class Project:
 
     def model(self, ref: int | str | None = None) -> dict[str, Any]:
         """A model by id or name; with None, the only model of the project."""
-        rows = self.all("SELECT * FROM models ORDER BY id")
-        if not rows:
-            raise ProjectError("the project has no model yet", file=self.path, fix="add one with `neuron-studio add-model`")
-        if ref is None:
-            if len(rows) > 1:
-                names = ", ".join(r["name"] for r in rows)
-                raise ProjectError(f"the project has several models ({names})", fix="name one with --model")
-            row = rows[0]
-        else:
-            match = [r for r in rows if r["id"] == ref or r["name"] == str(ref)]
-            if not match:
-                names = ", ".join(r["name"] for r in rows)
-                raise ProjectError(f"no model named {ref!r} in the project (it has: {names})")
-            row = match[0]
+        row = self._pick("models", "model", ref, "add-model", "--model")
         row["preprocess"] = json.loads(row["preprocess"])
         row["class_names"] = json.loads(row["class_names"]) if row["class_names"] else None
         return row
@@ -550,22 +553,7 @@ class Project:
         return ds_id
 
     def dataset(self, ref: int | str | None = None) -> dict[str, Any]:
-        rows = self.all("SELECT * FROM datasets ORDER BY id")
-        if not rows:
-            raise ProjectError(
-                "the project has no dataset yet", file=self.path, fix="add one with `neuron-studio add-dataset`"
-            )
-        if ref is None:
-            if len(rows) > 1:
-                names = ", ".join(r["name"] for r in rows)
-                raise ProjectError(f"the project has several datasets ({names})", fix="name one with --dataset")
-            row = rows[0]
-        else:
-            match = [r for r in rows if r["id"] == ref or r["name"] == str(ref)]
-            if not match:
-                names = ", ".join(r["name"] for r in rows)
-                raise ProjectError(f"no dataset named {ref!r} in the project (it has: {names})")
-            row = match[0]
+        row = self._pick("datasets", "dataset", ref, "add-dataset", "--dataset")
         row["categories"] = json.loads(row["categories"])
         row["report"] = json.loads(row["report"]) if row["report"] else None
         return row
@@ -651,7 +639,7 @@ class Project:
         if row is None:
             return None
         info = RunInfo.from_row(row)
-        if info.status == "running" and _pid_alive(row["pid"]) and row["pid"] != os.getpid():
+        if info.status == "running" and pid_alive(row["pid"]) and row["pid"] != os.getpid():
             raise ProjectError(
                 f"run {info.id} ({kind}) is still running in another process (pid {row['pid']})",
                 fix="wait for it or cancel it there",
