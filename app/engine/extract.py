@@ -104,15 +104,32 @@ def open_project_dataset(ds_row: dict[str, Any]) -> Any:
     return reader
 
 
+def masks_in_model_view(masks: np.ndarray, preprocess: dict[str, Any], size: int) -> np.ndarray:
+    """Concept masks [k, H, W] of a stored image -> [k, size, size] over exactly what the model saw (its resize
+    and centre crop; outside the image, where the model saw padding, nothing), sampled at pixel centres."""
+    from app.export.imaging import model_view_box
+
+    k, h, w = masks.shape
+    left, top, right, bottom = model_view_box(w, h, preprocess)
+    centres = (np.arange(size) + 0.5) / size
+    ys = np.floor(top + centres * (bottom - top)).astype(np.int64)
+    xs = np.floor(left + centres * (right - left)).astype(np.int64)
+    inside = (ys[:, None] >= 0) & (ys[:, None] < h) & (xs[None, :] >= 0) & (xs[None, :] < w)
+    out = masks[:, ys.clip(0, h - 1)][:, :, xs.clip(0, w - 1)]
+    return out & inside[None]
+
+
 class ImageSet(torch.utils.data.Dataset):
     """Decodes images (in DataLoader workers); a corrupt image becomes ok=False with its message, never a crash."""
 
-    def __init__(self, reader: Any, transform: Any, indices: list[int], crop: int, mask_size: int | None):
+    def __init__(self, reader: Any, transform: Any, indices: list[int], crop: int, mask_size: int | None,
+                 preprocess: dict[str, Any] | None = None):
         self.reader = reader
         self.transform = transform
         self.indices = indices
         self.crop = crop
         self.mask_size = mask_size
+        self.preprocess = preprocess or {"resize": crop, "crop": crop}
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -123,7 +140,8 @@ class ImageSet(torch.utils.data.Dataset):
         idx = self.indices[i]
         item: dict[str, Any] = {"index": idx, "ok": True, "error": ""}
         try:
-            item["x"] = self.transform(load_rgb(self.reader.images[idx].path))
+            image = load_rgb(self.reader.images[idx].path)
+            item["x"] = self.transform(image)
         except DatasetError as exc:
             item.update(ok=False, error=str(exc), x=torch.zeros(3, self.crop, self.crop))
         except Exception as exc:  # a decoder crash on one odd file must not end the job
@@ -138,7 +156,9 @@ class ImageSet(torch.utils.data.Dataset):
             item.update(no_masks)
             if item["ok"]:
                 try:
-                    cidx, masks = self.reader.masks(idx, (self.mask_size, self.mask_size))
+                    # Masks at the stored size, then through the same geometry as the image the model saw.
+                    cidx, masks = self.reader.masks(idx, (image.height, image.width))
+                    masks = masks_in_model_view(np.asarray(masks, dtype=bool), self.preprocess, self.mask_size)
                     annotated = self.reader.annotated_categories(idx)
                 except DatasetError as exc:
                     # The image still counts for activations; its masks are left out of the overlap counts.
@@ -177,7 +197,7 @@ def layer_info(row: dict[str, Any]) -> Any:
 def make_loader(reader: Any, preprocess: Any, indices: list[int], batch_size: int, num_workers: int | None,
                 device: torch.device, mask_size: int | None = None) -> torch.utils.data.DataLoader:
     workers = min(8, max(0, (os.cpu_count() or 1) - 1)) if num_workers is None else num_workers
-    ds = ImageSet(reader, preprocess.transform(), indices, int(preprocess.crop), mask_size)
+    ds = ImageSet(reader, preprocess.transform(), indices, int(preprocess.crop), mask_size, preprocess.to_dict())
     return torch.utils.data.DataLoader(
         ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,

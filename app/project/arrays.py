@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from numpy.lib.format import open_memmap
-from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:  # imported where used: opening a project must not load torch
+    import torch
 
 
 def fsync_path(path: Path) -> None:
@@ -37,7 +38,7 @@ def atomic_replace(tmp: Path, target: Path) -> None:
 
 
 def save_npy(path: Path, array: np.ndarray | torch.Tensor) -> None:
-    if isinstance(array, torch.Tensor):
+    if hasattr(array, "detach"):
         array = array.detach().cpu().numpy()
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
@@ -70,6 +71,8 @@ def open_rows(path: Path, shape: tuple[int, ...], dtype: Any, fill: float | None
 
 def save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """A checkpoint in safetensors (never a pickle), written atomically."""
+    from safetensors.torch import save_file
+
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"meta": json.dumps(meta)})
     with open(tmp, "rb+") as fh:
@@ -79,6 +82,7 @@ def save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any
 
 def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     with safe_open(str(path), framework="pt") as fh:
         meta = json.loads((fh.metadata() or {}).get("meta", "{}"))

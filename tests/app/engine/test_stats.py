@@ -82,3 +82,23 @@ def test_capture_is_not_rewritten_by_a_later_inplace_op():
         got = hooks.run_captured(net, x, outs)
     assert float(got["0"].max()) == -1.0  # the conv output, not the ReLU's zeros
     assert not net[0]._forward_hooks
+
+
+def test_masks_follow_the_models_resize_and_centre_crop():
+    """A mask must cover, on the unit's map grid, the pixels the model saw: torchvision's Resize + CenterCrop."""
+    import torchvision.transforms.v2 as T
+    from torchvision.transforms import InterpolationMode
+
+    from app.engine.extract import masks_in_model_view
+
+    h, w = 30, 48  # landscape: the crop cuts the sides
+    yy, xx = np.mgrid[0:h, 0:w]
+    masks = np.stack([xx < 12, (yy > 5) & (xx > 20) & (xx < 30), np.ones((h, w), bool)])
+    pre = {"resize": 20, "crop": 16}
+    got = masks_in_model_view(masks, pre, 16)
+    tf = T.Compose([T.Resize(20, interpolation=InterpolationMode.NEAREST_EXACT), T.CenterCrop(16)])
+    want = tf(torch.from_numpy(masks)).numpy()
+    assert got.shape == (3, 16, 16)
+    assert (got != want).mean() < 0.04  # nearest-neighbour rounding at region edges only
+    assert got[2].all()
+    assert got[0].sum() < masks[0].mean() * 256  # the left strip is partly cropped away
