@@ -155,6 +155,7 @@ class MainWindow(QMainWindow):
         self.manager = JobManager(self.prefs.parallel_jobs, self, in_process=in_process)
         self.project: Any = None  # app.project.store.Project of this (the window's) thread
         self.project_path: Path | None = None
+        self.board: Any = None  # the naming board window, while open
         self.model_id: int | None = None
         self.layer_id: int | None = None
         self.table: uidata.UnitTable | None = None
@@ -276,6 +277,7 @@ class MainWindow(QMainWindow):
         self.act_extract = self._action("&Extract ticked layers...", "extract", self.extract_checked, "Ctrl+E",
                                         needs_project=True)
         self.act_label = self._action("&Label units...", "label", self.label_dialog, "Ctrl+L", needs_project=True)
+        self.act_board = self._action("&Naming board...", "board", self.open_board, "Ctrl+B", needs_project=True)
         self.act_next = self._action("&Next unit", "next", lambda: self.step_unit(1), ["N", "Alt+Right"],
                                      needs_project=True)
         self.act_prev = self._action("&Previous unit", "previous", lambda: self.step_unit(-1), ["P", "Alt+Left"],
@@ -300,6 +302,8 @@ class MainWindow(QMainWindow):
         m = bar.addMenu("&Project")
         for a in (self.act_add_model, self.act_add_dataset, self.act_extract, self.act_label):
             m.addAction(a)
+        m.addSeparator()
+        m.addAction(self.act_board)
         m = bar.addMenu("&View")
         m.addAction(self.act_next)
         m.addAction(self.act_prev)
@@ -326,7 +330,7 @@ class MainWindow(QMainWindow):
         for a in (self.act_new, self.act_open):
             tb.addAction(a)
         tb.addSeparator()
-        for a in (self.act_add_model, self.act_add_dataset, self.act_extract, self.act_label):
+        for a in (self.act_add_model, self.act_add_dataset, self.act_extract, self.act_label, self.act_board):
             tb.addAction(a)
         tb.addSeparator()
         tb.addAction(self.act_prev)
@@ -477,7 +481,34 @@ class MainWindow(QMainWindow):
         self.project_loaded.emit()
         return True
 
+    def open_board(self, **kwargs: Any) -> Any:
+        """The naming board on this project, in its own window; one per project, raised when asked again."""
+        if self.project_path is None:
+            return None
+        if self.board is not None:
+            self.board.raise_()
+            self.board.activateWindow()
+            return self.board
+        from app.ui.board import open_board
+
+        try:
+            board = open_board(self.project_path, self, **kwargs)
+        except NeuronStudioError as exc:
+            self.report_error("Naming board", str(exc))
+            return None
+        self.board = board
+        # names given on the board show in the units browser once it closes
+        board.destroyed.connect(self._board_closed)
+        return board
+
+    def _board_closed(self, *_args: Any) -> None:
+        self.board = None
+        if self.project is not None and self.layer_id is not None:
+            self.show_layer(self.layer_id, keep_unit=self.units.current_unit())
+
     def close_project(self) -> None:
+        if self.board is not None:
+            self.board.close()
         if self.project is not None:
             self.project.close()
         self.project = None
@@ -908,6 +939,8 @@ class MainWindow(QMainWindow):
                                                   "Cancel and quit? A cancelled run can be resumed later."):
                 event.ignore()
                 return
+        if self.board is not None:
+            self.board.close()
         self.statusBar().showMessage("Stopping runs...")
         self.manager.shutdown()
         wait_pool()

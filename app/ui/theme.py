@@ -39,6 +39,7 @@ ICONS = {
     "about": "mdi6.information-outline",
     "extracted": "mdi6.checkbox-marked-circle-outline",
     "app": "mdi6.cube-outline",
+    "board": "mdi6.view-grid-plus-outline",
 }
 
 # Status colours that read on both backgrounds.

@@ -238,3 +238,26 @@ def test_extract_then_label_queues_every_method_the_inputs_allow(qtbot, window, 
     window.manager.cancel_all()  # running them all is the labelers' tests' business
     for h in queued:
         qtbot.waitUntil(lambda h=h: h.state.finished, timeout=LONG)
+
+
+def test_naming_board_opens_from_the_window_and_its_names_reach_the_units_table(qtbot, window, tmp_path):
+    from tests.app import naming_helpers as nh
+
+    built = nh.build_project(tmp_path)
+    assert not window.act_board.isEnabled()  # no project yet
+    assert window.open_project(built["project"])
+    assert window.act_board.isEnabled()
+    window.show_layer(built["layer_id"])
+    qtbot.waitUntil(lambda: window.table is not None, timeout=LONG)
+    assert window.table.names == [""] * nh.UNITS
+
+    board = window.open_board(annotator="ann")
+    assert board is not None and board.isVisible() and board.board.pool_id == built["pool_id"]
+    assert window.open_board() is board  # one board per project: asking again raises it
+    first = board.board.state.maps[0]
+    assert board.board.set_unit_name(first.unit_id, first.unit, "red corner")
+    board.close()
+    qtbot.waitUntil(lambda: window.board is None, timeout=LONG)
+    qtbot.waitUntil(lambda: window.table is not None and window.table.names[first.unit] == "red corner",
+                    timeout=LONG)
+    assert window.errors == []
