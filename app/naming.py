@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from app import imaging
 from app.errors import JobError, ProjectError
 from app.project import arrays
 from app.project.store import Project, now
@@ -41,7 +42,6 @@ from labelers.base import NullProgress, Progress
 log = logging.getLogger(__name__)
 
 POOL_KINDS = ("unit", "decision")
-RENDER_MODES = ("heat", "region", "crop")
 UNCLEAR_NAME = "Unclear / not a concept"
 POOLS_DIR = "pools"
 
@@ -645,9 +645,9 @@ def region_features(acts: Any, maps: Any, thresholds: Any) -> Any:
 
     maps = maps.float()
     thr = thresholds.float()[:, None, None]
-    # A threshold of 0 (a unit active on less than 1% of positions after a ReLU) must not make the whole map its
-    # region: at or below zero the comparison is strict.
-    region = (maps > thr) | ((maps >= thr) & (thr > 0))
+    # Strictly above, as the engine counts a region: a threshold of 0 (a unit silent on 99% of positions after a
+    # ReLU) must not make the whole map its region.
+    region = maps > thr
     peak = maps >= maps.flatten(1).amax(dim=1)[:, None, None]
     region = torch.where(region.flatten(1).any(dim=1)[:, None, None], region, peak)
     weight = region.float()
@@ -1138,94 +1138,6 @@ def study_report(project: Project, pool_id: int, annotator_ids: Sequence[int] | 
 
 
 # ==== pictures of maps =========================================================================================
-# Small PIL helpers (app/export/imaging.py did not exist when this was written): the model's view of an image, a
-# heat-map overlay, the thresholded region, and a crop around it.
-_INFERNO = np.array([(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66), (245, 125, 21),
-                     (250, 193, 39), (252, 255, 164)], dtype=np.float64)
-
-
-def colormap(values: np.ndarray) -> np.ndarray:
-    """[...] floats in [0, 1] -> [..., 3] uint8 (an inferno-like ramp)."""
-    v = np.clip(values, 0, 1) * (len(_INFERNO) - 1)
-    lo = np.floor(v).astype(np.int64)
-    hi = np.minimum(lo + 1, len(_INFERNO) - 1)
-    t = (v - lo)[..., None]
-    return (_INFERNO[lo] * (1 - t) + _INFERNO[hi] * t).round().astype(np.uint8)
-
-
-def model_view_box(width: int, height: int, preprocess: Mapping[str, Any]) -> tuple[float, float, float, float]:
-    """The box of the original image that the model sees after resize and center crop (what the map covers)."""
-    resize = float(preprocess.get("resize", 224))
-    crop = float(preprocess.get("crop", resize))
-    if preprocess.get("resize_mode", "shorter") == "square":
-        sx, sy = resize / width, resize / height
-    else:
-        sx = sy = resize / min(width, height)
-    rw, rh = width * sx, height * sy
-    cw, ch = min(crop, rw), min(crop, rh)
-    left, top = (rw - cw) / 2, (rh - ch) / 2
-    return left / sx, top / sy, (left + cw) / sx, (top + ch) / sy
-
-
-def model_view(image: Any, preprocess: Mapping[str, Any], size: int) -> Any:
-    """The part of `image` the model sees, as a size x size RGB image."""
-    from PIL import Image
-
-    box = model_view_box(image.width, image.height, preprocess)
-    return image.resize((size, size), Image.Resampling.BILINEAR, box=box)
-
-
-def in_region(act: np.ndarray, threshold: float) -> np.ndarray:
-    """The thresholded region; strict at or below zero, as in `region_features`."""
-    return act > threshold if threshold <= 0 else act >= threshold
-
-
-def upsample(amap: np.ndarray, size: int) -> np.ndarray:
-    from PIL import Image
-
-    im = Image.fromarray(np.asarray(amap, dtype=np.float32), mode="F")
-    return np.asarray(im.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
-
-
-def render_map(image: Any, amap: np.ndarray, threshold: float, preprocess: Mapping[str, Any], mode: str = "heat",
-               size: int = 128) -> Any:
-    """One activation map as a picture: 'heat' (heat map over the image), 'region' (the image with everything
-    outside the thresholded region dimmed), or 'crop' (a crop around the thresholded region)."""
-    from PIL import Image
-
-    if mode not in RENDER_MODES:
-        raise ValueError(f"mode must be one of {RENDER_MODES}")
-    image = image.convert("RGB") if image.mode != "RGB" else image
-    if mode == "crop":
-        work = max(size, min(4 * size, 512))
-        view = np.asarray(model_view(image, preprocess, work), dtype=np.float32)
-        act = upsample(amap, work)
-        region = in_region(act, threshold)
-        if not region.any():
-            region = act >= act.max()
-        ys, xs = np.nonzero(region)
-        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-        side = max(y1 - y0, x1 - x0, work // 6)
-        side = int(min(work, side * 1.2))
-        cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
-        top = int(np.clip(round(cy - side / 2), 0, work - side))
-        left = int(np.clip(round(cx - side / 2), 0, work - side))
-        dim = np.where(region[..., None], 1.0, 0.45)
-        out = (view * dim)[top:top + side, left:left + side]
-        return Image.fromarray(out.clip(0, 255).astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR)
-    view = np.asarray(model_view(image, preprocess, size), dtype=np.float32)
-    act = upsample(amap, size)
-    if mode == "region":
-        dim = np.where(in_region(act, threshold)[..., None], 1.0, 0.22)
-        return Image.fromarray((view * dim).clip(0, 255).astype(np.uint8))
-    lo, hi = float(act.min()), float(max(act.max(), threshold))
-    v = (act - lo) / (hi - lo) if hi > lo else np.zeros_like(act)
-    # Opacity grows faster than the activation, so the image stays readable where the unit is quiet.
-    alpha = (0.85 * v ** 1.5)[..., None]
-    out = view * (1 - alpha) + colormap(v).astype(np.float32) * alpha
-    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
-
-
 @dataclass
 class MapPictures:
     """Everything needed to draw a pool's maps, resolved once in the thread that opened the project; `render` is
@@ -1249,8 +1161,8 @@ class MapPictures:
         from app.sources.datasets import load_rgb
 
         image = load_rgb(self.paths[position])
-        return render_map(image, np.asarray(self.arrays.maps[position], dtype=np.float32),
-                          float(self.arrays.thresholds[position]), self.preprocess, mode, size)
+        return imaging.exemplar_picture(image, np.asarray(self.arrays.maps[position], dtype=np.float32),
+                                        float(self.arrays.thresholds[position]), self.preprocess, mode, size)
 
 
 @dataclass

@@ -107,7 +107,7 @@ def open_project_dataset(ds_row: dict[str, Any]) -> Any:
 def masks_in_model_view(masks: np.ndarray, preprocess: dict[str, Any], size: int) -> np.ndarray:
     """Concept masks [k, H, W] of a stored image -> [k, size, size] over exactly what the model saw (its resize
     and centre crop; outside the image, where the model saw padding, nothing), sampled at pixel centres."""
-    from app.export.imaging import model_view_box
+    from app.imaging import model_view_box
 
     k, h, w = masks.shape
     left, top, right, bottom = model_view_box(w, h, preprocess)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from app.errors import DatasetError, JobError
-from app.export import imaging
+from app import imaging
 from app.export.base import ExportContext, exporter
 from app.export.conceptsets import PARAMS, ConceptSets
 

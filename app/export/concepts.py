@@ -5,7 +5,7 @@ region darkened; a `metadata.jsonl` with one line per file; and a dataset card `
 The layout is the Hugging Face `imagefolder` one (folder = class, `metadata.jsonl` with `file_name`), so
 `datasets.load_dataset("imagefolder", data_dir=...)` reads it as it is.
 
-A region is the unit's map placed on the stored image (bilinear, see `app.export.imaging`) and thresholded at the
+A region is the unit's map placed on the stored image (bilinear, see `app.imaging`) and thresholded at the
 unit's `quantile` activation (0.99 by default, as MILAN masks exemplars); a crop is the region's bounding box grown
 by `margin` on each side. An exemplar whose region is empty (its peak lies below the threshold, or outside what
 the model saw) gives no crop and is counted in the card.
@@ -18,7 +18,7 @@ import shutil
 from typing import Any
 
 from app.errors import JobError
-from app.export import imaging
+from app import imaging
 from app.export.base import ExportContext, exporter
 from app.export.common import safe_name
 from app.export.conceptsets import PARAMS, ConceptSets, Member

@@ -9,7 +9,7 @@ Names that differ only in case or spacing are one concept. A region belongs to a
 of methods or annotators that put it there (they are listed with it).
 
 `ConceptSets.regions_on_image` turns a member into a mask on the stored image: the unit's map placed on the
-original pixels (see `app.export.imaging.map_on_image`) and thresholded at the unit's quantile.
+original pixels (see `app.imaging.map_on_image`) and thresholded at the unit's quantile.
 """
 from __future__ import annotations
 
@@ -170,7 +170,7 @@ class ConceptSets:
     def values_on_image(self, member: Member, size: tuple[int, int] | None = None) -> np.ndarray:
         """The member's map on its stored image of `size` (W, H; read from the project or the file when not
         given): [H, W] float32, -inf outside what the model saw."""
-        from app.export.imaging import map_on_image
+        from app.imaging import map_on_image
 
         size = size or self.images.size(member.dataset_id, member.image_index)
         return map_on_image(member.map, size, member.layer.preprocess)

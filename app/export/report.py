@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from app.export import imaging
+from app import imaging
 from app.export.base import ExportContext, exporter, split_names
 from app.export.common import LAYERS, MODEL, QUANTILE, Exemplars, Images, LayerRef, group_rows, layer_refs
 from labelers.base import Param

@@ -1,6 +1,6 @@
 """Overlays for the unit view, in numpy and PIL only (no Qt, safe on pool threads).
 
-The geometry is `app.export.imaging`'s, shared with the exporters: an exemplar is shown the way the model saw it
+The geometry is `app.imaging`'s, shared with the exporters: an exemplar is shown the way the model saw it
 (resize, centre crop), the map is enlarged bilinearly at pixel centres, and a region is where the enlarged map is
 strictly above the unit's threshold. What is the window's own: each overlay is a separate RGBA layer, so that the
 opacity slider only changes how the delegate paints them, never the pixels.
@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from app.export.imaging import model_view_box, outline, region, upsample_map
-from app.export.imaging import model_view as _model_view
+from app.imaging import model_view_box, outline, region, upsample_map
+from app.imaging import model_view as _model_view
 
 
 def model_view(image: Image.Image, preprocess: dict[str, Any], max_side: int | None = None) -> Image.Image:

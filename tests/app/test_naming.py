@@ -13,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from app import naming
+from app import imaging, naming
 from app.engine.results import LayerResults
 from app.errors import ProjectError
 from app.project.store import Project
-from tests.app.naming_helpers import LAYER, SIZE, TOPK, UNITS, build_project, tiny_model
+from app.sources.datasets import load_rgb
+from tests.app.naming_helpers import LAYER, PREPROCESS, SIZE, TOPK, UNITS, build_project, tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -355,24 +356,21 @@ def test_study_numbers_on_a_hand_made_board(project, built):
 
 
 def test_pictures_of_maps(project, built):
-    assert naming.model_view_box(64, 32, {"resize": 32, "crop": 32}) == (16.0, 0.0, 48.0, 32.0)
-    # 40 px scaled to 48 (x1.2), crop 40 from offset 4: the original's 4/1.2 .. 44/1.2
-    assert naming.model_view_box(40, 40, {"resize": 48, "crop": 40}) == pytest.approx((10 / 3, 10 / 3, 110 / 3,
-                                                                                       110 / 3))
-    assert naming.model_view_box(80, 40, {"resize": 32, "crop": 32, "resize_mode": "square"}) == (0, 0, 80, 40)
+    """The board draws its maps with the exporters' pictures (app.imaging, tested there); here: every mode renders
+    a pool's map at the asked size, and 'region' keeps the pixels of the map's region."""
     pics = naming.MapPictures.for_pool(project, built["pool_id"])
-    m = max(naming.pool_maps(project, built["pool_id"]), key=lambda m: m.score)
-    for mode in naming.RENDER_MODES:
+    maps = naming.pool_maps(project, built["pool_id"])
+    m = max(maps, key=lambda m: m.score)
+    for mode in imaging.RENDER_MODES:
         im = pics.render(m.position, mode, 48)
         assert im.size == (48, 48) and im.mode == "RGB"
-    # 'region' keeps the thresholded region and dims the rest
-    image = Image.new("RGB", (SIZE, SIZE), (200, 200, 200))
-    amap = np.zeros((4, 4), np.float32)
-    amap[0, 0] = 10
-    out = np.asarray(naming.render_map(image, amap, 5.0, {"resize": SIZE, "crop": SIZE}, "region", SIZE))
-    assert out[0, 0].tolist() == [200, 200, 200] and out[-1, -1].tolist() == [44, 44, 44]
-    crop = naming.render_map(image, amap, 5.0, {"resize": SIZE, "crop": SIZE}, "crop", 16)
-    assert crop.size == (16, 16)
+    region = np.asarray(pics.render(m.position, "region", SIZE), dtype=np.int64)
+    view = np.asarray(imaging.model_view(load_rgb(pics.paths[m.position]), PREPROCESS, SIZE), dtype=np.int64)
+    inside = imaging.region(imaging.upsample_map(np.asarray(pics.arrays.maps[m.position], np.float32), SIZE),
+                            float(pics.arrays.thresholds[m.position]))
+    assert inside.any() and (~inside).any()
+    np.testing.assert_array_equal(region[inside], view[inside])
+    assert (region[~inside] <= view[~inside]).all() and (region[~inside] < view[~inside]).any()
 
 
 KILLED = textwrap.dedent("""

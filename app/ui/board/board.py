@@ -17,7 +17,7 @@ from PySide6.QtWidgets import (
     QFrame, QHBoxLayout, QLabel, QScrollArea, QSplitter, QToolButton, QVBoxLayout, QWidget,
 )
 
-from app import naming
+from app import imaging, naming
 from app.errors import NeuronStudioError
 from app.project.store import Project
 from app.ui.board import commands as cmd
@@ -514,7 +514,7 @@ class Board(QWidget):
             panel.model.repaint_all()
 
     def set_mode(self, mode: str) -> None:
-        if mode in naming.RENDER_MODES and mode != self.mode:
+        if mode in imaging.RENDER_MODES and mode != self.mode:
             self.mode = mode
             self.pool_model.repaint_all()
             for panel in self._panels.values():

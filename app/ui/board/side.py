@@ -16,7 +16,7 @@ from PySide6.QtWidgets import (
     QTableWidgetItem, QVBoxLayout, QWidget,
 )
 
-from app import naming
+from app import imaging, naming
 from app.ui.board.models import ThumbListModel
 from app.ui.board.views import MapListView
 
@@ -213,7 +213,7 @@ class UnitPanel(QWidget):
         def render() -> Any:
             from app.sources.datasets import load_rgb
 
-            return naming.render_map(load_rgb(ex.path), ex.map, ex.threshold, pre, mode, EXEMPLAR_SIZE)
+            return imaging.exemplar_picture(load_rgb(ex.path), ex.map, ex.threshold, pre, mode, EXEMPLAR_SIZE)
 
         pix = self.cache.get(self._key(rank), render)
         return pix if pix is not None else self.cache.placeholder(EXEMPLAR_SIZE)
@@ -504,6 +504,9 @@ class StudyPanel(QWidget):
     def schedule(self) -> None:
         if self.isVisible():
             self._timer.start()
+
+    def stop(self) -> None:
+        self._timer.stop()
 
     def showEvent(self, event: Any) -> None:
         super().showEvent(event)

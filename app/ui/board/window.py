@@ -405,6 +405,9 @@ class BoardWindow(QMainWindow):
                 except (RuntimeError, TypeError):
                     pass
         self.cache.shutdown()
+        # a refresh still queued (the study tab's timer) must not reach the closed database
+        self.study.stop()
+        self.board.close_board()
         self.project.close()
         super().closeEvent(event)
 

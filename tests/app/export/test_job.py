@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from app import imaging
 from app.errors import JobError
-from app.export import base, imaging
+from app.export import base
 from app.project.store import Project
 from labelers.base import Cancelled
 from tests.app.export.conftest import CountingProgress, export

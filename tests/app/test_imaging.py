@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
 
-from app.export import imaging
+from app import imaging
 
 PRE = {"resize": 32, "crop": 32, "interpolation": "bilinear", "resize_mode": "shorter"}
 

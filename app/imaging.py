@@ -1,4 +1,5 @@
-"""Pictures of unit activation maps, in numpy and PIL only (no Qt): the exporters and the window both use them.
+"""Pictures of unit activation maps, in numpy and PIL only (no Qt): the extraction (mask geometry), the exporters,
+the naming board and the window all use them.
 
 Geometry. A unit's map covers the model's input: the stored image resized and centre-cropped exactly like
 `app.sources.preprocess` does it (torchvision's Resize + CenterCrop, zero padding where the crop is larger than the
