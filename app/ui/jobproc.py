@@ -1,4 +1,4 @@
-"""The child side of a run: a job executed in its own process, reporting to the window through a queue.
+"""The child side of a run: a job executed in its own process, reporting to the window through a pipe.
 
 Why a process and not only a thread: a thread shares the GIL with the window, and some of a run's work holds it
 for long stretches (json.load of a COCO annotation file holds it for the whole parse: about 45 ms per MB here,
@@ -88,8 +88,9 @@ def _setup_child_logging() -> None:
                         format=f"%(asctime)s %(levelname)s run[{os.getpid()}] %(name)s: %(message)s")
 
 
-def child_main(job: Any, queue: Any, stop: Any) -> None:
-    """Entry point of a run's process."""
+def child_main(job: Any, out: Any, stop: Any) -> None:
+    """Entry point of a run's process: `out` carries its messages to the window, `stop` a request to cancel (or
+    an EOF when the window's side closed it or died)."""
     from app.jobs import JobProgress
 
     # No lower CPU priority (nice) here: measured, it doubled runs' time on a shared machine and gained the window
@@ -97,15 +98,21 @@ def child_main(job: Any, queue: Any, stop: Any) -> None:
     _setup_child_logging()
     progress = JobProgress()
     run_id = lambda: getattr(job, "run_id", None)  # noqa: E731
-    progress.listeners.append(lambda info: queue.put(("progress", info, run_id())))
-    first_parent = os.getppid()
+    sending = threading.Lock()  # progress may be reported from several of the job's threads
+
+    def send(message: tuple[Any, ...]) -> None:
+        with sending:
+            out.send(message)
+
+    progress.listeners.append(lambda info: send(("progress", info, run_id())))
 
     def watch() -> None:
-        # Cancelled from the window, or the window's side went away (the fork server exits with the window).
-        while not stop.wait(0.25):
-            if os.getppid() != first_parent:
-                log.warning("the window is gone: cancelling %s", job.title)
-                break
+        try:
+            stop.poll(None)
+        except (EOFError, OSError):
+            pass
+        if not progress.cancelled:
+            log.info("run %s: cancel requested (or the window is gone)", job.title)
         progress.cancel()
 
     threading.Thread(target=watch, name="cancel-watch", daemon=True).start()
@@ -113,18 +120,21 @@ def child_main(job: Any, queue: Any, stop: Any) -> None:
     try:
         result = job.execute(progress)
     except Cancelled:
-        queue.put(("cancelled", None, run_id()))
+        final: tuple[Any, ...] = ("cancelled", None, run_id())
     except (NeuronStudioError, LabelerError) as exc:
         log.info("run %s failed: %s", job.title, exc, exc_info=True)
-        queue.put(("failed", readable_error(exc), run_id()))
+        final = ("failed", readable_error(exc), run_id())
     except BaseException as exc:  # the window must hear of it, whatever went wrong
         log.exception("run %s failed unexpectedly", job.title)
-        queue.put(("failed", readable_error(exc), run_id()))
+        final = ("failed", readable_error(exc), run_id())
     else:
-        if not picklable(result):  # the queue pickles in a feeder thread, where an error would be lost
+        if not picklable(result):
             log.warning("the result of %s cannot be sent to the window; sending its text", job.title)
             result = repr(result)
-        queue.put(("done", result, run_id()))
+        final = ("done", result, run_id())
+    try:
+        send(final)
+    except OSError:
+        log.warning("run %s ended (%s) but the window is gone", job.title, final[0])
     finally:
-        queue.close()
-        queue.join_thread()
+        out.close()

@@ -96,45 +96,53 @@ class JobThread(QThread):
             self.succeeded.emit(result)
 
     def _run_in_process(self) -> None:
-        import queue as queue_mod
-
         from app.ui.jobproc import child_main, job_context
 
+        # Two one-way pipes, no multiprocessing.Queue: a Queue's pipe stays open in this process too, so a child
+        # that dies mid-message leaves a reader blocked forever; with the child holding the only write end, its
+        # end (or death) is an EOF here, and this process closing its end of `stop` is an EOF there.
         ctx = job_context()
-        messages = ctx.Queue()
-        stop = ctx.Event()
-        proc = ctx.Process(target=child_main, args=(self.job, messages, stop), name=f"run: {self.job.title}")
+        messages, child_out = ctx.Pipe(duplex=False)
+        child_stop, stop = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=child_main, args=(self.job, child_out, child_stop), name=f"run: {self.job.title}")
         try:
             proc.start()
         except Exception as exc:
             log.exception("could not start a process for %s", self.job.title)
             self.failed.emit(f"the run could not start its process: {exc}")
             return
+        finally:
+            child_out.close()
+            child_stop.close()
         self.process = proc
+        log.info("run %s: process %s started", self.job.title, proc.pid)
+        run_id = lambda: getattr(self.job, "run_id", None)  # noqa: E731
         final: tuple[Any, ...] | None = None
         cancel_at: float | None = None
         while final is None:
-            if self.progress.cancelled and not stop.is_set():
-                stop.set()
+            if self.progress.cancelled and cancel_at is None:
                 cancel_at = time.monotonic()
+                log.info("run %s: cancelling", self.job.title)
+                try:
+                    stop.send("stop")
+                except OSError:  # the child is already gone; the EOF below says how it ended
+                    pass
             if (cancel_at is not None and self.terminate_after is not None
                     and time.monotonic() - cancel_at > self.terminate_after and proc.is_alive()):
                 log.warning("run %s did not stop within %.0f s of cancelling: ending its process",
                             self.job.title, self.terminate_after)
                 proc.terminate()
-                final = ("cancelled", None, getattr(self.job, "run_id", None))
+                final = ("cancelled", None, run_id())
                 break
             try:
-                msg = messages.get(timeout=0.1)
-            except queue_mod.Empty:
-                if proc.is_alive():
+                if not messages.poll(0.1):
                     continue
-                try:  # the last message may still be in the pipe
-                    msg = messages.get(timeout=1.0)
-                except queue_mod.Empty:
-                    final = ("failed", f"the run's process ended unexpectedly (exit code {proc.exitcode}); "
-                                       "details in the log", getattr(self.job, "run_id", None))
-                    break
+                msg = messages.recv()
+            except (EOFError, OSError):
+                proc.join(5)
+                final = ("failed", f"the run's process ended unexpectedly (exit code {proc.exitcode}); "
+                                   "details in the log", run_id())
+                break
             if msg[2] is not None:
                 self.job.run_id = msg[2]  # the run row the child works on (resume, jobs panel)
             if msg[0] == "progress":
@@ -146,6 +154,8 @@ class JobThread(QThread):
             proc.terminate()
             proc.join(5)
         messages.close()
+        stop.close()
+        log.info("run %s: process %s ended (%s, exit code %s)", self.job.title, proc.pid, final[0], proc.exitcode)
         kind, value = final[0], final[1]
         if kind == "done":
             self.succeeded.emit(value)

@@ -157,3 +157,31 @@ def test_call_in_pool_returns_to_the_window_thread(qtbot):
     owner.deleteLater()
     qtbot.wait(600)
     assert late == []  # the owner went away: its callback is not called
+
+
+def test_a_run_cancels_itself_when_the_window_side_goes_away(monkeypatch):
+    """The child's end of the stop pipe reads EOF when the window's process closes its end or dies: the run is
+    cancelled at its next progress report, and says so on its way out."""
+    import multiprocessing as mp
+
+    from app.ui import jobproc
+
+    monkeypatch.setattr(jobproc, "_setup_child_logging", lambda: None)  # a child's logging, not this process's
+    child_main = jobproc.child_main
+    messages, child_out = mp.Pipe(duplex=False)
+    child_stop, stop = mp.Pipe(duplex=False)
+    job = CountJob(100_000, delay=0.001)
+    child = threading.Thread(target=child_main, args=(job, child_out, child_stop))
+    child.start()
+    assert messages.poll(30) and messages.recv()[0] == "progress"
+    stop.close()
+    seen = []
+    while True:
+        msg = messages.recv()
+        seen.append(msg[0])
+        if msg[0] != "progress":
+            break
+    child.join(30)
+    assert seen[-1] == "cancelled" and not child.is_alive()
+    with pytest.raises(EOFError):
+        messages.recv()  # the child closed its end: nothing can block on a half-sent message
