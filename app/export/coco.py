@@ -27,9 +27,6 @@ def write_coco(ctx: ExportContext) -> dict[str, Any]:
     opts = ctx.options
     sets = ConceptSets(ctx.project, opts)
     concepts = sets.gather()
-    if not concepts:
-        raise JobError("no concept to export: the chosen layers have no labels, unit names or groups with exemplars",
-                       fix="label or name units of an extracted layer first")
     images: dict[tuple[int, int], dict[str, Any]] = {}
     roots: dict[int, str] = {}
     categories: list[dict[str, Any]] = []

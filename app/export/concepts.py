@@ -38,9 +38,6 @@ def write_concepts(ctx: ExportContext) -> dict[str, Any]:
     opts = ctx.options
     sets = ConceptSets(ctx.project, opts)
     concepts = sets.gather()
-    if not concepts:
-        raise JobError("no concept to export: the chosen layers have no labels, unit names or groups with exemplars",
-                       fix="label or name units of an extracted layer first, or widen --option sources/layers")
     mode = opts["images"]
     images = sets.images
     total = sum(len(c.members) for c in concepts)

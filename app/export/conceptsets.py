@@ -109,6 +109,7 @@ class ConceptSets:
             have.annotators.append(annotator)
 
     def gather(self) -> list[Concept]:
+        """The concepts with at least one member; refuses when there is none (every export of them needs one)."""
         opts = self.options
         sources = split_names(opts.get("sources")) or list(SOURCES)
         bad = [s for s in sources if s not in SOURCES]
@@ -159,6 +160,12 @@ class ConceptSets:
                                 image_index=g["image_index"], score=float(g["score"]), map=amap, threshold=thr)
                 self._add(self._concept(g["name"]), member, None, g["annotator"], None)
         out = [c for c in self.concepts.values() if c.members]
+        if not out:
+            from app.errors import JobError
+
+            raise JobError("no concept to export: the chosen layers have no labels, unit names or groups with "
+                           "exemplars", fix="label or name units of an extracted layer first, or widen --option "
+                           "sources/layers")
         out.sort(key=lambda c: _norm(c.name))
         return out
 

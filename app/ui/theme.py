@@ -3,6 +3,7 @@ ships its icon fonts (nothing is downloaded; superqt's QIconifyIcon would fetch 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from PySide6.QtCore import QObject, Qt, Signal
 from PySide6.QtGui import QColor, QIcon, QPalette
@@ -136,6 +137,18 @@ def plot_background(dark: bool) -> str:
 
 def plot_foreground(dark: bool) -> str:
     return "#dcdde1" if dark else "#303236"
+
+
+def style_plot(plot: Any, dark: bool) -> str:
+    """Re-colours an existing pyqtgraph PlotWidget (config options only reach plots made later); returns the
+    foreground colour for the plot's other text."""
+    plot.setBackground(plot_background(dark))
+    fg = plot_foreground(dark)
+    for axis in ("left", "bottom"):
+        ax = plot.getAxis(axis)
+        ax.setPen(fg)
+        ax.setTextPen(fg)
+    return fg
 
 
 def icon(name: str, color: str | QColor | None = None) -> QIcon:

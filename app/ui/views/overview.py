@@ -6,7 +6,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QHeaderView, QLabel, QSplitter, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 
 from app.ui.data import NO_CATEGORY, LayerOverviewData
-from app.ui.theme import plot_background, plot_foreground
+from app.ui.theme import style_plot
 
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
            "#bab0ac")
@@ -47,12 +47,7 @@ class LayerOverview(QWidget):
         lay.addWidget(split, 1)
 
     def set_dark(self, dark: bool) -> None:
-        self.plot.setBackground(plot_background(dark))
-        fg = plot_foreground(dark)
-        for axis in ("left", "bottom"):
-            ax = self.plot.getAxis(axis)
-            ax.setPen(fg)
-            ax.setTextPen(fg)
+        fg = style_plot(self.plot, dark)
         if self.legend is not None:
             self.legend.setLabelTextColor(fg)
 

@@ -38,7 +38,7 @@ from PySide6.QtWidgets import (
 
 from app.ui import imaging
 from app.ui.data import Exemplar, Histogram, LayerView
-from app.ui.theme import icon, plot_background, plot_foreground
+from app.ui.theme import icon, style_plot
 from app.ui.views.units import format_p, format_score
 from app.ui.workers import call_in_pool
 
@@ -312,12 +312,7 @@ class UnitView(QWidget):
     # ---- appearance ----------------------------------------------------------------------------------------
     def set_dark(self, dark: bool) -> None:
         self._dark = dark
-        self.plot.setBackground(plot_background(dark))
-        fg = plot_foreground(dark)
-        for axis in ("left", "bottom"):
-            ax = self.plot.getAxis(axis)
-            ax.setPen(fg)
-            ax.setTextPen(fg)
+        style_plot(self.plot, dark)
         self.prev_button.setIcon(icon("previous"))
         self.next_button.setIcon(icon("next"))
         self.grid.viewport().update()
