@@ -29,6 +29,7 @@ digits in blocks of 4096 images, so that every partial sum stays below 2^24).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -116,6 +117,22 @@ def mannwhitney_log_p(rank_sum: torch.Tensor, n_pos: torch.Tensor, n: int, tie_t
     return torch.where(ok, log_p, torch.zeros_like(log_p))
 
 
+@contextlib.contextmanager
+def _ieee_float32_matmul():
+    """float32 products in full precision (no TF32, no bf16) inside the block, and each backend's own setting put
+    back as it was after it. `torch.set_float32_matmul_precision` is process-wide and its get/set round trip does
+    not restore the per-backend settings (it spreads CUDA's TF32 choice to oneDNN)."""
+    knobs = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    saved = [k.fp32_precision for k in knobs]
+    for k in knobs:
+        k.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for k, value in zip(knobs, saved):
+            k.fp32_precision = value
+
+
 def exact_int_matmul(rows: torch.Tensor, presence: torch.Tensor, float32: bool | None = None) -> torch.Tensor:
     """rows [M, N] holding non-negative integers, presence [N, C] bool -> the exact sums rows @ presence, float64.
 
@@ -141,17 +158,13 @@ def exact_int_matmul(rows: torch.Tensor, presence: torch.Tensor, float32: bool |
         digits.append((rest - high * _DIGIT).to(torch.float32))
         rest = high
     stacked = torch.cat(digits, dim=0)
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
+    with _ieee_float32_matmul():
         for s in range(0, n, _F32_BLOCK):
             part = (stacked[:, s : s + _F32_BLOCK] @ presence[s : s + _F32_BLOCK].to(torch.float32)).to(torch.float64)
             scale = 1.0
             for d in range(num_digits):
                 out += part[d * m : (d + 1) * m] * scale
                 scale *= _DIGIT
-    finally:
-        torch.set_float32_matmul_precision(previous)
     return out
 
 

@@ -33,7 +33,7 @@ from app.engine.stats import TopKExemplars, TopQuantiles
 from app.errors import DatasetError, JobError, ModelLoadError
 from app.jobs import Cancelled, JobProgress
 from app.project import arrays
-from app.project.store import Project
+from app.project.store import MASKS_LEFT_OUT, Project
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +339,7 @@ class ExtractJob:
         prior_seconds = project.run(run_id).seconds
         try:
             report = self._extract(project, run_id, model, reader, ds_row, layer_rows, device, progress)
-        except Cancelled:
+        except (Cancelled, KeyboardInterrupt):  # Ctrl+C in the CLI is a cancel, as it reports
             project.finish_run(run_id, "cancelled", message="cancelled; run the same extraction again to resume",
                                seconds=prior_seconds + time.monotonic() - t_start)
             raise
@@ -540,7 +540,7 @@ class ExtractJob:
         skipped = len(problems)
         if problems or mask_problems:
             project.record_image_problems(
-                run_id, sorted({**{k: f"masks left out: {v}" for k, v in mask_problems.items()}, **problems}.items()))
+                run_id, sorted({**{k: f"{MASKS_LEFT_OUT}{v}" for k, v in mask_problems.items()}, **problems}.items()))
         for name, ls in layers.items():
             ls.pooled_max.flush()
             ls.pooled_mean.flush()

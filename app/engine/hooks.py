@@ -36,7 +36,9 @@ def capture(model: torch.nn.Module, names: Sequence[str], stop_after_last: bool 
     """Yields a dict that each forward pass fills with {layer name: output}. With `stop_after_last`, the forward
     raises StopForward after the last of `names` to execute; call it through `run_captured`."""
     outputs: dict[str, Any] = {}
-    remaining: set[str] = set()
+    # Every forward starts with all layers to go (the root's pre-hook below), so a forward called directly, not
+    # through run_captured, also runs until the last of them rather than stopping after the first.
+    remaining: set[str] = set(names)
     handles = []
 
     def make_hook(name: str):
@@ -50,6 +52,7 @@ def capture(model: torch.nn.Module, names: Sequence[str], stop_after_last: bool 
         return hook
 
     try:
+        handles.append(model.register_forward_pre_hook(lambda _module, _inputs: remaining.update(names)))
         for name in names:
             handles.append(_module_by_name(model, name).register_forward_hook(make_hook(name)))
         outputs["__reset__"] = lambda: (outputs.clear(), remaining.update(names))  # type: ignore[func-returns-value]

@@ -88,7 +88,7 @@ class LabelJob:
         try:
             out = labeler(inputs, params, progress)
             n = project.replace_labels(run_id, layer_row["id"], self.method, out.labels)
-        except Cancelled:
+        except (Cancelled, KeyboardInterrupt):  # Ctrl+C in the CLI is a cancel, as it reports
             project.finish_run(run_id, "cancelled", seconds=time.monotonic() - t0)
             raise
         except BaseException as exc:
@@ -107,8 +107,9 @@ class LabelJob:
         valid = results.valid
         rows = np.nonzero(valid)[0]
         inputs = lb.LabelerInputs(layer=layer_row["name"], num_units=layer_row["units"], device=device)
-        inputs.pooled_max = torch.from_numpy(np.asarray(results.pooled_max)[rows]).to(device)
-        inputs.pooled_mean = torch.from_numpy(np.asarray(results.pooled_mean)[rows]).to(device)
+        if lb.Input.POOLED in need:  # [N, U] each: not worth reading for methods that work from masks
+            inputs.pooled_max = torch.from_numpy(np.asarray(results.pooled_max)[rows]).to(device)
+            inputs.pooled_mean = torch.from_numpy(np.asarray(results.pooled_mean)[rows]).to(device)
         concept_rows = project.concepts(ds_row["id"])
         if concept_rows:
             inputs.concepts = [lb.Concept(c["name"], c["category"]) for c in concept_rows]

@@ -20,6 +20,7 @@ class LayerResults:
     project_path: Path
     layer: dict[str, Any]  # the layers row
     stats: dict[str, Any]  # the layer_stats row (with run_id, dataset_id, model_id)
+    unread: tuple[int, ...] = ()  # dataset indices the extraction could not read (its image-problems record)
 
     @classmethod
     def load(cls, project: Project, layer_id: int, run_id: int | None = None) -> "LayerResults":
@@ -29,7 +30,7 @@ class LayerResults:
             name = layer["name"] if layer else f"#{layer_id}"
             raise JobError(f"layer {name} has not been extracted yet", fix="run `neuron-studio extract` on it first")
         layer["grid"] = tuple(json.loads(layer["grid"])) if layer["grid"] else (1, 1)
-        return cls(project.path, layer, stats)
+        return cls(project.path, layer, stats, tuple(project.unread_images(int(stats["run_id"]))))
 
     @property
     def dir(self) -> Path:
@@ -53,8 +54,12 @@ class LayerResults:
 
     @cached_property
     def valid(self) -> np.ndarray:
-        """[N] bool: images that were read (skipped images keep NaN rows)."""
-        return ~np.isnan(np.asarray(self.pooled_max[:, 0]))
+        """[N] bool: images that were read. From the run's record of unread images, never from the values: a NaN
+        activation (possible under fp16 autocast) is a fact about one unit, not a reason to drop the image."""
+        valid = np.ones(self.pooled_max.shape[0], dtype=bool)
+        unread = np.asarray(self.unread, dtype=np.int64)
+        valid[unread[unread < valid.size]] = False
+        return valid
 
     @cached_property
     def quantiles(self) -> dict[float, np.ndarray]:

@@ -271,7 +271,7 @@ class ExportJob:
                 raise JobError(f"the {exp.name} writer wrote nothing", file=target)
             _commit(tmp, target, exp.target == "folder")
             tmp = None
-        except Cancelled:
+        except (Cancelled, KeyboardInterrupt):  # Ctrl+C in the CLI is a cancel, as it reports
             self._discard(tmp, made)
             project.finish_run(run_id, "cancelled", seconds=time.monotonic() - t0, message="cancelled; nothing written")
             raise

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ PROJECT_SUFFIX = ".nstudio"
 # Run states. 'interrupted' is what a 'running' run becomes when its process is found dead.
 RUN_STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 RESUMABLE_STATES = ("running", "cancelled", "failed", "interrupted")
+# An image_problems row whose problem starts so was read (its activations are valid) but its masks were not.
+MASKS_LEFT_OUT = "masks left out: "
 
 
 def now() -> str:
@@ -233,6 +236,34 @@ MIGRATIONS: list[str] = [_SCHEMA_V1]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+def sql_statements(script: str) -> list[str]:
+    """The statements of an SQL script, split where SQLite's own parser says a statement ends: a ';' inside a
+    string literal, a comment or a trigger body does not end one."""
+    statements: list[str] = []
+    current = ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        # complete_statement is true at the first ';' that closes a statement; a line may hold several.
+        while ";" in current and sqlite3.complete_statement(current):
+            head, current = _first_statement(current)
+            if head.strip():
+                statements.append(head.strip())
+    if current.strip() and not _only_comments(current):
+        raise ValueError(f"incomplete SQL statement at the end of the script: {current.strip()[:80]!r}")
+    return statements
+
+
+def _first_statement(text: str) -> tuple[str, str]:
+    for i, ch in enumerate(text):
+        if ch == ";" and sqlite3.complete_statement(text[: i + 1]):
+            return text[: i + 1], text[i + 1:]
+    return text, ""
+
+
+def _only_comments(text: str) -> bool:
+    return all(not ln.strip() or ln.strip().startswith("--") for ln in text.splitlines())
+
+
 @dataclass
 class RunInfo:
     id: int
@@ -304,7 +335,9 @@ class Project:
         return cls._connect(path, create=True)
 
     @classmethod
-    def open(cls, path: str | Path) -> "Project":
+    def open(cls, path: str | Path, *, readonly: bool = False) -> "Project":
+        """`readonly`: a connection that never writes (no migration, no marking of dead runs, `query_only`), for
+        readers such as the window's background loaders that must not wait for or block a job's writes."""
         path = Path(path)
         if path.is_file() and path.name == DB_NAME:
             path = path.parent
@@ -314,7 +347,7 @@ class Project:
                 file=path,
                 fix="create one with `neuron-studio new PATH`, or pick the project folder",
             )
-        return cls._connect(path, create=False)
+        return cls._connect(path, create=False, readonly=readonly)
 
     @classmethod
     def open_or_create(cls, path: str | Path) -> "Project":
@@ -322,8 +355,10 @@ class Project:
         return cls.open(path) if (path / DB_NAME).exists() else cls.create(path)
 
     @classmethod
-    def _connect(cls, path: Path, create: bool) -> "Project":
+    def _connect(cls, path: Path, create: bool, readonly: bool = False) -> "Project":
         db_path = path / DB_NAME
+        if readonly:
+            return cls._connect_readonly(path)
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves so that each logical write is one transaction.
             conn = sqlite3.connect(db_path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -353,6 +388,26 @@ class Project:
         project._mark_dead_runs()
         return project
 
+    @classmethod
+    def _connect_readonly(cls, path: Path) -> "Project":
+        db_path = path / DB_NAME
+        try:
+            conn = sqlite3.connect(db_path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA query_only=ON")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=30000")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise ProjectError(f"the project database cannot be read ({exc})", file=db_path,
+                               fix="restore it from a backup (project.sqlite.bak-* beside it)") from exc
+        if version != SCHEMA_VERSION:
+            conn.close()
+            raise ProjectError(
+                f"the project has schema {version}, this Neuron Studio reads {SCHEMA_VERSION}", file=db_path,
+                fix="open it once for writing (it is migrated then), or update Neuron Studio")
+        return cls(path, conn)
+
     def _migrate(self, version: int, backup: bool) -> None:
         if backup:
             target = self.path / f"{DB_NAME}.bak-v{version}"
@@ -362,9 +417,8 @@ class Project:
         for v in range(version, SCHEMA_VERSION):
             with self.transaction():
                 # executescript would commit on its own; run statements one by one inside our transaction.
-                for stmt in MIGRATIONS[v].split(";"):
-                    if stmt.strip():
-                        self.conn.execute(stmt)
+                for stmt in sql_statements(MIGRATIONS[v]):
+                    self.conn.execute(stmt)
                 self.conn.execute(f"PRAGMA user_version={v + 1}")
 
     def _mark_dead_runs(self) -> None:
@@ -697,6 +751,13 @@ class Project:
             (run_id,),
         )
 
+    def unread_images(self, run_id: int) -> list[int]:
+        """Dataset indices of the images an extraction could not read (those with masks left out were read)."""
+        return [r[0] for r in self.conn.execute(
+            "SELECT i.idx FROM image_problems p JOIN images i ON i.id=p.image_id"
+            " WHERE p.run_id=? AND substr(p.problem, 1, ?) != ? ORDER BY i.idx",
+            (run_id, len(MASKS_LEFT_OUT), MASKS_LEFT_OUT))]
+
     # ---- layer statistics of extraction runs ---------------------------------------------------------------
     def add_layer_stats(
         self, *, run_id: int, layer_id: int, array_dir: str, quantiles: Sequence[float], quantile_method: str,
@@ -851,3 +912,21 @@ class Project:
             "labels": count("labels"),
             "annotations": count("annotations"),
         }
+
+
+class SharedReader:
+    """One read-only connection to a project, lent to one background thread at a time: the window's loaders read
+    through it instead of opening (and possibly writing to) the project on every click."""
+
+    def __init__(self, path: str | Path):
+        self._project = Project.open(path, readonly=True)
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[Project]:
+        with self._lock:
+            yield self._project
+
+    def close(self) -> None:
+        with self._lock:
+            self._project.close()

@@ -155,6 +155,7 @@ class MainWindow(QMainWindow):
         self.manager = JobManager(self.prefs.parallel_jobs, self, in_process=in_process)
         self.project: Any = None  # app.project.store.Project of this (the window's) thread
         self.project_path: Path | None = None
+        self.reader: Any = None  # app.project.store.SharedReader for the pool's loaders
         self.board: Any = None  # the naming board window, while open
         self.model_id: int | None = None
         self.layer_id: int | None = None
@@ -454,7 +455,7 @@ class MainWindow(QMainWindow):
         return self.open_project(chosen) if chosen else False
 
     def open_project(self, path: str | Path) -> bool:
-        from app.project.store import Project
+        from app.project.store import Project, SharedReader
 
         path = Path(path)
         if path.is_file() and path.name == "project.sqlite":
@@ -470,6 +471,7 @@ class MainWindow(QMainWindow):
         if self.project is not None:
             self.close_project()
         self.project = project
+        self.reader = SharedReader(path)
         self.project_path = path.resolve()
         self.recent.add(self.project_path)
         self.prefs.last_folder = str(self.project_path.parent)
@@ -511,7 +513,10 @@ class MainWindow(QMainWindow):
             self.board.close()
         if self.project is not None:
             self.project.close()
+        if self.reader is not None:
+            self.reader.close()
         self.project = None
+        self.reader = None
         self.project_path = None
         self.model_id = None
         self.layer_id = None
@@ -853,7 +858,7 @@ class MainWindow(QMainWindow):
     # ---- browsing ------------------------------------------------------------------------------------------
     def show_layer(self, layer_id: int, keep_unit: int | None = None) -> None:
         """Load a layer's unit table and extraction on the pool, then show them."""
-        if self.project_path is None:
+        if self.reader is None:
             return
         self._layer_token += 1
         token = self._layer_token
@@ -863,12 +868,10 @@ class MainWindow(QMainWindow):
             self.units.layer_combo.blockSignals(True)
             self.units.layer_combo.setCurrentIndex(i)
             self.units.layer_combo.blockSignals(False)
-        path = self.project_path
+        reader = self.reader
 
         def load() -> tuple[uidata.UnitTable, uidata.LayerView]:
-            from app.project.store import Project
-
-            with Project.open(path) as project:
+            with reader.use() as project:
                 return uidata.load_unit_table(project, layer_id), uidata.LayerView.load(project, layer_id)
 
         def got(value: tuple[uidata.UnitTable, uidata.LayerView]) -> None:
@@ -949,6 +952,9 @@ class MainWindow(QMainWindow):
         if self.project is not None:
             self.project.close()
             self.project = None
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
         event.accept()
 
 
