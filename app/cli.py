@@ -11,32 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import NeuronStudioError
+from app.logs import log_file, setup_logging
+from labelers.errors import UserError
 
 log = logging.getLogger("neuron_studio")
 
 SUBCOMMANDS = ("demo", "new", "add-model", "add-dataset", "extract", "label", "export", "import", "info", "methods",
                "open")
-
-
-def _log_file() -> Path:
-    from platformdirs import user_log_dir
-
-    d = Path(user_log_dir("neuron-studio", appauthor=False))
-    d.mkdir(parents=True, exist_ok=True)
-    return d / "neuron-studio.log"
-
-
-def _setup_logging(verbose: bool) -> None:
-    handlers: list[logging.Handler] = []
-    try:
-        handlers.append(logging.FileHandler(_log_file(), encoding="utf-8"))
-    except OSError:
-        pass
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    handlers.append(console)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
 
 
 # ---- progress ---------------------------------------------------------------------------------------------------
@@ -181,7 +162,7 @@ def cmd_label(args: argparse.Namespace) -> int:
                     raise
                 print(f"{method} on {layer}: skipped: {exc}")
                 continue
-            except (NeuronStudioError, lb.LabelerError) as exc:
+            except UserError as exc:
                 if len(methods) * len(layers) == 1:
                     raise
                 failures += 1
@@ -389,24 +370,25 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["open"]
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     try:
         return int(args.fn(args) or 0)
     except KeyboardInterrupt:
         print("cancelled; run the same command again to resume", file=sys.stderr)
         return 130
     except Exception as exc:
-        from labelers.base import Cancelled, LabelerError
+        from labelers.base import Cancelled
+        from labelers.errors import UserError
 
         if isinstance(exc, Cancelled):
             print("cancelled; run the same command again to resume", file=sys.stderr)
             return 130
-        if isinstance(exc, (NeuronStudioError, LabelerError)):
+        if isinstance(exc, UserError):
             log.info("error", exc_info=True)
             print(f"error: {exc}", file=sys.stderr)
             return 2
         log.exception("unexpected error")
-        print(f"error: unexpected {type(exc).__name__}: {exc} (details in {_log_file()})", file=sys.stderr)
+        print(f"error: unexpected {type(exc).__name__}: {exc} (details in {log_file()})", file=sys.stderr)
         return 3
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from labelers.errors import UserError
 
-class NeuronStudioError(Exception):
+
+class NeuronStudioError(UserError):
     def __init__(self, problem: str, *, file: str | Path | None = None, fix: str | None = None):
         self.problem = problem
         self.file = str(file) if file is not None else None

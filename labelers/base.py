@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from labelers.errors import UserError
+
 if TYPE_CHECKING:  # torch is imported by the methods themselves: the window must start without it
     import torch
 
@@ -20,7 +22,7 @@ class Cancelled(Exception):
     """Raised from `Progress.update` when the user asked the running job to stop."""
 
 
-class LabelerError(Exception):
+class LabelerError(UserError):
     """A problem the user can fix; the message says what is wrong and what to do."""
 
 

@@ -18,8 +18,9 @@ import sys
 import threading
 from typing import Any
 
-from app.errors import NeuronStudioError
-from labelers.base import Cancelled, LabelerError
+from app.logs import log_file, setup_child_logging
+from labelers.base import Cancelled
+from labelers.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,10 @@ def warm_up() -> None:
 
 def readable_error(exc: BaseException) -> str:
     """What the window shows for an exception: the message of errors a user can cause, a short line otherwise."""
-    if isinstance(exc, (NeuronStudioError, LabelerError)):
+    if isinstance(exc, UserError):
         return str(exc)
     try:
-        from app.cli import _log_file
-
-        where = f" (details in {_log_file()})"
+        where = f" (details in {log_file()})"
     except OSError:
         where = ""
     return f"unexpected {type(exc).__name__}: {exc}{where}"
@@ -76,18 +75,6 @@ def picklable(value: Any) -> bool:
     return True
 
 
-def _setup_child_logging() -> None:
-    handlers: list[logging.Handler] = []
-    try:
-        from app.cli import _log_file
-
-        handlers.append(logging.FileHandler(_log_file(), encoding="utf-8"))
-    except OSError:
-        handlers.append(logging.StreamHandler(sys.stderr))
-    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
-                        format=f"%(asctime)s %(levelname)s run[{os.getpid()}] %(name)s: %(message)s")
-
-
 def child_main(job: Any, out: Any, stop: Any) -> None:
     """Entry point of a run's process: `out` carries its messages to the window, `stop` a request to cancel (or
     an EOF when the window's side closed it or died)."""
@@ -95,7 +82,7 @@ def child_main(job: Any, out: Any, stop: Any) -> None:
 
     # No lower CPU priority (nice) here: measured, it doubled runs' time on a shared machine and gained the window
     # little once the run was out of its process.
-    _setup_child_logging()
+    setup_child_logging()
     progress = JobProgress()
     run_id = lambda: getattr(job, "run_id", None)  # noqa: E731
     sending = threading.Lock()  # progress may be reported from several of the job's threads
@@ -121,7 +108,7 @@ def child_main(job: Any, out: Any, stop: Any) -> None:
         result = job.execute(progress)
     except Cancelled:
         final: tuple[Any, ...] = ("cancelled", None, run_id())
-    except (NeuronStudioError, LabelerError) as exc:
+    except UserError as exc:
         log.info("run %s failed: %s", job.title, exc, exc_info=True)
         final = ("failed", readable_error(exc), run_id())
     except BaseException as exc:  # the window must hear of it, whatever went wrong

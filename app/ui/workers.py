@@ -21,10 +21,10 @@ from typing import Any
 import shiboken6
 from PySide6.QtCore import QObject, QRunnable, QThread, QThreadPool, Signal, Slot
 
-from app.errors import NeuronStudioError
 from app.jobs import JobProgress, ProgressInfo, format_seconds
 from app.ui.jobproc import picklable, readable_error
-from labelers.base import Cancelled, LabelerError
+from labelers.base import Cancelled
+from labelers.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class JobThread(QThread):
         except Cancelled:
             log.info("job %s cancelled", self.job.title)
             self.cancelled.emit()
-        except (NeuronStudioError, LabelerError) as exc:
+        except UserError as exc:
             log.info("job %s failed: %s", self.job.title, exc, exc_info=True)
             self.failed.emit(readable_error(exc))
         except BaseException as exc:  # the thread must report, whatever went wrong
@@ -415,7 +415,7 @@ class _Call(QRunnable):
         try:
             out = (True, self.fn())
         except BaseException as exc:
-            if not isinstance(exc, (NeuronStudioError, LabelerError)):
+            if not isinstance(exc, UserError):
                 log.exception("background call failed")
             out = (False, exc)
         try:

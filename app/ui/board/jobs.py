@@ -10,9 +10,9 @@ from typing import Any
 import shiboken6
 from PySide6.QtCore import QObject, QThread, Signal
 
-from app.errors import NeuronStudioError
 from app.jobs import JobProgress, ProgressInfo
-from labelers.base import Cancelled, LabelerError
+from labelers.base import Cancelled
+from labelers.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class JobThread(QThread):
             result = self.job.execute(self.progress)
         except Cancelled:
             self.cancelled.emit()
-        except (NeuronStudioError, LabelerError) as exc:
+        except UserError as exc:
             log.info("%s failed: %s", self.job.title, exc)
             self.failed.emit(str(exc))
         except BaseException as exc:  # the thread must report whatever went wrong; the traceback goes to the log

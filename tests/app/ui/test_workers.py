@@ -166,7 +166,7 @@ def test_a_run_cancels_itself_when_the_window_side_goes_away(monkeypatch):
 
     from app.ui import jobproc
 
-    monkeypatch.setattr(jobproc, "_setup_child_logging", lambda: None)  # a child's logging, not this process's
+    monkeypatch.setattr(jobproc, "setup_child_logging", lambda: None)  # a child's logging, not this process's
     child_main = jobproc.child_main
     messages, child_out = mp.Pipe(duplex=False)
     child_stop, stop = mp.Pipe(duplex=False)
