@@ -229,9 +229,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         for r in project.runs():
             if r.status != "done":
                 print(f"  run {r.id} {r.kind} {r.method or ''} {r.status}: {r.error or r.message}")
-        for r in project.all("SELECT l.name AS layer, lb.method, COUNT(DISTINCT lb.unit_id) AS units, COUNT(*) AS n"
-                             " FROM labels lb JOIN units u ON u.id=lb.unit_id JOIN layers l ON l.id=u.layer_id"
-                             " GROUP BY l.id, lb.method ORDER BY l.position, lb.method"):
+        for r in project.label_counts():
             print(f"  labels {r['layer']:<30} {r['method']:<14} {r['units']:>5} units {r['n']:>7} labels")
         print(f"labels: {s['labels']}, annotations: {s['annotations']}")
     return 0

@@ -32,7 +32,7 @@ def add_model(project: Project, spec: str, weights: str | Path | None = None, *,
     if name is None:
         base = Path(weights).stem if weights else spec.split(":", 1)[-1].rstrip("/").split("/")[-1]
         name = base or spec
-        taken = {r["name"] for r in project.all("SELECT name FROM models")}
+        taken = {r["name"] for r in project.models()}
         i = 2
         while name in taken:
             name = f"{base}-{i}"
@@ -81,7 +81,7 @@ def add_dataset(project: Project, path: str | Path, *, name: str | None = None, 
     if name is None:
         base = Path(path).resolve().name or "dataset"
         name = base
-        taken = {r["name"] for r in project.all("SELECT name FROM datasets")}
+        taken = {r["name"] for r in project.datasets()}
         i = 2
         while name in taken:
             name = f"{base}-{i}"

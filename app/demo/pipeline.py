@@ -85,9 +85,9 @@ class DemoJob:
 
         project_dir = out / PROJECT_NAME
         with Project.open_or_create(project_dir) as project:
-            if not project.all("SELECT id FROM models"):
+            if not project.models():
                 add_model(project, "builtin:shapes_cnn", weights, name="shapes_cnn")
-            if not project.all("SELECT id FROM datasets"):
+            if not project.datasets():
                 add_dataset(project, data_dir, name="shapes")
             model = project.model()
             layers = demo_layers(project, model["id"])

@@ -25,11 +25,11 @@ class LayerResults:
     @classmethod
     def load(cls, project: Project, layer_id: int, run_id: int | None = None) -> "LayerResults":
         stats = project.layer_stats(layer_id, run_id)
-        layer = project.one("SELECT * FROM layers WHERE id=?", (layer_id,))
+        layer = project.layer_by_id(layer_id)
         if stats is None or layer is None:
             name = layer["name"] if layer else f"#{layer_id}"
             raise JobError(f"layer {name} has not been extracted yet", fix="run `neuron-studio extract` on it first")
-        layer["grid"] = tuple(json.loads(layer["grid"])) if layer["grid"] else (1, 1)
+        layer["grid"] = layer["grid"] or (1, 1)
         return cls(project.path, layer, stats, tuple(project.unread_images(int(stats["run_id"]))))
 
     @property

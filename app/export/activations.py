@@ -48,8 +48,7 @@ def write_activations(ctx: ExportContext) -> dict[str, Any]:
         w.writerow(["dataset", "index", "key", "width", "height"])
         for ds_id in datasets:
             name = project.dataset(ds_id)["name"]
-            for r in project.all("SELECT idx, key, width, height FROM images WHERE dataset_id=? ORDER BY idx",
-                                 (ds_id,)):
+            for r in project.images(ds_id):
                 w.writerow([name, r["idx"], r["key"], r["width"] or "", r["height"] or ""])
     unit_rows = []
     files: list[str] = []

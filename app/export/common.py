@@ -2,7 +2,6 @@
 and thresholds from an extraction."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -14,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from app.errors import DatasetError, JobError
+from app.project import naming as naming_store
 from app.project.store import Project
 from labelers.base import Param
 
@@ -53,8 +53,7 @@ class LayerRef:
 def layer_refs(project: Project, model: str | None = None, layers: list[str] | None = None,
                with_units: bool = True) -> list[LayerRef]:
     """The layers to export, in model then layer order. Unknown names are refused, naming the known ones."""
-    models = [project.model(model)] if model else [project.model(r["id"]) for r in
-                                                    project.all("SELECT id FROM models ORDER BY id")]
+    models = [project.model(model)] if model else [project.model(r["id"]) for r in project.models()]
     out: list[LayerRef] = []
     found: set[str] = set()
     for m in models:
@@ -100,8 +99,7 @@ class Images:
     def dataset(self, dataset_id: int) -> dict[str, Any]:
         if dataset_id not in self._ds:
             ds = self.project.dataset(dataset_id)
-            rows = self.project.all("SELECT idx, key, width, height FROM images WHERE dataset_id=? ORDER BY idx",
-                                    (dataset_id,))
+            rows = self.project.images(dataset_id)
             ds["keys"] = [r["key"] for r in rows]
             ds["sizes"] = [(r["width"], r["height"]) for r in rows]
             ds["image_root"] = _image_root(ds)
@@ -243,25 +241,9 @@ class Exemplars:
                 for r in range(n) if math.isfinite(scores[r]) and bool(valid[int(idx[r])])]
 
 
-def label_run_sources(project: Project) -> dict[int, int | None]:
-    """label run id -> the extraction run it was computed from."""
-    return {r["id"]: r["source_run_id"] for r in project.all("SELECT id, source_run_id FROM runs WHERE kind='label'")}
-
-
 def group_rows(project: Project, layer_ids: list[int] | None = None) -> list[dict[str, Any]]:
     """Every member of every named (not 'unclear') group: group, annotator, pool, map position, image, unit."""
-    sql = (
-        "SELECT g.id AS group_id, g.name, g.position AS group_position, an.name AS annotator, p.id AS pool_id,"
-        " p.name AS pool, p.kind AS pool_kind, p.params AS pool_params, p.layer_id, pm.position AS map_position,"
-        " pm.score, i.dataset_id, i.idx AS image_index, u.idx AS unit"
-        " FROM groups g JOIN pools p ON p.id=g.pool_id JOIN annotators an ON an.id=g.annotator_id"
-        " JOIN group_members gm ON gm.group_id=g.id JOIN pool_maps pm ON pm.id=gm.map_id"
-        " JOIN images i ON i.id=pm.image_id JOIN units u ON u.id=pm.unit_id"
-        " WHERE g.is_unclear=0 ORDER BY p.id, an.name, g.position, g.id, pm.position"
-    )
-    rows = project.all(sql)
-    for r in rows:
-        r["pool_params"] = json.loads(r["pool_params"] or "{}")
+    rows = naming_store.group_members(project)
     if layer_ids is not None:
         rows = [r for r in rows if r["layer_id"] in layer_ids]
     return rows

@@ -21,7 +21,8 @@ import numpy as np
 
 from app.export.base import split_names
 from app.export.common import ANNOTATORS, EXEMPLARS, LAYERS, METHODS, MODEL, QUANTILE, Exemplars, Images, LayerRef, \
-    PoolMaps, group_rows, label_run_sources, layer_refs, safe_name
+    PoolMaps, group_rows, layer_refs, safe_name
+from app.project.labels import label_run_sources
 from app.project.store import Project
 from labelers.base import Param
 
@@ -135,11 +136,8 @@ class ConceptSets:
                 for ex in self.exemplars.of_unit(ref.layer_id, lab["unit"], k, origin.get(lab["run_id"])):
                     self._add(concept, self._member(ref, ex), lab["method"], None, lab["score"])
         if "names" in sources:
-            for a in self.project.all(
-                "SELECT u.layer_id, u.idx AS unit, a.text, an.name AS annotator FROM annotations a"
-                " JOIN annotators an ON an.id=a.annotator_id JOIN units u ON u.id=a.unit_id"
-                " WHERE a.kind='name' ORDER BY u.layer_id, u.idx, an.name"
-            ):
+            names = [a for a in self.project.annotations() if a["kind"] == "name"]
+            for a in sorted(names, key=lambda a: (a["layer_id"], a["unit"], a["annotator"])):
                 ref = refs.get(a["layer_id"])
                 if ref is None or (annotators and a["annotator"] not in annotators) or not a["text"].strip():
                     continue

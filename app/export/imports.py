@@ -19,6 +19,8 @@ import numpy as np
 
 from app.errors import ProjectError
 from app.export.tables import read_table
+from app.project import labels as label_store
+from app.project import naming as naming_store
 from app.project.store import Project, now
 from labelers.base import Label
 
@@ -35,7 +37,7 @@ class _Layers:
     def __init__(self, project: Project, path: Path, model: str | int | None):
         self.project = project
         self.path = path
-        self.models = project.all("SELECT id, name FROM models ORDER BY id")
+        self.models = project.models()
         if not self.models:
             raise ProjectError("the project has no model to import into", file=project.path,
                                fix="add the model the file was made with (`neuron-studio add-model`)")
@@ -112,9 +114,8 @@ def _content(labels: list[Label]) -> str:
 def _have_labels(project: Project, layer_id: int, method: str, content: str) -> bool:
     """Whether a finished run of this layer and method holds exactly these labels (the project's own export
     imported back into it adds nothing)."""
-    for run in project.all("SELECT id FROM runs WHERE kind='label' AND status='done' AND layer_id=? AND method=?",
-                           (layer_id, method)):
-        rows = project.labels(run_id=run["id"])
+    for run_id in label_store.label_runs(project, layer_id, method):
+        rows = project.labels(run_id=run_id)
         have = [Label(unit=r["unit"], rank=r["rank"], text=r["label"], score=r["score"], p_value=r["p_value"],
                       formula=r["formula"], category=r["category"], extra=r["extra"]) for r in rows]
         if _content(have) == content:
@@ -141,31 +142,21 @@ def _import_labels(project: Project, path: Path, rows: list[dict[str, Any]], mod
                       for _, r in items]
             content = _content(labels)
             key = "import:" + hashlib.sha256(f"{layer_id}\0{method}\0{source_run}\0{content}".encode()).hexdigest()
-            if project.one("SELECT id FROM runs WHERE kind='label' AND key=? AND status='done'", (key,)) or \
-                    _have_labels(project, layer_id, method, content):
+            if project.finished_run("label", key) or _have_labels(project, layer_id, method, content):
                 log.info("labels of run %s (%s) are already in the project", source_run, method)
                 continue
-            extraction = project.one(
-                "SELECT s.run_id, r.dataset_id FROM layer_stats s JOIN runs r ON r.id=s.run_id"
-                " WHERE s.layer_id=? AND r.status='done' ORDER BY s.run_id DESC LIMIT 1", (layer_id,))
+            extraction = project.layer_stats(layer_id)
             # Keep the source's run id where it is free, so that run_id reads the same in both projects.
-            keep_id = (isinstance(source_run, int) and source_run > 0
-                       and project.one("SELECT id FROM runs WHERE id=?", (source_run,)) is None)
-            params = {"imported_from": str(path), "source_run_id": source_run}
-            stamp = now()
-            cols = ("kind", "key", "model_id", "dataset_id", "layer_id", "source_run_id", "method", "params",
-                    "status", "done", "total", "message", "created_at", "started_at", "finished_at")
-            values = ("label", key, model_id, extraction["dataset_id"] if extraction else None, layer_id,
-                      extraction["run_id"] if extraction else None, method, json.dumps(params, sort_keys=True),
-                      "done", len(labels), len(labels), f"imported {len(labels)} labels", stamp, stamp, stamp)
-            if keep_id:
-                project.conn.execute(f"INSERT INTO runs (id, {', '.join(cols)}) VALUES (?{', ?' * len(cols)})",
-                                     (source_run, *values))
-                run_id = int(source_run)
-            else:
-                run_id = int(project.conn.execute(
-                    f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", values).lastrowid)
+            keep_id = source_run if isinstance(source_run, int) and not isinstance(source_run, bool) \
+                and source_run > 0 else None
+            run_id = project.create_run(
+                kind="label", key=key, params={"imported_from": str(path), "source_run_id": source_run},
+                model_id=model_id, dataset_id=extraction["dataset_id"] if extraction else None, layer_id=layer_id,
+                source_run_id=extraction["run_id"] if extraction else None, method=method, run_id=keep_id)
+            project.start_run(run_id)
             project.replace_labels(run_id, layer_id, method, labels)
+            project.update_run(run_id, done=len(labels), total=len(labels))
+            project.finish_run(run_id, "done", message=f"imported {len(labels)} labels")
             added += len(labels)
     return added
 
@@ -198,52 +189,41 @@ def _import_annotations(project: Project, path: Path, rows: list[dict[str, Any]]
             annotator_ids[name] = project.annotator(name)
         return annotator_ids[name]
 
-    with project.transaction() as conn:
+    with project.transaction():
         for _, r, unit_id in unit_rows:
             aid = annotator(str(r["annotator"]))
             if r["kind"] == "description":
-                if project.one("SELECT id FROM annotations WHERE annotator_id=? AND unit_id=? AND kind='description'"
-                               " AND text=? AND created_at=?", (aid, unit_id, r["text"], r["created_at"])):
+                if naming_store.has_description(project, aid, unit_id, r["text"], r["created_at"]):
                     continue
             else:
-                old = project.one("SELECT id, text, updated_at FROM annotations WHERE annotator_id=? AND unit_id=?"
-                                  " AND kind='name'", (aid, unit_id))
+                old = naming_store.name_annotation(project, aid, unit_id)
                 if old is not None:
                     # One name per annotator and unit: the newer one wins, as if both had been typed here.
                     if old["text"] != r["text"] and str(r["updated_at"]) > old["updated_at"]:
-                        conn.execute("UPDATE annotations SET text=?, created_at=?, updated_at=? WHERE id=?",
-                                     (r["text"], r["created_at"], r["updated_at"], old["id"]))
+                        naming_store.import_annotation(project, aid, unit_id, "name", r["text"], r["created_at"],
+                                                       r["updated_at"], replace_id=old["id"])
                         added += 1
                     continue
-            conn.execute("INSERT INTO annotations (annotator_id, unit_id, kind, text, created_at, updated_at)"
-                         " VALUES (?,?,?,?,?,?)", (aid, unit_id, r["kind"], r["text"], r["created_at"],
-                                                   r["updated_at"]))
+            naming_store.import_annotation(project, aid, unit_id, r["kind"], r["text"], r["created_at"],
+                                           r["updated_at"])
             added += 1
         for (model_id, layer_id, pool_name, pool_kind), items in pools.items():
             added += _import_groups(project, path, layer_id, pool_name, pool_kind, items, annotator)
     return added
 
 
-def _pool_maps(project: Project, pool_id: int) -> dict[tuple[str, int], int]:
-    return {(r["key"], r["idx"]): r["id"] for r in project.all(
-        "SELECT pm.id, i.key, u.idx FROM pool_maps pm JOIN images i ON i.id=pm.image_id"
-        " JOIN units u ON u.id=pm.unit_id WHERE pm.pool_id=?", (pool_id,))}
-
-
 def _import_groups(project: Project, path: Path, layer_id: int, pool_name: str, pool_kind: str,
                    items: list[tuple[int, dict[str, Any]]], annotator: Any) -> int:
-    conn = project.conn
     pairs = [(r["image"], int(r["unit"])) for _, r in items if r.get("image") is not None]
     pool_id = None
-    for p in project.all("SELECT id FROM pools WHERE layer_id=? AND name=? AND kind=? ORDER BY id",
-                         (layer_id, pool_name, pool_kind)):
-        if set(pairs) <= set(_pool_maps(project, p["id"])):
-            pool_id = p["id"]
+    for candidate in naming_store.find_pools(project, layer_id, pool_name, pool_kind):
+        if set(pairs) <= set(naming_store.pool_map_ids(project, candidate)):
+            pool_id = candidate
             break
-    layer_name = project.one("SELECT name FROM layers WHERE id=?", (layer_id,))["name"]
+    layer_name = project.layer_by_id(layer_id)["name"]
     if pool_id is None:
         pool_id = _make_unit_pool(project, path, layer_id, layer_name, pool_name, pool_kind, items)
-    maps = _pool_maps(project, pool_id)
+    maps = naming_store.pool_map_ids(project, pool_id)
     added = 0
     groups: OrderedDict[tuple[Any, ...], list[dict[str, Any]]] = OrderedDict()
     for _, r in items:
@@ -251,29 +231,15 @@ def _import_groups(project: Project, path: Path, layer_id: int, pool_name: str, 
                            bool(r.get("unclear"))), []).append(r)
     for (who, position, name, created, updated, unclear), members in groups.items():
         aid = annotator(str(who))
-        row = project.one("SELECT id FROM groups WHERE pool_id=? AND annotator_id=? AND name=? AND position=?"
-                          " AND is_unclear=?", (pool_id, aid, name, position, int(unclear)))
-        if row is None:
-            gid = int(conn.execute(
-                "INSERT INTO groups (pool_id, annotator_id, name, is_unclear, position, created_at, updated_at)"
-                " VALUES (?,?,?,?,?,?,?)", (pool_id, aid, name, int(unclear), position, created, updated)).lastrowid)
-            if not any(m.get("image") is not None for m in members):
-                added += 1  # an empty group is one row of the table
-        else:
-            gid = int(row["id"])
+        gid, created_now = naming_store.import_group(project, pool_id, aid, name, position, unclear, created, updated)
+        if created_now and not any(m.get("image") is not None for m in members):
+            added += 1  # an empty group is one row of the table
         for m in members:
             if m.get("image") is None:
                 continue
             map_id = maps[(m["image"], int(m["unit"]))]
-            current = project.one("SELECT group_id FROM group_members WHERE map_id=? AND annotator_id=?",
-                                  (map_id, aid))
-            if current is not None and current["group_id"] == gid:
-                continue
-            if current is not None:  # a map sits in one group per annotator: the imported board wins
-                conn.execute("DELETE FROM group_members WHERE map_id=? AND annotator_id=?", (map_id, aid))
-            conn.execute("INSERT INTO group_members (group_id, map_id, annotator_id, added_at) VALUES (?,?,?,?)",
-                         (gid, map_id, aid, m.get("added_at") or now()))
-            added += 1
+            if naming_store.import_member(project, gid, map_id, aid, m.get("added_at") or now()):
+                added += 1
     return added
 
 
@@ -315,9 +281,7 @@ def _make_unit_pool(project: Project, path: Path, layer_id: int, layer_name: str
         units.append(unit)
         scores.append(score)
         maps.append(np.asarray(res.topk_maps[unit, int(hit[0])], dtype=np.float16))
-    from app import naming
-
-    return naming.write_pool(
+    return naming_store.write_pool(
         project, name=pool_name, kind="unit", layer_id=layer_id, source_run_id=res.run_id, dataset_id=dataset_id,
         image_index=np.asarray(image_idx, dtype=np.int64), unit=np.asarray(units, dtype=np.int64),
         score=np.asarray(scores, dtype=np.float64), maps=np.stack(maps) if maps else np.zeros((0, 1, 1), np.float16),
@@ -385,16 +349,14 @@ def import_milan(project: Project, json_path: str | Path, model: str | int | Non
         unit_id = project.unit_ids(layers[layer]["id"])[unit]
         todo.extend((unit_id, str(w or default_annotator), t.strip()) for t, w in zip(texts, who) if t.strip())
     added = 0
-    with project.transaction() as conn:
+    with project.transaction():
         ids: dict[str, int] = {}
         for unit_id, who, text in todo:
             if who not in ids:
                 ids[who] = project.annotator(who)
-            if project.one("SELECT id FROM annotations WHERE annotator_id=? AND unit_id=? AND kind='description'"
-                           " AND text=?", (ids[who], unit_id, text)):
+            if naming_store.has_description(project, ids[who], unit_id, text):
                 continue
             stamp = now()
-            conn.execute("INSERT INTO annotations (annotator_id, unit_id, kind, text, created_at, updated_at)"
-                         " VALUES (?,?,?,?,?,?)", (ids[who], unit_id, "description", text, stamp, stamp))
+            naming_store.import_annotation(project, ids[who], unit_id, "description", text, stamp, stamp)
             added += 1
     return added

@@ -36,11 +36,8 @@ def write_milan(ctx: ExportContext) -> dict[str, Any]:
     annotators = split_names(opts["annotators"])
     kinds = ("description", "name") if opts["include_names"] else ("description",)
     texts: dict[tuple[int, int], list[tuple[str, str]]] = {}
-    for r in project.all(
-        "SELECT u.layer_id, u.idx AS unit, a.text, an.name AS annotator, a.kind FROM annotations a"
-        " JOIN annotators an ON an.id=a.annotator_id JOIN units u ON u.id=a.unit_id"
-        " ORDER BY u.layer_id, u.idx, an.name, a.created_at, a.id"
-    ):
+    for r in sorted(project.annotations(),
+                    key=lambda a: (a["layer_id"], a["unit"], a["annotator"], a["created_at"], a["id"])):
         if r["kind"] in kinds and (annotators is None or r["annotator"] in annotators):
             texts.setdefault((r["layer_id"], r["unit"]), []).append((r["text"], r["annotator"]))
     ex = Exemplars(project)

@@ -199,7 +199,7 @@ def write_html(ctx: ExportContext) -> dict[str, Any]:
     by_layer_labels: dict[int, dict[int, dict[str, list[dict[str, Any]]]]] = {}
     for r in labels_all:
         by_layer_labels.setdefault(r["layer_id"], {}).setdefault(r["unit"], {}).setdefault(r["method"], []).append(r)
-    layer_of_unit = {r["id"]: r["layer_id"] for r in project.all("SELECT id, layer_id FROM units")}
+    layer_of_unit = project.unit_layers()
     by_layer_ann: dict[int, dict[int, list[dict[str, Any]]]] = {}
     for a in annotations:
         by_layer_ann.setdefault(layer_of_unit[a["unit_id"]], {}).setdefault(a["unit"], []).append(a)
@@ -281,9 +281,9 @@ def write_html(ctx: ExportContext) -> dict[str, Any]:
 def _overview(ctx: ExportContext, labels: list[dict[str, Any]], annotations: list[Any], exemplars: Exemplars) -> str:
     project = ctx.project
     rows = []
-    for m in project.all("SELECT id, name, spec, kind FROM models ORDER BY id"):
+    for m in project.models():
         rows.append(f"<tr><th>model</th><td>{_e(m['name'])}</td><td>{_e(m['spec'])} ({_e(m['kind'])})</td></tr>")
-    for d in project.all("SELECT name, format, num_images FROM datasets ORDER BY id"):
+    for d in project.datasets():
         rows.append(f"<tr><th>dataset</th><td>{_e(d['name'])}</td><td>{_e(d['format'])}, {d['num_images']} images"
                     "</td></tr>")
     runs = Counter((r.kind, r.status) for r in project.runs() if r.kind != "export")

@@ -22,6 +22,7 @@ from typing import Any
 
 from app.export.base import ExportContext, exporter, split_names
 from app.export.common import ANNOTATORS, LAYERS, METHODS, MODEL
+from app.project import naming as naming_store
 from app.project.store import Project
 from labelers.base import Param
 
@@ -53,7 +54,7 @@ def label_rows(project: Project, options: dict[str, Any]) -> list[dict[str, Any]
     methods = split_names(options.get("methods"))
     max_rank = int(options.get("max_rank") or 0) or None
     rows = project.labels(max_rank=max_rank, latest_only=bool(options.get("latest_only", True)))
-    position = {r["id"]: r["position"] for r in project.all("SELECT id, position FROM layers")}
+    position = {r["id"]: r["position"] for m in project.models() for r in project.layers(m["id"])}
     out = []
     for r in rows:
         if (model and r["model"] != model) or (layers and r["layer"] not in layers):
@@ -78,25 +79,17 @@ def annotation_rows(project: Project, options: dict[str, Any]) -> list[dict[str,
         raise JobError(f"no annotation kind {bad[0]!r}", fix=f"use some of: {', '.join(ANNOTATION_KINDS)}")
     rows: list[dict[str, Any]] = []
     if {"name", "description"} & set(kinds):
-        for r in project.all(
-            "SELECT m.name AS model, l.name AS layer, l.position, u.idx AS unit, a.kind, a.text, an.name AS annotator,"
-            " a.created_at, a.updated_at FROM annotations a JOIN annotators an ON an.id=a.annotator_id"
-            " JOIN units u ON u.id=a.unit_id JOIN layers l ON l.id=u.layer_id JOIN models m ON m.id=l.model_id"
-            " ORDER BY m.name, l.position, u.idx, a.kind, an.name, a.created_at, a.id"
-        ):
+        annotations = [{k: a[k] for k in ("model", "layer", "position", "unit", "kind", "text", "annotator",
+                                          "created_at", "updated_at", "id")} for a in project.annotations()]
+        annotations.sort(key=lambda a: (a["model"], a["position"], a["unit"], a["kind"], a["annotator"],
+                                        a["created_at"], a["id"]))
+        for r in annotations:
+            del r["id"]
             if r["kind"] in kinds:
                 rows.append(r | {"_order": (r["model"], r["position"], 0, r["unit"], r["kind"], r["annotator"],
                                             r["created_at"], "", 0, "")})
     if "group" in kinds:
-        for r in project.all(
-            "SELECT m.name AS model, l.name AS layer, l.position, u.idx AS unit, g.name AS text, an.name AS annotator,"
-            " g.created_at, g.updated_at, p.name AS pool, p.kind AS pool_kind, g.position AS group_position,"
-            " g.is_unclear AS unclear, i.key AS image, pm.score AS map_score, gm.added_at"
-            " FROM groups g JOIN pools p ON p.id=g.pool_id JOIN layers l ON l.id=p.layer_id"
-            " JOIN models m ON m.id=l.model_id JOIN annotators an ON an.id=g.annotator_id"
-            " LEFT JOIN group_members gm ON gm.group_id=g.id LEFT JOIN pool_maps pm ON pm.id=gm.map_id"
-            " LEFT JOIN units u ON u.id=pm.unit_id LEFT JOIN images i ON i.id=pm.image_id"
-        ):
+        for r in naming_store.group_table(project):
             r["kind"] = "group"
             r["unclear"] = bool(r["unclear"])
             # Groups come after the unit rows of their layer, ordered by pool, board and map (image, unit):

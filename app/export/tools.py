@@ -17,6 +17,7 @@ from typing import Any
 from app.errors import JobError
 from app.export.base import ExportContext, exporter, split_names
 from app.export.common import LAYERS, MODEL, layer_refs
+from app.project.labels import labeled_layers
 from app.project.store import Project
 from labelers.base import Param
 
@@ -33,8 +34,7 @@ MAX_RANK1 = Param("max_rank", int, 1, "labels of rank <= this per unit", minimum
 def _one_layer(project: Project, model: str | None, layer: str, method: str) -> dict[str, Any]:
     """The layer to write: the named one, or the only one with labels of `method`."""
     refs = layer_refs(project, model or None, [layer] if layer else None)
-    labeled = {r["layer_id"] for r in project.all(
-        "SELECT DISTINCT layer_id FROM runs WHERE kind='label' AND status='done' AND method=?", (method,))}
+    labeled = labeled_layers(project, method)
     have = [r for r in refs if r.layer_id in labeled]
     if layer:
         if not have:

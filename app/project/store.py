@@ -553,6 +553,27 @@ class Project:
             fix=f"pick one of: {', '.join(close[:30])}{' ...' if len(close) > 30 else ''}",
         )
 
+    def models(self) -> list[dict[str, Any]]:
+        """Every model row (id, name, spec, kind, weights_path, ...), in the order they were added."""
+        return self.all("SELECT id, name, spec, kind, weights_path, fingerprint, trust_code, added_at FROM models"
+                        " ORDER BY id")
+
+    def layer_by_id(self, layer_id: int) -> dict[str, Any] | None:
+        """A layers row (shape and grid decoded), or None."""
+        row = self.one("SELECT * FROM layers WHERE id=?", (layer_id,))
+        if row is not None:
+            row["shape"] = tuple(json.loads(row["shape"]))
+            row["grid"] = tuple(json.loads(row["grid"])) if row["grid"] else None
+        return row
+
+    def find_layer(self, model_id: int, name: str) -> dict[str, Any] | None:
+        """Like `layer`, but None where the model has no such layer."""
+        return next((r for r in self.layers(model_id) if r["name"] == name), None)
+
+    def unit_layers(self) -> dict[int, int]:
+        """unit id -> layer id, for every unit of the project."""
+        return dict(self.conn.execute("SELECT id, layer_id FROM units").fetchall())
+
     def unit_ids(self, layer_id: int) -> list[int]:
         return [r[0] for r in self.conn.execute("SELECT id FROM units WHERE layer_id=? ORDER BY idx", (layer_id,))]
 
@@ -612,6 +633,22 @@ class Project:
         row["report"] = json.loads(row["report"]) if row["report"] else None
         return row
 
+    def datasets(self) -> list[dict[str, Any]]:
+        """Every dataset row (id, name, format, root, num_images, has_masks, ...), in the order they were added."""
+        return self.all("SELECT id, name, format, root, fingerprint, num_images, has_masks, added_at FROM datasets"
+                        " ORDER BY id")
+
+    def images(self, dataset_id: int) -> list[dict[str, Any]]:
+        """The images of a dataset (idx, key, width, height), in index order."""
+        return self.all("SELECT idx, key, width, height FROM images WHERE dataset_id=? ORDER BY idx", (dataset_id,))
+
+    def text_counts(self, dataset_id: int) -> tuple[int, int]:
+        """(concepts, captions) of a dataset."""
+        concepts = self.conn.execute("SELECT COUNT(*) FROM concepts WHERE dataset_id=?", (dataset_id,)).fetchone()[0]
+        captions = self.conn.execute("SELECT COUNT(*) FROM captions c JOIN images i ON i.id=c.image_id"
+                                     " WHERE i.dataset_id=?", (dataset_id,)).fetchone()[0]
+        return int(concepts), int(captions)
+
     def image_keys(self, dataset_id: int) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT key FROM images WHERE dataset_id=? ORDER BY idx", (dataset_id,))]
 
@@ -661,12 +698,16 @@ class Project:
         source_run_id: int | None = None,
         method: str | None = None,
         status: str = "queued",
+        run_id: int | None = None,
     ) -> int:
+        """`run_id`: the id to give the run where it is free (an import keeps the source's run ids); else a new one."""
         with self.transaction():
+            if run_id is not None and self.conn.execute("SELECT 1 FROM runs WHERE id=?", (run_id,)).fetchone():
+                run_id = None
             cur = self.conn.execute(
-                "INSERT INTO runs (kind, key, model_id, dataset_id, layer_id, source_run_id, method, params, status,"
-                " pid, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (kind, key, model_id, dataset_id, layer_id, source_run_id, method, _json(params), status,
+                "INSERT INTO runs (id, kind, key, model_id, dataset_id, layer_id, source_run_id, method, params, status,"
+                " pid, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (run_id, kind, key, model_id, dataset_id, layer_id, source_run_id, method, _json(params), status,
                  os.getpid(), now()),
             )
             return int(cur.lastrowid)
@@ -703,6 +744,14 @@ class Project:
     def finished_run(self, kind: str, key: str) -> RunInfo | None:
         row = self.one("SELECT * FROM runs WHERE kind=? AND key=? AND status='done' ORDER BY id DESC LIMIT 1", (kind, key))
         return RunInfo.from_row(row) if row else None
+
+    def stopped_runs(self) -> list[RunInfo]:
+        """Runs that stopped before finishing and were not finished later: cancelled or interrupted ones, and failed
+        ones that had made progress (a run that failed at once, e.g. on a missing input, would only fail again)."""
+        rows = self.all(
+            "SELECT r.* FROM runs r WHERE (r.status IN ('cancelled','interrupted') OR (r.status='failed' AND r.done>0))"
+            " AND r.id = (SELECT MAX(x.id) FROM runs x WHERE x.key=r.key AND x.kind=r.kind) ORDER BY r.id")
+        return [RunInfo.from_row(r) for r in rows]
 
     def start_run(self, run_id: int) -> None:
         with self.transaction():
@@ -820,6 +869,12 @@ class Project:
             )
         return len(labels)
 
+    def label_counts(self) -> list[dict[str, Any]]:
+        """Per layer and method, how many units have labels and how many labels there are (every run)."""
+        return self.all("SELECT l.name AS layer, lb.method, COUNT(DISTINCT lb.unit_id) AS units, COUNT(*) AS n"
+                        " FROM labels lb JOIN units u ON u.id=lb.unit_id JOIN layers l ON l.id=u.layer_id"
+                        " GROUP BY l.id, lb.method ORDER BY l.position, lb.method")
+
     def labels(
         self, *, layer_id: int | None = None, method: str | None = None, run_id: int | None = None,
         max_rank: int | None = None, latest_only: bool = True,
@@ -890,7 +945,7 @@ class Project:
     def annotations(self, layer_id: int | None = None) -> list[dict[str, Any]]:
         sql = (
             "SELECT a.id, a.kind, a.text, a.created_at, a.updated_at, an.name AS annotator, u.idx AS unit,"
-            " l.name AS layer, m.name AS model, u.id AS unit_id FROM annotations a"
+            " l.name AS layer, m.name AS model, u.id AS unit_id, u.layer_id, l.position FROM annotations a"
             " JOIN annotators an ON an.id=a.annotator_id JOIN units u ON u.id=a.unit_id"
             " JOIN layers l ON l.id=u.layer_id JOIN models m ON m.id=l.model_id"
         )

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from app.project import labels as label_store
+from app.project.labels import latest_label_runs
 from app.project.store import Project
 
 log = logging.getLogger(__name__)
@@ -66,47 +68,27 @@ class UnitTable:
         return next((m for m in self.methods if m.method == name), None)
 
 
-def latest_label_runs(project: Project, layer_id: int) -> dict[str, int]:
-    """The newest finished labeling run per method of a layer (what `Project.labels(latest_only=True)` shows)."""
-    rows = project.all(
-        "SELECT method, MAX(id) AS run_id FROM runs WHERE kind='label' AND status='done' AND layer_id=?"
-        " GROUP BY method ORDER BY method",
-        (layer_id,),
-    )
-    return {r["method"]: int(r["run_id"]) for r in rows}
-
-
 def load_unit_table(project: Project, layer_id: int) -> UnitTable:
-    layer = project.one("SELECT id, name FROM layers WHERE id=?", (layer_id,))
+    layer = project.layer_by_id(layer_id)
     if layer is None:
         raise KeyError(layer_id)
-    unit_rows = project.conn.execute("SELECT id, idx FROM units WHERE layer_id=? ORDER BY idx", (layer_id,)).fetchall()
+    unit_rows = label_store.unit_indices(project, layer_id)
     n = len(unit_rows)
     unit_ids = np.fromiter((r[0] for r in unit_rows), dtype=np.int64, count=n)
     units = np.fromiter((r[1] for r in unit_rows), dtype=np.int64, count=n)
     pos = {int(i): k for k, i in enumerate(units)}
     names = [""] * n
     # Several annotators may name a unit: the most recent name is shown.
-    for idx, text in project.conn.execute(
-        "SELECT u.idx, a.text FROM annotations a JOIN units u ON u.id=a.unit_id WHERE u.layer_id=? AND a.kind='name'"
-        " ORDER BY a.updated_at, a.id",
-        (layer_id,),
-    ):
+    for idx, text in label_store.unit_names(project, layer_id):
         if idx in pos:
             names[pos[idx]] = text
     runs = latest_label_runs(project, layer_id)
     methods = [_method_column(project, method, run_id, pos, n) for method, run_id in runs.items()]
     haystack = [nm.lower() for nm in names]
-    if runs:
-        marks = ",".join("?" * len(runs))
-        for idx, texts in project.conn.execute(
-            f"SELECT u.idx, group_concat(lb.text, ' | ') FROM labels lb JOIN units u ON u.id=lb.unit_id"
-            f" WHERE lb.run_id IN ({marks}) GROUP BY u.idx",
-            tuple(runs.values()),
-        ):
-            k = pos.get(idx)
-            if k is not None and texts:
-                haystack[k] = f"{haystack[k]} | {texts.lower()}"
+    for idx, texts in label_store.label_texts(project, list(runs.values())):
+        k = pos.get(idx)
+        if k is not None and texts:
+            haystack[k] = f"{haystack[k]} | {texts.lower()}"
     return UnitTable(layer_id, layer["name"], units, unit_ids, names, methods, haystack)
 
 
@@ -118,12 +100,7 @@ def _method_column(project: Project, method: str, run_id: int, pos: dict[int, in
     flag_interp = np.zeros(n, dtype=np.int8) - 1  # -1: key absent
     flag_signif = np.zeros(n, dtype=np.int8) - 1
     has = np.zeros(n, dtype=bool)
-    rows = project.conn.execute(
-        "SELECT u.idx, lb.text, lb.score, lb.p_value, lb.category, json_extract(lb.extra, '$.interpretable'),"
-        " json_extract(lb.extra, '$.significant') FROM labels lb JOIN units u ON u.id=lb.unit_id"
-        " WHERE lb.run_id=? AND lb.rank=1",
-        (run_id,),
-    ).fetchall()
+    rows = label_store.top_labels(project, run_id)
     for idx, t, s, p, c, fi, fs in rows:
         k = pos.get(idx)
         if k is None:
@@ -195,13 +172,7 @@ def unit_labels(project: Project, layer_id: int, unit: int) -> dict[str, list[di
     runs = latest_label_runs(project, layer_id)
     if not runs:
         return {}
-    marks = ",".join("?" * len(runs))
-    rows = project.all(
-        f"SELECT lb.method, lb.rank, lb.text, lb.formula, lb.category, lb.score, lb.p_value, lb.extra"
-        f" FROM labels lb JOIN units u ON u.id=lb.unit_id WHERE u.layer_id=? AND u.idx=? AND lb.run_id IN ({marks})"
-        f" ORDER BY lb.method, lb.rank",
-        (layer_id, unit, *runs.values()),
-    )
+    rows = label_store.unit_label_rows(project, layer_id, unit, list(runs.values()))
     out: dict[str, list[dict[str, Any]]] = {m: [] for m in runs}
     for r in rows:
         r["extra"] = json.loads(r["extra"]) if r["extra"] else {}
@@ -351,16 +322,3 @@ class ImageSource:
         if concept not in cidx:
             return None
         return np.asarray(masks[cidx.index(concept)], dtype=bool)
-
-
-def resumable_runs(project: Project) -> list[Any]:
-    """Runs that stopped before finishing and were not finished later: cancelled or interrupted ones, and failed
-    ones that had made progress (a run that failed at once, e.g. on a missing input, would only fail again)."""
-    rows = project.all(
-        "SELECT r.* FROM runs r WHERE (r.status IN ('cancelled','interrupted') OR (r.status='failed' AND r.done>0))"
-        " AND r.id = (SELECT MAX(x.id) FROM runs x WHERE x.key=r.key AND x.kind=r.kind)"
-        " ORDER BY r.id"
-    )
-    from app.project.store import RunInfo
-
-    return [RunInfo.from_row(r) for r in rows]

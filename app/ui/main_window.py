@@ -560,7 +560,7 @@ class MainWindow(QMainWindow):
         if self.project is None:
             return
         p = self.project
-        models = p.all("SELECT id, name, spec FROM models ORDER BY id")
+        models = p.models()
         keep = self.model_id
         self.model_combo.blockSignals(True)
         self.model_combo.clear()
@@ -573,7 +573,7 @@ class MainWindow(QMainWindow):
             self.model_id = self.model_combo.currentData()
         else:
             self.model_id = None
-        datasets = p.all("SELECT id, name, format, num_images, has_masks FROM datasets ORDER BY id")
+        datasets = p.datasets()
         if datasets:
             self.datasets_label.setText("Datasets: " + "; ".join(
                 f"{d['name']} ({d['num_images']} images, {d['format']}{', masks' if d['has_masks'] else ''})"
@@ -581,7 +581,7 @@ class MainWindow(QMainWindow):
         else:
             self.datasets_label.setText("No dataset yet: Project > Add dataset, or drop an image folder here.")
         self._refresh_layers()
-        self.jobs.set_resumable([r for r in uidata.resumable_runs(p) if not self._run_is_active(r.id)])
+        self.jobs.set_resumable([r for r in p.stopped_runs() if not self._run_is_active(r.id)])
         self._update_run_buttons()
 
     def _run_is_active(self, run_id: int) -> bool:
@@ -692,7 +692,7 @@ class MainWindow(QMainWindow):
         if not layers:
             self.statusBar().showMessage("Tick the layers to extract in the module tree first", 8000)
             return None
-        datasets = self.project.all("SELECT id, name, format, num_images FROM datasets ORDER BY id")
+        datasets = self.project.datasets()
         if not datasets:
             self.report_error("No dataset", "Add a dataset to run the model on first (Project > Add dataset).")
             return None
@@ -744,9 +744,7 @@ class MainWindow(QMainWindow):
         for layer in p.extracted_layers(self.model_id):
             ds = p.dataset(layer["dataset_id"])
             stats = p.layer_stats(layer["id"])
-            n_concepts = p.one("SELECT COUNT(*) AS n FROM concepts WHERE dataset_id=?", (ds["id"],))["n"]
-            n_caps = p.one("SELECT COUNT(*) AS n FROM captions c JOIN images i ON i.id=c.image_id"
-                           " WHERE i.dataset_id=?", (ds["id"],))["n"]
+            n_concepts, n_caps = p.text_counts(ds["id"])
             have = {
                 lb.Input.POOLED: True,
                 lb.Input.CONCEPT_PRESENCE: n_concepts > 0,
@@ -810,7 +808,7 @@ class MainWindow(QMainWindow):
             elif run.kind == "label":
                 from app.engine.labeling import LabelJob
 
-                layer = self.project.one("SELECT name FROM layers WHERE id=?", (run.layer_id,))["name"]
+                layer = self.project.layer_by_id(run.layer_id)["name"]
                 params = dict(run.params)
                 clip = params.pop("clip_model", None)
                 job = LabelJob(self.project_path, run.method, layer, params, model=run.model_id, clip_model=clip,
@@ -840,8 +838,7 @@ class MainWindow(QMainWindow):
         kind = getattr(handle.job, "kind", None)
         self.refresh()
         if handle.state is JobState.DONE and kind == "label" and self.layer_id is not None:
-            layer = self.project.one("SELECT id FROM layers WHERE model_id=? AND name=?",
-                                     (self.model_id, handle.job.layer))
+            layer = self.project.find_layer(self.model_id, handle.job.layer)
             if layer and layer["id"] == self.layer_id:
                 self.show_layer(self.layer_id, keep_unit=self.units.current_unit())
 

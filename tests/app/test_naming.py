@@ -15,7 +15,8 @@ from PIL import Image
 
 from app import imaging, naming
 from app.engine.results import LayerResults
-from app.errors import ProjectError
+from app.errors import JobError, ProjectError
+from app.project import naming as naming_store
 from app.project.store import Project
 from app.sources.datasets import load_rgb
 from tests.app.naming_helpers import LAYER, PREPROCESS, SIZE, TOPK, UNITS, build_project, tiny_model
@@ -129,11 +130,11 @@ def test_gradient_x_activation_before_an_in_place_relu():
 
 
 def test_pool_errors(project):
-    with pytest.raises(naming.JobError, match="units 0..5"):
+    with pytest.raises(JobError, match="units 0..5"):
         naming.build_pool(project, naming.PoolSpec(kind="unit", layer=LAYER, units=[9], features=False))
-    with pytest.raises(naming.JobError, match="outside the dataset"):
+    with pytest.raises(JobError, match="outside the dataset"):
         naming.build_pool(project, naming.PoolSpec(kind="decision", layer=LAYER, images=[99]), model=tiny_model())
-    with pytest.raises(naming.JobError, match="'unit' or 'decision'"):
+    with pytest.raises(JobError, match="'unit' or 'decision'"):
         naming.build_pool(project, naming.PoolSpec(kind="other", layer=LAYER))
     with pytest.raises(ProjectError, match="no pool"):
         naming.pool_info(project, 999)
@@ -207,18 +208,18 @@ def test_a_failing_operation_changes_nothing(project, built, monkeypatch):
     g1 = naming.create_group(project, pid, ann, "a", ids[:3])
     g2 = naming.create_group(project, pid, ann, "b", ids[3:5])
     before = naming.BoardState.load(project, pid, ann).snapshot()
-    real_place = naming._place
+    real_place = naming_store._place
 
     def place_then_fail(*args, **kwargs):
         real_place(*args, **kwargs)
         raise RuntimeError("power cut")
 
-    monkeypatch.setattr(naming, "_place", place_then_fail)
+    monkeypatch.setattr(naming_store, "_place", place_then_fail)
     with pytest.raises(RuntimeError):
         naming.merge_groups(project, g1, [g2])
     with pytest.raises(RuntimeError):
         naming.create_group(project, pid, ann, "c", ids[5:7])
-    monkeypatch.setattr(naming, "_place", real_place)
+    monkeypatch.setattr(naming_store, "_place", real_place)
     assert naming.BoardState.load(project, pid, ann).snapshot() == before
     # a map of another pool, or a group of another board, is refused before anything is written
     other = project.annotator("bob")
@@ -290,7 +291,7 @@ def test_suggestions_recover_clusters_and_write_nothing(project, built, method):
 def test_suggestions_need_features(project, built):
     pid = naming.build_pool(project, naming.PoolSpec(kind="unit", layer=LAYER, per_unit=2, features=False))
     ann = project.annotator("ann")
-    with pytest.raises(naming.JobError, match="no region features"):
+    with pytest.raises(JobError, match="no region features"):
         naming.suggest_groups(project, pid, ann)
     naming.compute_features(project, pid, device="cpu", model=tiny_model())
     assert naming.pool_info(project, pid).has_features
@@ -376,6 +377,7 @@ def test_pictures_of_maps(project, built):
 KILLED = textwrap.dedent("""
     import json, sys, time
     from app import naming
+    from app.project import naming as naming_store
     from app.project.store import Project
 
     p = Project.open(sys.argv[1])
@@ -388,14 +390,14 @@ KILLED = textwrap.dedent("""
     naming.set_unclear(p, pid, a, ids[6:8])
     naming.move_maps(p, pid, a, [ids[0]], g2)
     print(json.dumps(naming.BoardState.load(p, pid, a).snapshot()), flush=True)
-    real_place = naming._place
+    real_place = naming_store._place
 
     def place_then_hang(*args, **kwargs):
         real_place(*args, **kwargs)
         print("INSIDE", flush=True)
         time.sleep(120)
 
-    naming._place = place_then_hang
+    naming_store._place = place_then_hang
     naming.merge_groups(p, g1, [g2])
 """)
 

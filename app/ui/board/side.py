@@ -150,7 +150,7 @@ class UnitPanel(QWidget):
         self.finish_draft()
         self.layer_id, self.unit, self.unit_id = layer_id, unit, unit_id
         project = self.board.project
-        layer = project.one("SELECT name, model_id FROM layers WHERE id=?", (layer_id,))
+        layer = project.layer_by_id(layer_id)
         self.preprocess = dict(project.model(layer["model_id"])["preprocess"])
         try:
             self.exemplars = naming.unit_exemplars(project, layer_id, unit, k=8)

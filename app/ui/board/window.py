@@ -41,24 +41,6 @@ QLabel#keysHelp { color: gray; font-size: 11px; padding: 2px 6px; }
 """
 
 
-def _latest_annotator(project: Project) -> int | None:
-    """Whoever edited this project last: reopening resumes their session."""
-    row = project.one(
-        "SELECT a.id, MAX(COALESCE(g.updated_at, ''), COALESCE(n.updated_at, ''), a.created_at) AS t"
-        " FROM annotators a LEFT JOIN groups g ON g.annotator_id=a.id LEFT JOIN annotations n"
-        " ON n.annotator_id=a.id GROUP BY a.id ORDER BY t DESC, a.id DESC LIMIT 1")
-    return int(row["id"]) if row else None
-
-
-def _latest_pool(project: Project, annotator_id: int) -> int | None:
-    row = project.one("SELECT pool_id FROM groups WHERE annotator_id=? ORDER BY updated_at DESC LIMIT 1",
-                      (annotator_id,))
-    if row:
-        return int(row["pool_id"])
-    row = project.one("SELECT MAX(id) AS id FROM pools")
-    return int(row["id"]) if row and row["id"] is not None else None
-
-
 class BoardWindow(QMainWindow):
     """Interactive naming on one project. Usable standalone or opened from the main window (`open_board`)."""
 
@@ -121,11 +103,11 @@ class BoardWindow(QMainWindow):
         self.suggestions.requested.connect(self._suggest)
         self.suggestions.features_requested.connect(self._compute_features)
 
-        ann = self.project.annotator(annotator) if annotator else _latest_annotator(self.project)
+        ann = self.project.annotator(annotator) if annotator else naming.latest_annotator(self.project)
         if ann is None:
             ann = self.project.annotator(getpass.getuser() or "annotator")
         self.refresh_annotators(ann)
-        self.refresh_pools(pool_id if pool_id is not None else _latest_pool(self.project, ann))
+        self.refresh_pools(pool_id if pool_id is not None else naming.latest_pool(self.project, ann))
         self._open_current()
         self.resize(1600, 1000)
 
@@ -203,7 +185,7 @@ class BoardWindow(QMainWindow):
         current = select if select is not None else self.annotator_combo.currentData()
         self.annotator_combo.blockSignals(True)
         self.annotator_combo.clear()
-        for row in self.project.all("SELECT id, name FROM annotators ORDER BY name COLLATE NOCASE"):
+        for row in naming.annotators(self.project):
             self.annotator_combo.addItem(row["name"], row["id"])
         self.annotator_combo.addItem("New annotator…", -1)
         i = self.annotator_combo.findData(current)

@@ -348,7 +348,7 @@ class AddModelDialog(_BusyDialog):
         from app.project.store import Project
 
         with Project.open(self.project_path) as project:
-            taken = {r["name"] for r in project.all("SELECT name FROM models")}
+            taken = {r["name"] for r in project.models()}
         name, i = base, 2
         while name in taken:
             name, i = f"{base}-{i}", i + 1
