@@ -66,6 +66,7 @@ from app.naming.compute import (  # noqa: F401
 )
 from app.naming.suggest import (  # noqa: F401
     Suggestion,
+    SuggestJob,
     suggest_groups,
 )
 from app.naming.study import (  # noqa: F401

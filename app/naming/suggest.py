@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -91,3 +93,23 @@ def _label_hints(project: Project, layer_id: int) -> dict[int, list[str]]:
     for lab in project.labels(layer_id=layer_id, max_rank=1):
         hints.setdefault(lab["unit"], []).append(lab["label"])
     return hints
+
+
+class SuggestJob:
+    """`suggest_groups` as a job of its own connection (the window runs it in a child process)."""
+
+    kind = "suggest"
+
+    def __init__(self, project_path: str | Path, pool_id: int, annotator_id: int, n_groups: int | None = None,
+                 method: str = "kmeans"):
+        self.project_path = Path(project_path)
+        self.pool_id = pool_id
+        self.annotator_id = annotator_id
+        self.n_groups = n_groups
+        self.method = method
+        self.title = "Suggest groups"
+
+    def execute(self, progress: Any) -> list[Suggestion]:
+        with Project.open(self.project_path, readonly=True) as project:
+            return suggest_groups(project, self.pool_id, self.annotator_id, n_groups=self.n_groups,
+                                  method=self.method)

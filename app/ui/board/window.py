@@ -19,7 +19,7 @@ from app.errors import NeuronStudioError
 from app.project.store import Project
 from app.ui.board.board import ZOOMS, Board
 from app.ui.board.dialogs import NewPoolDialog
-from app.ui.board.jobs import CallJob, JobThread
+from app.ui.workers import JobHandle, JobManager, JobState
 from app.ui.board.side import StudyPanel, SuggestionsPanel, UnitPanel
 from app.ui.board.thumbs import ThumbnailCache
 
@@ -94,7 +94,9 @@ class BoardWindow(QMainWindow):
         self.statusBar().addPermanentWidget(self.progress)
         self.statusBar().addPermanentWidget(self.cancel_button)
         self.statusBar().addPermanentWidget(self.saved)
-        self._threads: set[Any] = set()
+        # The window's runner: each job in a child process, so building a pool or clustering never pauses the board.
+        self.jobs = JobManager(parallel=2, parent=self)
+        self.jobs.job_changed.connect(self._progressed)
 
         self.board.message.connect(lambda m: self.statusBar().showMessage(m, 10000))
         self.board.edited.connect(self._on_edited)
@@ -289,42 +291,38 @@ class BoardWindow(QMainWindow):
         self.study.schedule()
 
     # ---- background work -----------------------------------------------------------------------------------
-    def _start(self, job: Any, on_success: Any, on_failure: Any) -> Any:
-        thread = JobThread(job, parent=self)
-        self._threads.add(thread)
-        thread.progressed.connect(self._progressed)
-        thread.succeeded.connect(on_success)
-        thread.failed.connect(on_failure)
-        thread.cancelled.connect(lambda: on_failure("cancelled"))
-
-        def finished(t: Any = thread) -> None:
-            self._threads.discard(t)
-            t.deleteLater()
-            if not self._threads:
+    def _start(self, job: Any, on_success: Any, on_failure: Any) -> JobHandle:
+        def finished(handle: JobHandle) -> None:
+            if not self.jobs.active():
                 self.progress.hide()
                 self.cancel_button.hide()
+            if handle.state is JobState.DONE:
+                on_success(handle.result)
+            elif handle.state is JobState.CANCELLED:
+                on_failure("cancelled")
+            else:
+                on_failure(handle.error or "failed")
 
-        thread.finished.connect(finished)
         self.progress.setRange(0, 0)
         self.progress.setFormat(job.title)
         self.progress.show()
         self.cancel_button.show()
-        thread.start()
-        return thread
+        return self.jobs.submit(job, on_done=finished)
 
-    def _progressed(self, info: Any) -> None:
+    def _progressed(self, handle: JobHandle) -> None:
+        info = handle.info
+        if info is None or handle.state is not JobState.RUNNING:
+            return
         if info.total:
             self.progress.setRange(0, info.total)
             self.progress.setValue(info.done)
         self.progress.setFormat(f"{info.message} %p%")
 
     def cancel_jobs(self) -> None:
-        for t in list(self._threads):
-            t.progress.cancel()
+        self.jobs.cancel_all()
 
     def wait_jobs(self, msecs: int = 60000) -> None:
-        for t in list(self._threads):
-            t.wait(msecs)
+        self.jobs.wait_all(msecs / 1000)
 
     def new_pool(self) -> None:
         dialog = NewPoolDialog(self.project, self)
@@ -350,11 +348,7 @@ class BoardWindow(QMainWindow):
             self.suggestions.failed("This pool has no region features yet; computing them runs the model once "
                                     "over the pool's images.", needs_features=True)
             return
-        path, pool_id, ann = self.project.path, state.pool.id, self.board.annotator_id
-
-        def suggest() -> list[naming.Suggestion]:
-            with Project.open(path) as project:
-                return naming.suggest_groups(project, pool_id, ann, n_groups=n_groups or None, method=method)
+        pool_id, ann = state.pool.id, self.board.annotator_id
 
         def done(suggestions: list[naming.Suggestion]) -> None:
             if self.board.state is not None and (self.board.pool_id, self.board.annotator_id) == (pool_id, ann):
@@ -362,7 +356,8 @@ class BoardWindow(QMainWindow):
                 self.suggestions.prune()
                 self.tabs.setCurrentWidget(self.suggestions)
 
-        self._start(CallJob("Suggest groups", suggest), done, self.suggestions.failed)
+        self._start(naming.SuggestJob(self.project.path, pool_id, ann, n_groups or None, method), done,
+                    self.suggestions.failed)
 
     def _compute_features(self) -> None:
         state = self.board.state
@@ -378,14 +373,7 @@ class BoardWindow(QMainWindow):
     # ---- closing -------------------------------------------------------------------------------------------
     def closeEvent(self, event: QCloseEvent) -> None:
         self.commit_typing()
-        self.cancel_jobs()
-        for t in list(self._threads):
-            t.wait(30000)
-            for sig in (t.progressed, t.succeeded, t.failed, t.cancelled):
-                try:
-                    sig.disconnect()
-                except (RuntimeError, TypeError):
-                    pass
+        self.jobs.shutdown(30)
         self.cache.shutdown()
         # a refresh still queued (the study tab's timer) must not reach the closed database
         self.study.stop()

@@ -22,6 +22,7 @@ from PySide6.QtWidgets import QApplication  # noqa: E402
 
 from app import naming  # noqa: E402
 from app.project.store import Project  # noqa: E402
+from app.ui.workers import JobState  # noqa: E402
 from labelers import agreement  # noqa: E402
 from tests.app.naming_helpers import LAYER, TOPK, UNITS, build_project  # noqa: E402
 
@@ -413,9 +414,9 @@ def test_new_pool_from_the_window(qtbot, open_window, project_path):
     assert (spec.kind, spec.units, spec.per_unit, spec.features) == ("unit", [1, 2], 3, False)
     dlg.kind.setCurrentIndex(1)
     assert dlg.spec().kind == "decision"
-    thread = w.build_pool(spec)
-    qtbot.waitUntil(lambda: w.board.pool_id == 2, timeout=60000)
-    thread.wait(10000)
+    handle = w.build_pool(spec)
+    qtbot.waitUntil(lambda: w.board.pool_id == 2 and handle.thread is None, timeout=60000)
+    assert handle.state is JobState.DONE
     assert w.pool_combo.count() == 2 and len(w.board.state.maps) == 6
     assert {m.unit for m in w.board.state.maps} == {1, 2}
     # suggestions need region features: the panel offers to compute them
@@ -477,3 +478,20 @@ def test_kill_and_reopen_restores_the_board(qtbot, open_window, project_path):
     with Project.open(project_path) as p:
         rows = naming.unit_annotations(p, p.annotator("kim"), unit_id)
     assert [(r["kind"], r["text"]) for r in rows] == [("description", "dark diagonal stripes")]
+
+
+def test_board_jobs_run_in_a_child_process(qtbot, open_window, project_path, monkeypatch):
+    """The model runs in a run process, never in the window's: a pool built with the window's own copy of the
+    code broken still comes out."""
+    from app.naming import compute
+
+    def broken(*_args, **_kwargs):
+        raise AssertionError("the pool was built in the window's process")
+
+    monkeypatch.setattr(compute, "build_pool", broken)
+    w = open_window(project_path, annotator="ann")
+    handle = w.build_pool(naming.PoolSpec(kind="unit", layer=LAYER, units=[0], per_unit=2, features=False))
+    qtbot.waitUntil(lambda: handle.state.finished and handle.thread is None, timeout=60000)
+    assert handle.state is JobState.DONE, handle.error
+    assert w.board.pool_id == handle.result and len(w.board.state.maps) == 2
+
