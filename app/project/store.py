@@ -241,27 +241,20 @@ def sql_statements(script: str) -> list[str]:
     string literal, a comment or a trigger body does not end one."""
     statements: list[str] = []
     current = ""
-    for line in script.splitlines(keepends=True):
-        current += line
-        # complete_statement is true at the first ';' that closes a statement; a line may hold several.
-        while ";" in current and sqlite3.complete_statement(current):
-            head, current = _first_statement(current)
-            if head.strip():
-                statements.append(head.strip())
-    if current.strip() and not _only_comments(current):
-        raise ValueError(f"incomplete SQL statement at the end of the script: {current.strip()[:80]!r}")
+    *pieces, rest = script.split(";")
+    for piece in pieces:
+        current += piece + ";"
+        if sqlite3.complete_statement(current):
+            if _has_code(current):
+                statements.append(current.strip())
+            current = ""
+    if _has_code(current + rest):
+        raise ValueError(f"incomplete SQL statement at the end of the script: {(current + rest).strip()[:80]!r}")
     return statements
 
 
-def _first_statement(text: str) -> tuple[str, str]:
-    for i, ch in enumerate(text):
-        if ch == ";" and sqlite3.complete_statement(text[: i + 1]):
-            return text[: i + 1], text[i + 1:]
-    return text, ""
-
-
-def _only_comments(text: str) -> bool:
-    return all(not ln.strip() or ln.strip().startswith("--") for ln in text.splitlines())
+def _has_code(text: str) -> bool:
+    return any(ln.strip().strip(";").strip() and not ln.strip().startswith("--") for ln in text.splitlines())
 
 
 @dataclass

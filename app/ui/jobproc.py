@@ -14,7 +14,6 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
-import sys
 import threading
 from typing import Any
 

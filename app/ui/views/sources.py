@@ -347,7 +347,7 @@ class AddModelDialog(_BusyDialog):
             return None
         from app.project.store import Project
 
-        with Project.open(self.project_path) as project:
+        with Project.open(self.project_path, readonly=True) as project:
             taken = {r["name"] for r in project.models()}
         name, i = base, 2
         while name in taken:
