@@ -34,7 +34,7 @@ from app.errors import NeuronStudioError
 from app.ui import data as uidata
 from app.ui.settings import Preferences, RecentProjects, qsettings
 from app.ui.theme import Theme, icon
-from app.ui.views.jobs import JobsPanel, describe_result
+from app.ui.views.jobs_panel import JobsPanel, describe_result
 from app.ui.views.layers import LayerTree
 from app.ui.views.overview import LayerOverview
 from app.ui.views.params import ExtractDialog, LabelDialog
