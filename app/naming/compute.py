@@ -50,7 +50,6 @@ class PoolSpec:
     batch_size: int = 16
 
 
-
 # ==== pools: building ==========================================================================================
 def _layer_rows(project: Project, layer: str | int, model: str | int | None) -> tuple[dict[str, Any], dict[str, Any]]:
     if isinstance(layer, int):

@@ -179,7 +179,6 @@ class BoardState:
         }
 
 
-
 # ==== pools: reading ===========================================================================================
 def _pool_from_row(row: dict[str, Any]) -> PoolInfo:
     return PoolInfo(
