@@ -175,7 +175,7 @@ class TextTable:
 
     def __init__(self, texts: Sequence[str], encoder: Any, idf_corpus: Sequence[str] | None = None,
                  progress: Progress | None = None):
-        from labelers.sentence import idf_of, idf_weights
+        from labelers.sentence import TokenEmbeddings, idf_of, idf_weights
 
         progress = progress or NullProgress()
         self.texts = list(dict.fromkeys(str(t) for t in texts))
@@ -183,10 +183,16 @@ class TextTable:
         self.keys = [match_keys(t) for t in self.texts]
         phrases = [phrase(t) for t in self.texts]
         self.encoder = encoder
-        self.sentence = encoder.sentences(phrases, progress)
-        self.tokens = encoder.tokens(phrases, progress)
-        corpus = list(idf_corpus) if idf_corpus else []
-        self.idf = idf_weights(encoder.token_ids(corpus)) if corpus else None
+        if encoder is None:
+            # exact match only: the semantic measures read NaN (no sentence encoder at hand)
+            self.sentence = np.zeros((len(self.texts), 0), dtype=np.float32)
+            self.tokens = [TokenEmbeddings(np.zeros(0, np.int64), np.zeros((0, 0), np.float32)) for _ in phrases]
+            self.idf = None
+        else:
+            self.sentence = encoder.sentences(phrases, progress)
+            self.tokens = encoder.tokens(phrases, progress)
+            corpus = list(idf_corpus) if idf_corpus else []
+            self.idf = idf_weights(encoder.token_ids(corpus)) if corpus else None
         self.weights = [_usable(idf_of(self.idf, t.ids)) if len(t.ids) else np.zeros(0) for t in self.tokens]
         dim = self.sentence.shape[1] if self.sentence.ndim == 2 else 0
         tmax = max((len(t.ids) for t in self.tokens), default=0)
@@ -214,12 +220,16 @@ class TextTable:
         return out
 
     def cosine(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        if self.encoder is None:
+            return np.full((len(a), len(b)), np.nan)
         return self.sentence[a].astype(np.float64) @ self.sentence[b].astype(np.float64).T
 
     def bertscore(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """[len(a), len(b)] BERTScore F1 of each text of `a` (candidate) against each of `b` (reference),
         vectorised over pairs in chunks that keep the similarity tensor near 64 MB."""
         out = np.zeros((len(a), len(b)), dtype=np.float64)
+        if self.encoder is None:
+            return np.full((len(a), len(b)), np.nan)
         if not len(a) or not len(b):
             return out
         ta, tb = int(self._len[a].max(initial=1)), int(self._len[b].max(initial=1))
