@@ -102,6 +102,10 @@ def test_bootstrap_interval_covers_the_mean():
 # ---- the bar: planted units, human names known to be right --------------------------------------------------
 @pytest.fixture(scope="module")
 def planted_labels():
+    return planted_layer_labels()
+
+
+def planted_layer_labels() -> LayerLabels:
     """Network Dissection and INVERT run on the planted units of test_netdissect; the human name of each
     single-concept unit is its planted concept (two annotators, one writing plurals and capitals)."""
     p = make_planted()
