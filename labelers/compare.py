@@ -612,7 +612,7 @@ def group_overlap(pool: str, layer: str, board: agreement.Partition, map_units: 
             rows.append(GroupRow(pool, layer, f"shuffled {method}", board.annotator, KIND_BASELINE, len(groups),
                                  bootstrap(per_group / shuffles, n_boot,
                                            _rng(seed, pool, "boot-shuffled", method, board.annotator)),
-                                 float(np.nanmean(aris)) if aris else math.nan))
+                                 float(np.nanmean(aris)) if np.isfinite(aris).any() else math.nan))
     every = {int(u): CONSTANT for u in np.unique(map_units).tolist()}
     best, ari = best_jaccard(every)
     rows.append(GroupRow(pool, layer, "constant", board.annotator, KIND_BASELINE, len(groups),

