@@ -356,3 +356,76 @@ def write_html(comp: ProjectComparison, path: str | Path, title: str = "Automati
             f"{_e(', '.join(comp.layers))}</p>{summary_html(comp)}</body></html>\n")
     _atomic_write(Path(path), page)
     return Path(path)
+
+
+# ==== the per-unit grid of the Compare view ======================================================================
+@dataclass
+class GridRow:
+    """One unit of the Compare view: what every method and annotator said, and how much they agree."""
+
+    layer: str
+    unit: int
+    texts: dict[str, str]  # column (method, or annotator) -> text
+    scores: dict[str, float]  # method: mean agreement with the annotators; annotator: mean with the other ones
+    methods_agree: float  # mean over pairs of methods of their agreement on this unit (NaN with < 2 methods)
+    humans_agree: float  # mean over pairs of annotators (NaN with < 2 annotators)
+    methods_vs_humans: float  # mean over (method, annotator) pairs
+    disagreement: float  # 1 - methods_vs_humans
+
+
+def _nanmean(values: list[float]) -> float:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def unit_grid(comp: ProjectComparison, layer: str, measure: str = "bertscore") -> tuple[list[str], list[str],
+                                                                                          list[GridRow]]:
+    """(methods, annotators, rows) of one layer for `measure`, rows in unit order."""
+    if measure not in lc.MEASURES:
+        raise ValueError(measure)
+    units = [u for u in comp.result.units if u.layer == layer]
+    methods = sorted({u.source for u in units if u.kind == lc.KIND_METHOD})
+    annotators = sorted({u.annotator for u in units if u.kind == lc.KIND_METHOD})
+    texts: dict[int, dict[str, str]] = {}
+    method_human: dict[int, dict[str, list[float]]] = {}
+    human_human: dict[int, dict[str, list[float]]] = {}
+    method_method: dict[int, list[float]] = {}
+    for u in units:
+        score = float(getattr(u, measure))
+        if u.kind == lc.KIND_METHOD:
+            texts.setdefault(u.unit, {})[u.source] = u.text
+            texts[u.unit][u.annotator] = u.reference
+            method_human.setdefault(u.unit, {}).setdefault(u.source, []).append(score)
+        elif u.kind == lc.KIND_CEILING:
+            human_human.setdefault(u.unit, {}).setdefault(u.annotator, []).append(score)
+        elif u.kind == "methods":
+            method_method.setdefault(u.unit, []).append(score)
+    rows = []
+    for unit in sorted(texts):
+        scores = {m: _nanmean(v) for m, v in method_human.get(unit, {}).items()}
+        scores.update({a: _nanmean(v) for a, v in human_human.get(unit, {}).items()})
+        mvh = _nanmean([s for v in method_human.get(unit, {}).values() for s in v])
+        rows.append(GridRow(layer=layer, unit=unit, texts=texts[unit], scores=scores,
+                            methods_agree=_nanmean(method_method.get(unit, [])),
+                            humans_agree=_nanmean([s for v in human_human.get(unit, {}).values() for s in v]),
+                            methods_vs_humans=mvh, disagreement=1.0 - mvh if math.isfinite(mvh) else math.nan))
+    return methods, annotators, rows
+
+
+# What "agree" means per measure in the view's filters: exact is 0/1 per pair; for the similarities, 0.6 lies
+# above what unrelated short labels reach with all-MiniLM-L6-v2 (the constant baseline's cosine is ~0.35 on the
+# demo) and below what paraphrases reach (~0.8).
+AGREE_AT = {"exact": 0.5, "cosine": 0.6, "bertscore": 0.6}
+
+FILTERS = ("all units", "methods agree, humans differ", "humans agree, methods differ")
+
+
+def grid_filter(row: GridRow, which: str, threshold: float) -> bool:
+    """"methods agree, humans differ": the methods agree with each other and the annotators' words differ from the
+    methods' labels. "humans agree, methods differ": the annotators agree with each other and the methods do not
+    agree with each other."""
+    if which == FILTERS[1]:
+        return row.methods_agree >= threshold and row.methods_vs_humans < threshold
+    if which == FILTERS[2]:
+        return row.humans_agree >= threshold and row.methods_agree < threshold
+    return True
