@@ -143,8 +143,9 @@ def load_encoder(options: CompareOptions) -> tuple[Any, str]:
     from labelers.sentence import SentenceEncoder
     from labelers.textmodels import default_sentence_encoder_path
 
-    path = Path(options.encoder) if options.encoder else default_sentence_encoder_path()
-    return SentenceEncoder.load(path, options.device), str(path)
+    if options.encoder:
+        return SentenceEncoder.load(options.encoder, options.device), str(options.encoder)
+    return SentenceEncoder.load(None, options.device), str(default_sentence_encoder_path())
 
 
 def run_comparison(project: Project, options: CompareOptions, progress: Progress | None = None,
@@ -204,7 +205,8 @@ def summary_lines(comp: ProjectComparison) -> list[str]:
     res = comp.result
     head = f"{'layer':<12} {'kind':<8} {'method':<30} {'annotator':<16} {'n':>5}  " + "  ".join(
         f"{m:<21}" for m in ("exact", "cosine", "BERTScore"))
-    lines = [f"model {comp.model}; sentence encoder {comp.encoder_path or 'none (exact match only)'}; "
+    encoder = f"{res.encoder} ({comp.encoder_path})" if res.encoder else "none (exact match only)"
+    lines = [f"model {comp.model}; sentence encoder {encoder}; "
              f"95% bootstrap intervals over units ({res.n_boot} resamples); shuffled: {res.shuffles} permutations",
              head, "-" * len(head)]
     order = {lc.KIND_METHOD: 0, lc.KIND_BASELINE: 1, lc.KIND_CEILING: 2}

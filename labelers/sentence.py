@@ -53,7 +53,10 @@ class SentenceEncoder:
         from labelers import textmodels
 
         folder = Path(path) if path is not None else textmodels.default_sentence_encoder_path()
-        return cls(textmodels.load(folder, "sentence", device))
+        encoder = cls(textmodels.load(folder, "sentence", device))
+        if path is None:
+            encoder.name = "all-MiniLM-L6-v2"  # the package's folder is called "model"
+        return encoder
 
     def _batches(self, texts: Sequence[str], progress: Progress, what: str) -> Iterable[tuple[int, Any, Any]]:
         import torch

@@ -284,7 +284,7 @@ class CompareView(QWidget):
             annotators = sorted({r.annotator for r in comp.result.rows})
             self.annotator_combo.addItems(annotators)
             res = comp.result
-            enc = comp.encoder_path.rstrip("/").split("/")[-1] if comp.encoder_path else "none"
+            enc = res.encoder or "none, exact match only"
             self.info.setText(
                 f"Model {comp.model}: each method's top label against each annotator's names and descriptions "
                 f"(sentence encoder: {enc}). Cells are coloured by agreement (red 0 → green 1); sort by "
