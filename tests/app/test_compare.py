@@ -4,6 +4,7 @@ written by hand."""
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +118,19 @@ def test_compare_cli_on_planted_units(tmp_path, planted_labels, encoder_dir, cap
     assert by[("annotator: bob", "ann")]["kind"] == "ceiling" and float(by[("annotator: bob", "ann")]["exact"]) == 1
     units = list(csv.DictReader(open(tmp_path / "units.csv")))
     assert {r["source"] for r in units} >= {"netdissect", "invert", "annotator: bob"}
+    # MILANNOTATIONS-style descriptions count as one more annotator
+    milan = tmp_path / "milan.json"
+    milan.write_text(json.dumps([{"layer": "head", "unit": u, "descriptions": [f"{NAMES[f.concept]} regions",
+                                                                                  f"the {NAMES[f.concept]} colour"]}
+                                 for u, f in PLANTED_SINGLE.items()]))
+    assert main(["import", str(proj), str(milan), "--milan", "-q"]) == 0
+    assert main(["compare", str(proj), "--encoder", str(encoder_dir), "--annotators", "milannotations", "-o",
+                 str(out_csv), "--bootstrap", "100", "--shuffles", "10", "-q"]) == 0
+    table = list(csv.DictReader(open(out_csv)))
+    assert {r["annotator"] for r in table} == {"milannotations"}
+    row = next(r for r in table if r["method"] == "netdissect")
+    assert row["units"] == str(len(PLANTED_SINGLE)) and float(row["exact"]) == 0.0  # descriptions are not names
+    assert float(row["bertscore"]) > float(next(r for r in table if r["method"] == "constant")["bertscore_high"])
     # filters, the HTML page, and errors a user can make
     html_out = tmp_path / "summary.html"
     assert main(["compare", str(proj), "--encoder", str(encoder_dir), "--methods", "netdissect", "--annotators",

