@@ -189,8 +189,7 @@ class TextTable:
             self.tokens = [TokenEmbeddings(np.zeros(0, np.int64), np.zeros((0, 0), np.float32)) for _ in phrases]
             self.idf = None
         else:
-            self.sentence = encoder.sentences(phrases, progress)
-            self.tokens = encoder.tokens(phrases, progress)
+            self.sentence, self.tokens = encoder.embed(phrases, progress)
             corpus = list(idf_corpus) if idf_corpus else []
             self.idf = idf_weights(encoder.token_ids(corpus)) if corpus else None
         self.weights = [_usable(idf_of(self.idf, t.ids)) if len(t.ids) else np.zeros(0) for t in self.tokens]

@@ -72,31 +72,35 @@ class SentenceEncoder:
             yield start, enc, out.last_hidden_state.float()
         progress.update(len(texts), len(texts), f"{what}: done")
 
-    def sentences(self, texts: Sequence[str], progress: Progress | None = None) -> np.ndarray:
-        """[N, D] float32 unit vectors: mean over the attention mask of the last layer, L2-normalised."""
+    def embed(self, texts: Sequence[str], progress: Progress | None = None,
+              what: str = "embedding texts") -> tuple[np.ndarray, list[TokenEmbeddings]]:
+        """Both embeddings from one pass of the model: [N, D] sentence vectors (mean over the attention mask of the
+        last layer, L2-normalised) and, per text, its non-special tokens' ids and unit-length last-layer states."""
         import torch
 
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for start, enc, states in self._batches(texts, progress or NullProgress(), "sentence embeddings"):
+        sentences = np.zeros((len(texts), self.dim), dtype=np.float32)
+        tokens: list[TokenEmbeddings] = []
+        special = list(self.special_ids)
+        for start, enc, states in self._batches(texts, progress or NullProgress(), what):
             mask = enc["attention_mask"].unsqueeze(-1).to(states.dtype)
             pooled = (states * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-            out[start:start + len(pooled)] = pooled.cpu().numpy()
-        return out
+            sentences[start:start + len(pooled)] = pooled.cpu().numpy()
+            unit = torch.nn.functional.normalize(states, p=2, dim=-1).cpu().numpy()
+            ids = enc["input_ids"].cpu().numpy()
+            keep_all = enc["attention_mask"].cpu().numpy().astype(bool) & ~np.isin(ids, special)
+            for row in range(ids.shape[0]):
+                keep = keep_all[row]
+                tokens.append(TokenEmbeddings(ids=ids[row][keep], vectors=unit[row][keep]))
+        return sentences, tokens
+
+    def sentences(self, texts: Sequence[str], progress: Progress | None = None) -> np.ndarray:
+        """[N, D] float32 unit vectors: mean over the attention mask of the last layer, L2-normalised."""
+        return self.embed(texts, progress, "sentence embeddings")[0]
 
     def tokens(self, texts: Sequence[str], progress: Progress | None = None) -> list[TokenEmbeddings]:
         """Per text, its non-special tokens' ids and unit-length last-layer states."""
-        import torch
-
-        result: list[TokenEmbeddings] = []
-        for _, enc, states in self._batches(texts, progress or NullProgress(), "token embeddings"):
-            states = torch.nn.functional.normalize(states, p=2, dim=-1).cpu().numpy()
-            ids = enc["input_ids"].cpu().numpy()
-            mask = enc["attention_mask"].cpu().numpy().astype(bool)
-            for row in range(ids.shape[0]):
-                keep = mask[row] & ~np.isin(ids[row], list(self.special_ids))
-                result.append(TokenEmbeddings(ids=ids[row][keep], vectors=states[row][keep]))
-        return result
+        return self.embed(texts, progress, "token embeddings")[1]
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """The non-special token ids of each text (no model run), for idf counts."""
