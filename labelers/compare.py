@@ -225,7 +225,7 @@ class TextTable:
 
     def bertscore(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """[len(a), len(b)] BERTScore F1 of each text of `a` (candidate) against each of `b` (reference),
-        vectorised over pairs in chunks that keep the similarity tensor near 64 MB."""
+        vectorised over pairs in chunks that keep the similarity tensor near 64 MB (float64)."""
         out = np.zeros((len(a), len(b)), dtype=np.float64)
         if self.encoder is None:
             return np.full((len(a), len(b)), np.nan)
@@ -233,12 +233,14 @@ class TextTable:
             return out
         ta, tb = int(self._len[a].max(initial=1)), int(self._len[b].max(initial=1))
         ta, tb = max(ta, 1), max(tb, 1)
-        eb, mb, wb = self._tok[b, :tb], self._mask[b, :tb], self._w[b, :tb]
-        chunk = max(1, int(16_000_000 // max(1, len(b) * ta * tb)))
+        # float64 throughout: F1 = 2PR / (P + R) is ill-conditioned when token cosines are negative and P, R have
+        # opposite signs, and float32 products then drift by 1e-5 from the per-pair definition
+        eb, mb, wb = self._tok[b, :tb].astype(np.float64), self._mask[b, :tb], self._w[b, :tb]
+        chunk = max(1, int(8_000_000 // max(1, len(b) * ta * tb)))
         for s in range(0, len(a), chunk):
             ia = a[s:s + chunk]
-            ea, ma, wa = self._tok[ia, :ta], self._mask[ia, :ta], self._w[ia, :ta]
-            sim = np.einsum("itd,jsd->ijts", ea, eb, optimize=True).astype(np.float64)
+            ea, ma, wa = self._tok[ia, :ta].astype(np.float64), self._mask[ia, :ta], self._w[ia, :ta]
+            sim = np.einsum("itd,jsd->ijts", ea, eb, optimize=True)
             best_in_b = np.where(mb[None, :, None, :], sim, -np.inf).max(3)  # [i, j, t]
             best_in_a = np.where(ma[:, None, :, None], sim, -np.inf).max(2)  # [i, j, s]
             best_in_b[~np.isfinite(best_in_b)] = 0.0

@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from labelers.base import LabelerInputs, get
 from labelers.compare import (
@@ -201,4 +200,14 @@ def test_real_minilm_ranks_the_planted_labels_above_baselines(planted_labels):
     for method in ("netdissect", "invert"):
         for m in MEASURES:
             assert _row(result, method).measure(m).value > max(b.measure(m).high for b in baselines)
-    assert torch.is_tensor(torch.zeros(1))  # torch stays importable alongside (no global state broken)
+    # batched BERTScore equals the per-pair definition also where token cosines go negative and F1 can be
+    # ill-conditioned (P and R of opposite signs)
+    texts = ["text", "checkered water triangle checkered square", "red", "a red circle on grass", "object"]
+    table = TextTable(texts, enc, ["red red", "text on water", "a grass field"])
+    ids = np.arange(len(texts))
+    batched = table.bertscore(ids, ids)
+    for i in ids:
+        for j in ids:
+            wa, wb = idf_of(table.idf, table.tokens[i].ids), idf_of(table.idf, table.tokens[j].ids)
+            assert batched[i, j] == pytest.approx(bertscore_pair(table.tokens[i], table.tokens[j], wa, wb)[2],
+                                                  abs=1e-9)
