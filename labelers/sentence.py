@@ -78,6 +78,9 @@ class SentenceEncoder:
         last layer, L2-normalised) and, per text, its non-special tokens' ids and unit-length last-layer states."""
         import torch
 
+        # batches of similar lengths waste little on padding; results go back to the caller's order below
+        order = sorted(range(len(texts)), key=lambda i: len(str(texts[i])))
+        texts = [texts[i] for i in order]
         sentences = np.zeros((len(texts), self.dim), dtype=np.float32)
         tokens: list[TokenEmbeddings] = []
         special = list(self.special_ids)
@@ -92,7 +95,9 @@ class SentenceEncoder:
             for row in range(ids.shape[0]):
                 keep = keep_all[row]
                 tokens.append(TokenEmbeddings(ids=ids[row][keep], vectors=unit[row][keep]))
-        return sentences, tokens
+        back = np.empty(len(order), dtype=np.int64)
+        back[np.asarray(order, dtype=np.int64)] = np.arange(len(order))
+        return sentences[back], [tokens[k] for k in back.tolist()]
 
     def sentences(self, texts: Sequence[str], progress: Progress | None = None) -> np.ndarray:
         """[N, D] float32 unit vectors: mean over the attention mask of the last layer, L2-normalised."""
