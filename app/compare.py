@@ -178,6 +178,8 @@ def run_comparison(project: Project, options: CompareOptions, progress: Progress
             notes.append(f"{lay.layer}: no names or descriptions by the chosen annotators")
         if not lay.methods:
             notes.append(f"{lay.layer}: no automatic labels of the chosen methods")
+    log.info("compared %d layers of %s: %d summary rows, %d unit scores, %d group rows", len(layers),
+             info["model"], len(result.rows), len(result.units), len(result.groups))
     return ProjectComparison(model=info["model"], layers=[lay.layer for lay in layers], result=result,
                              encoder_path=encoder_path, notes=notes, unit_ids=info["unit_ids"])
 
@@ -278,13 +280,13 @@ def summary_html(comp: ProjectComparison) -> str:
     """The summary as an HTML fragment (a table and, per layer and annotator, bars with their intervals as inline
     SVG), shared by the stand-alone page and the project report."""
     res = comp.result
+    constant = next((r.label for r in res.rows if r.method == "constant"), lc.CONSTANT)
     parts = [f'<p class="note">Each method\'s top label against each annotator\'s names and descriptions of the same '
              f'units: exact match after normalisation (a formula agrees when one of its positive atoms does), cosine '
-             f'of sentence embeddings and BERTScore F1 ({_e(Path(comp.encoder_path).name or "no sentence encoder")}'
-             f', idf from {res.idf_texts} project texts). Means over units with 95% bootstrap intervals. Baselines: '
-             f'the most frequent human text for every unit, the constant "{_e(next((r.label for r in res.rows if r.method == "constant"), lc.CONSTANT))}", '
-             f'each method\'s labels shuffled across units ({res.shuffles} permutations); the ceiling is annotators '
-             f'against each other.</p>']
+             f'of sentence embeddings and BERTScore F1 ({_e(res.encoder or "no sentence encoder")}, idf from '
+             f'{res.idf_texts} project texts). Means over units with 95% bootstrap intervals. Baselines: the most '
+             f'frequent human text for every unit, the constant "{_e(constant)}", each method\'s labels shuffled '
+             f'across units ({res.shuffles} permutations); the ceiling is annotators against each other.</p>']
     parts.append('<table class="compare"><tr><th>layer</th><th>method</th><th>annotator</th><th>units</th>'
                  '<th>exact</th><th>cosine</th><th>BERTScore</th></tr>')
     for r in res.rows:
