@@ -97,6 +97,9 @@ def import_tables(project: Project, path: str | Path, model: str | int | None = 
         return _import_labels(project, path, rows, model)
     if {"kind", "text", "annotator"} <= columns:
         return _import_annotations(project, path, rows, model)
+    if {"layer", "unit", "text", "annotator"} <= columns:
+        # a names table written by hand without a kind column: every row names a unit
+        return _import_annotations(project, path, [dict(r, kind="name") for r in rows], model)
     raise ProjectError(f"the table is neither labels nor annotations (columns: {', '.join(sorted(columns))})",
                        file=path, fix="import a file written by `neuron-studio export --format labels-jsonl` "
                                       "or `annotations-jsonl`")

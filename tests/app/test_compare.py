@@ -82,6 +82,12 @@ def test_hand_written_names_import_as_they_are(tmp_path, planted_labels, capsys)
     assert main(["import", str(proj), str(names)]) == 0
     with Project.open(proj) as p:
         assert [a["text"] for a in p.annotations() if a["unit"] == 1] == ["lime"]
+    # without a kind column every row is a name
+    with open(names, "w", newline="") as fh:
+        fh.write("layer,unit,text,annotator\nhead,3,gold,cy\n")
+    assert main(["import", str(proj), str(names)]) == 0
+    with Project.open(proj) as p:
+        assert [(a["kind"], a["text"]) for a in p.annotations() if a["annotator"] == "cy"] == [("name", "gold")]
     # a bad unit is named with the row, and nothing is imported
     write_names(names, [("planted_net", "head", 2, "name", "ok", "zed"), ("planted_net", "head", 99, "name", "x",
                                                                           "zed")])
