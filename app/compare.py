@@ -7,6 +7,7 @@ it, and writes the summary as a table (CSV) or a page (HTML). Qt-free: the CLI, 
 from __future__ import annotations
 
 import csv
+import functools
 import html
 import logging
 import math
@@ -139,13 +140,21 @@ def board_groups(project: Project, layer_ids: Sequence[int], layer_names: dict[i
     return rows
 
 
-def load_encoder(options: CompareOptions) -> tuple[Any, str]:
+@functools.lru_cache(maxsize=1)
+def _encoder(path: str | None, device: str) -> Any:
+    # A loaded encoder is read-only (eval mode, inference only), so one process reuses it between comparisons
+    # (a report export after a CLI comparison, the tests); the window runs each comparison in a child process.
     from labelers.sentence import SentenceEncoder
+
+    return SentenceEncoder.load(path, device)
+
+
+def load_encoder(options: CompareOptions) -> tuple[Any, str]:
     from labelers.textmodels import default_sentence_encoder_path
 
     if options.encoder:
-        return SentenceEncoder.load(options.encoder, options.device), str(options.encoder)
-    return SentenceEncoder.load(None, options.device), str(default_sentence_encoder_path())
+        return _encoder(str(Path(options.encoder).resolve()), options.device), str(options.encoder)
+    return _encoder(None, options.device), str(default_sentence_encoder_path())
 
 
 def run_comparison(project: Project, options: CompareOptions, progress: Progress | None = None,

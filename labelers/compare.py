@@ -577,45 +577,64 @@ def group_overlap(pool: str, layer: str, board: agreement.Partition, map_units: 
                   seed: int = 0) -> list[GroupRow]:
     """For one annotator's board: each concept group's best Jaccard overlap with a group of maps whose units share
     a method's label (normalised), averaged over the concept groups with a bootstrap interval over groups; the
-    adjusted Rand index of the two partitions beside it. Baselines: the method's labels shuffled across units
-    (mean over `shuffles` permutations) and one label for every unit (all maps in one group)."""
+    adjusted Rand index of the two partitions (`labelers.agreement`) beside it. Jaccard as the study panel's concept
+    matching counts it: |A ∩ B| / |A ∪ B| over all members, so a map only one side placed enlarges the union.
+    Baselines: the method's labels shuffled across units (mean over `shuffles` permutations; no ARI, which is
+    chance-corrected: 0 at chance by construction) and one label for every unit (all maps in one group)."""
     map_units = np.asarray(map_units, dtype=np.int64)
     groups = board.concept_groups
     rows: list[GroupRow] = []
     if not len(groups):
         return rows
+    human = board.membership(groups).astype(np.float64)  # [G, M]
+    human_size = human.sum(1)
+    n_units = int(map_units.max(initial=-1)) + 1
 
-    def best_jaccard(labels_of_unit: Mapping[int, str]) -> tuple[np.ndarray, float]:
-        auto = agreement.partition_from_labels(
-            "auto", [normalise(labels_of_unit[u]) if u in labels_of_unit else None for u in map_units.tolist()])
-        match = agreement.match_concepts(board, auto)
-        best = match.jaccard.max(1) if match.jaccard.size else np.zeros(len(groups))
-        return best, agreement.adjusted_rand(board, auto)
+    def best_jaccard(unit_label: np.ndarray) -> np.ndarray:
+        """`unit_label[u]` is a label id >= 0 or -1; [S, U] for S assignments at once -> [S, G]."""
+        lab = unit_label[:, map_units]  # [S, M]
+        k = int(lab.max(initial=-1)) + 1
+        if k == 0:
+            return np.zeros((lab.shape[0], len(groups)))
+        onehot = (lab[:, :, None] == np.arange(k)[None, None, :]).astype(np.float64)  # [S, M, K]
+        shared = np.einsum("gm,smk->sgk", human, onehot)
+        union = human_size[None, :, None] + onehot.sum(1)[:, None, :] - shared
+        jac = np.divide(shared, union, out=np.zeros_like(shared), where=union > 0)
+        return jac.max(2)
+
+    def label_ids(labels: Mapping[int, str]) -> tuple[np.ndarray, list[str]]:
+        keys = {u: normalise(t) for u, t in labels.items() if 0 <= int(u) < n_units and normalise(t)}
+        names = sorted(set(keys.values()))
+        index = {n: i for i, n in enumerate(names)}
+        ids = np.full(n_units, -1, dtype=np.int64)
+        for u, key in keys.items():
+            ids[int(u)] = index[key]
+        return ids, names
 
     for method, labels in sorted(methods.items()):
-        labels = {int(u): t for u, t in labels.items() if t}
-        if not labels:
+        ids, names = label_ids(labels)
+        if not names:
             continue
-        best, ari = best_jaccard(labels)
+        best = best_jaccard(ids[None])[0]
+        auto = agreement.partition_from_labels(f"auto: {method}", [names[i] if i >= 0 else None
+                                                                    for i in ids[map_units].tolist()])
         rows.append(GroupRow(pool, layer, method, board.annotator, KIND_METHOD, len(groups),
-                             bootstrap(best, n_boot, _rng(seed, pool, method, board.annotator)), ari))
+                             bootstrap(best, n_boot, _rng(seed, pool, method, board.annotator)),
+                             agreement.adjusted_rand(board, auto)))
         if shuffles > 0:
             rng = _rng(seed, pool, "shuffled", method, board.annotator)
-            keys = sorted(labels)
-            values = [labels[u] for u in keys]
-            per_group = np.zeros(len(groups))
-            aris = []
-            for _ in range(shuffles):
-                perm = rng.permutation(len(keys))
-                b, a = best_jaccard({u: values[p] for u, p in zip(keys, perm.tolist())})
-                per_group += b
-                aris.append(a)
+            labelled = np.flatnonzero(ids >= 0)
+            shuffled = np.tile(ids, (shuffles, 1))
+            for s in range(shuffles):
+                shuffled[s, labelled] = ids[labelled][rng.permutation(len(labelled))]
+            per_group = best_jaccard(shuffled).mean(0)
             rows.append(GroupRow(pool, layer, f"shuffled {method}", board.annotator, KIND_BASELINE, len(groups),
-                                 bootstrap(per_group / shuffles, n_boot,
-                                           _rng(seed, pool, "boot-shuffled", method, board.annotator)),
-                                 float(np.nanmean(aris)) if np.isfinite(aris).any() else math.nan))
-    every = {int(u): CONSTANT for u in np.unique(map_units).tolist()}
-    best, ari = best_jaccard(every)
+                                 bootstrap(per_group, n_boot,
+                                           _rng(seed, pool, "boot-shuffled", method, board.annotator)), math.nan))
+    every = np.zeros(n_units, dtype=np.int64)
+    best = best_jaccard(every[None])[0]
+    one = agreement.partition_from_labels("constant", [CONSTANT] * len(map_units))
     rows.append(GroupRow(pool, layer, "constant", board.annotator, KIND_BASELINE, len(groups),
-                         bootstrap(best, n_boot, _rng(seed, pool, "constant", board.annotator)), ari))
+                         bootstrap(best, n_boot, _rng(seed, pool, "constant", board.annotator)),
+                         agreement.adjusted_rand(board, one)))
     return rows

@@ -238,7 +238,7 @@ def write_html(ctx: ExportContext) -> dict[str, Any]:
     body: list[str] = []
     body.append(_overview(ctx, labels_all, annotations, exemplars))
     body.append(_charts(plan, by_layer_labels, by_layer_ann, methods, colors, labels_all))
-    body.append(_comparison(ctx, opts, chosen if split_names(opts["layers"]) is not None else None))
+    compare_at = len(body)  # the comparison is computed after the cards, so their progress shows first
     n_cards = n_pictures = 0
     for li, (ref, units) in enumerate(plan):
         res = exemplars.results(ref.layer_id)
@@ -262,6 +262,7 @@ def write_html(ctx: ExportContext) -> dict[str, Any]:
             done += 1
             ctx.update(done, total, f"{ref.layer} unit {u}")
         body.append("</div></section>")
+    body.insert(compare_at, _comparison(ctx, opts, chosen if split_names(opts["layers"]) is not None else None))
     if images.problems:
         body.append(f'<p class="note">{len(images.problems)} exemplar images could not be read and are shown as '
                     f'grey boxes (e.g. {_e(next(iter(images.problems)))}: '
