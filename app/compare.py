@@ -211,6 +211,10 @@ SUMMARY_COLUMNS = ("layer", "method", "annotator", "kind", "units", "label",
                    *(f"{m}{s}" for m in lc.MEASURES for s in ("", "_low", "_high", "_expected")))
 
 
+def _num(v: float) -> str:
+    return f"{v:.3f}" if math.isfinite(v) else "—"
+
+
 def summary_lines(comp: ProjectComparison) -> list[str]:
     """The summary as aligned text lines (the CLI prints them)."""
     res = comp.result
@@ -238,7 +242,7 @@ def summary_lines(comp: ProjectComparison) -> list[str]:
             kind = "" if g.kind == lc.KIND_METHOD else g.kind
             lines.append(f"{g.pool[:16]:<16} {g.layer[:12]:<12} {kind:<8} {g.method[:30]:<30} {g.annotator[:16]:<16} "
                          f"{g.groups:>6}  "
-                         f"{g.jaccard.text():<21}  {g.adjusted_rand:.3f}")
+                         f"{g.jaccard.text():<21}  {_num(g.adjusted_rand)}")
     lines += [f"note: {n}" for n in comp.notes]
     return lines
 
@@ -317,7 +321,7 @@ def summary_html(comp: ProjectComparison) -> str:
         for g in res.groups:
             parts.append(f'<tr class="{"base" if g.kind == lc.KIND_BASELINE else ""}"><td>{_e(g.pool)}</td>'
                          f'<td>{_e(g.layer)}</td><td>{_e(g.method)}</td><td>{_e(g.annotator)}</td><td>{g.groups}</td>'
-                         f'<td>{_e(g.jaccard.text())}</td><td>{g.adjusted_rand:.3f}</td></tr>')
+                         f'<td>{_e(g.jaccard.text())}</td><td>{_num(g.adjusted_rand)}</td></tr>')
         parts.append("</table>")
     parts += [f'<p class="note">{_e(n)}</p>' for n in comp.notes]
     return "".join(parts)

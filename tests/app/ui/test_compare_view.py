@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from app.compare import CompareOptions, run_comparison
+from app.compare import CompareOptions, run_comparison, summary_lines
 from app.project.store import Project
 from labelers.base import Label
 from tests.app.naming_helpers import LAYER, UNITS, build_project
@@ -121,6 +121,8 @@ def test_grid_colours_sorting_filters_and_chart(qtbot, comparison):
     assert groups["netdissect"].groups == 2
     assert groups["netdissect"].jaccard.value == pytest.approx((1.0 + 2 / 3) / 2)
     assert groups["netdissect"].jaccard.value > groups["constant"].jaccard.value
+    text = "\n".join(summary_lines(comparison))
+    assert "naming-board groups" in text and "shuffled invert" in text and "nan" not in text
     # opening a unit
     with qtbot.waitSignal(view.unit_activated) as sig:
         view.open_row(0)
