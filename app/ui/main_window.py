@@ -34,6 +34,7 @@ from app.errors import NeuronStudioError
 from app.ui import data as uidata
 from app.ui.settings import Preferences, RecentProjects, qsettings
 from app.ui.theme import Theme, icon
+from app.ui.views.compare import CompareView
 from app.ui.views.jobs_panel import JobsPanel, describe_result
 from app.ui.views.layers import LayerTree
 from app.ui.views.overview import LayerOverview
@@ -204,6 +205,10 @@ class MainWindow(QMainWindow):
         self.tabs.setDocumentMode(True)
         self.tabs.addTab(self.split, icon("units"), "Units")
         self.tabs.addTab(self.overview, icon("overview"), "Layer overview")
+        self.compare_view = CompareView(self._run_compare_job)
+        self.compare_view.unit_activated.connect(self.open_unit)
+        self.compare_view.status.connect(lambda text: self.statusBar().showMessage(text, 5000))
+        self.tabs.addTab(self.compare_view, icon("label"), "Compare")
         self.stack = QStackedWidget()
         self.stack.addWidget(self.welcome)
         self.stack.addWidget(self.tabs)
@@ -279,6 +284,8 @@ class MainWindow(QMainWindow):
                                         needs_project=True)
         self.act_label = self._action("&Label units...", "label", self.label_dialog, "Ctrl+L", needs_project=True)
         self.act_board = self._action("&Naming board...", "board", self.open_board, "Ctrl+B", needs_project=True)
+        self.act_compare = self._action("&Compare with human names", "label", self.compare_labels, "Ctrl+K",
+                                        needs_project=True)
         self.act_next = self._action("&Next unit", "next", lambda: self.step_unit(1), ["N", "Alt+Right"],
                                      needs_project=True)
         self.act_prev = self._action("&Previous unit", "previous", lambda: self.step_unit(-1), ["P", "Alt+Left"],
@@ -305,6 +312,7 @@ class MainWindow(QMainWindow):
             m.addAction(a)
         m.addSeparator()
         m.addAction(self.act_board)
+        m.addAction(self.act_compare)
         m = bar.addMenu("&View")
         m.addAction(self.act_next)
         m.addAction(self.act_prev)
@@ -385,6 +393,7 @@ class MainWindow(QMainWindow):
             act.setIcon(icon(name))
         self.unit_view.set_dark(dark)
         self.overview.set_dark(dark)
+        self.compare_view.set_dark(dark)
 
     def set_appearance(self, appearance: str) -> None:
         self.prefs.appearance = appearance
@@ -479,6 +488,7 @@ class MainWindow(QMainWindow):
         self.setWindowTitle(f"{self.project_path.name} — Neuron Studio")
         self.project_label.setText(str(self.project_path))
         self._set_project_widgets(True)
+        self.compare_view.set_project(str(self.project_path))
         self.refresh()
         self.project_loaded.emit()
         return True
@@ -526,6 +536,7 @@ class MainWindow(QMainWindow):
         self.units.set_table(None)
         self.unit_view.set_layer(None)
         self.overview.set_data(None)
+        self.compare_view.set_project(None)
         self.layer_tree.set_layers([], set())
         self.model_combo.clear()
         self.setWindowTitle("Neuron Studio")
@@ -885,6 +896,34 @@ class MainWindow(QMainWindow):
                 self.report_error("Cannot show the layer", readable_error(exc))
 
         call_in_pool(load, got, failed, owner=self)
+
+    # ---- automatic versus human labels ---------------------------------------------------------------------
+    def _run_compare_job(self, job: Any, on_done: Any) -> JobHandle:
+        self.jobs_dock.show()
+        return self.manager.submit(job, on_done=on_done)
+
+    def compare_labels(self) -> Any:
+        """Show the Compare tab and run the comparison in the background."""
+        self.tabs.setCurrentWidget(self.compare_view)
+        return self.compare_view.compute()
+
+    def open_unit(self, layer: str, unit: int) -> None:
+        """Show `unit` of `layer` (of the compared model) in the units browser and the unit view."""
+        if self.project is None:
+            return
+        comp = self.compare_view.comparison
+        try:
+            model_id = self.project.model(comp.model if comp is not None else self.model_id)["id"]
+            layer_id = self.project.layer(model_id, layer)["id"]
+        except NeuronStudioError as exc:
+            self.report_error("Cannot open the unit", str(exc))
+            return
+        if model_id != self.model_id:
+            i = self.model_combo.findData(model_id)
+            if i >= 0:
+                self.model_combo.setCurrentIndex(i)
+        self.tabs.setCurrentWidget(self.split)
+        self.show_layer(layer_id, keep_unit=unit)
 
     def _on_unit(self, unit: int) -> None:
         if self.project is None or self.layer_id is None or self.table is None:
