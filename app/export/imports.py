@@ -204,9 +204,7 @@ def _import_annotations(project: Project, path: Path, rows: list[dict[str, Any]]
                 stamp = now()
                 r["created_at"] = r.get("created_at") or stamp
                 r["updated_at"] = r.get("updated_at") or stamp
-                if r["kind"] == "description" and project.one(
-                        "SELECT id FROM annotations WHERE annotator_id=? AND unit_id=? AND kind='description'"
-                        " AND text=?", (aid, unit_id, r["text"])):
+                if r["kind"] == "description" and naming_store.has_description(project, aid, unit_id, r["text"]):
                     continue
             if r["kind"] == "description":
                 if naming_store.has_description(project, aid, unit_id, r["text"], r["created_at"]):
