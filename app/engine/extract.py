@@ -289,10 +289,12 @@ class ExtractJob:
         self.run_id: int | None = None
 
     # ---- setup ---------------------------------------------------------------------------------------------
-    def _key(self, model_row: dict[str, Any], ds_row: dict[str, Any]) -> str:
+    def _key(self, model_row: dict[str, Any], ds_row: dict[str, Any], dataset_content: str) -> str:
+        # The dataset part is its content as it is on disk now (root, annotation bytes, image sizes and times),
+        # not what was recorded when it was added: a finished run is only reused for the very files it read.
         blob = json.dumps(
-            {"model": model_row["fingerprint"], "spec": model_row["spec"], "dataset": ds_row["fingerprint"],
-             "preprocess": model_row["preprocess"], **self.options.key_fields()},
+            {"model": model_row["fingerprint"], "spec": model_row["spec"], "dataset_id": ds_row["id"],
+             "dataset": dataset_content, "preprocess": model_row["preprocess"], **self.options.key_fields()},
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()
@@ -316,7 +318,10 @@ class ExtractJob:
                 raise JobError(f"layer {row['name']} ({row['type']}) has no units to extract",
                                fix="pick a convolution, linear or transformer block layer")
         device = pick_device(opts.device)
-        key = self._key(model_row, ds_row)
+        from app.sources.datasets import content_fingerprint
+
+        reader = open_project_dataset(ds_row)
+        key = self._key(model_row, ds_row, content_fingerprint(reader))
         done_run = project.finished_run(self.kind, key)
         if done_run is not None:
             log.info("extraction already done as run %d", done_run.id)
@@ -324,7 +329,6 @@ class ExtractJob:
             return ExtractReport(**{k: v for k, v in (done_run.report or {}).items()
                                     if k in {f.name for f in dataclasses.fields(ExtractReport)}})
         model = load_project_model(model_row, device)
-        reader = open_project_dataset(ds_row)
         resumable = project.resumable_run(self.kind, key)
         if resumable is not None:
             run_id = resumable.id

@@ -268,6 +268,14 @@ class DatasetReader:
     def class_labels(self) -> tuple[list[str], np.ndarray] | None:
         return None
 
+    def annotation_files(self) -> list[Path]:
+        """The files whose bytes define the annotations (hashed by `content_fingerprint`)."""
+        return []
+
+    def annotation_refs(self) -> list[Path]:
+        """Per-image annotation files beside the images (Broden segmentations): fingerprinted by size and time."""
+        return []
+
     def report(self) -> dict[str, Any]:
         return {
             "format": self.format,
@@ -410,6 +418,7 @@ class LabelsCsvReader(DatasetReader):
         csv_file = path if path.is_file() else path / "labels.csv"
         root = csv_file.parent
         super().__init__(root, path)
+        self.csv_file = csv_file
         rows = _csv_rows(csv_file)
         first = next(iter(rows), None)
         if first is None:
@@ -491,6 +500,10 @@ class LabelsCsvReader(DatasetReader):
         cap_file = root / "captions.jsonl"
         if cap_file.is_file():
             self._captions = self._read_captions(cap_file, lookup)
+
+    def annotation_files(self) -> list[Path]:
+        caps = self.root / "captions.jsonl"
+        return [self.csv_file] + ([caps] if caps.is_file() else [])
 
     def _read_captions(self, path: Path, lookup: dict[str, int]) -> list[list[str]]:
         caps: list[list[str]] = [[] for _ in self.images]
@@ -755,6 +768,9 @@ class CocoReader(DatasetReader):
         log.info("read %s: %d images, %d annotations, %d categories in %.2fs", ann_file, len(self.images),
                  len(self._segs), len(self.concepts), time.perf_counter() - t0)
 
+    def annotation_files(self) -> list[Path]:
+        return [self.annotation_file] + ([self.captions_file] if self.captions_file is not None else [])
+
     # -- captions
     def _captions_file(self, ann_file: Path) -> Path | None:
         if ann_file.name.startswith("instances"):
@@ -960,6 +976,7 @@ class BrodenReader(DatasetReader):
         index = path if path.is_file() else path / "index.csv"
         root = index.parent
         super().__init__(root, path)
+        self.index_file = index
         self.image_dir = root / "images"
         t0 = time.perf_counter()
         rows = _csv_rows(index)
@@ -1071,6 +1088,13 @@ class BrodenReader(DatasetReader):
     def has_masks(self) -> bool:
         return bool(self.concepts)
 
+    def annotation_files(self) -> list[Path]:
+        return [self.index_file] + sorted(p for p in self.root.glob("*.csv") if p.name == "label.csv"
+                                          or p.name.startswith("c_"))
+
+    def annotation_refs(self) -> list[Path]:
+        return [self.image_dir / ref for layers in self._layers for _, ref in layers if isinstance(ref, str)]
+
     def annotated_categories(self, index: int) -> np.ndarray:
         out = np.zeros(len(self.categories), bool)
         out[: self._annotated.shape[1]] = self._annotated[index]
@@ -1164,6 +1188,53 @@ class BrodenReader(DatasetReader):
             return _empty_masks(size)
         order = sorted(masks)
         return np.array(order, np.int64), np.stack([masks[c] for c in order])
+
+
+# ---- content fingerprint -----------------------------------------------------------------------------------------
+
+FINGERPRINT_VERSION = "content-v2"
+
+
+def _stat_token(path: Path) -> bytes:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"unreadable:{exc.errno}".encode()
+    return f"{st.st_size}:{st.st_mtime_ns}".encode()
+
+
+def content_fingerprint(reader: DatasetReader) -> str:
+    """A key of everything that can change what an extraction computes from this dataset: where it lies, the bytes
+    of its annotation files, and each image's (and per-image segmentation's) name, size and modification time.
+
+    Images are not read (that would mean decoding the whole dataset to open it); a file rewritten in place keeps
+    its name but changes its size or modification time, which is what the key watches. Two copies of a dataset
+    in different folders get different keys on purpose: a result is only reused for the files it was made from.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(f"{FINGERPRINT_VERSION}\0{reader.format}\0{Path(reader.root).resolve()}\0{reader.source}\0".encode())
+    for f in reader.annotation_files():
+        h.update(f"{f}\0".encode())
+        try:
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        except OSError as exc:
+            h.update(f"unreadable:{exc.errno}".encode())
+        h.update(b"\0")
+    for im in reader.images:
+        h.update(im.key.encode())
+        h.update(b"\0")
+        h.update(_stat_token(im.path))
+        h.update(b"\0")
+    for ref in reader.annotation_refs():
+        h.update(f"{ref}\0".encode())
+        h.update(_stat_token(ref))
+    for c in reader.concepts:
+        h.update(f"{c.name}\0{c.category}\0".encode())
+    return h.hexdigest()
 
 
 # ---- detection ---------------------------------------------------------------------------------------------------
