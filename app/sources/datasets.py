@@ -75,7 +75,7 @@ def load_rgb(path: Path) -> Image.Image:
             im.verify()
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            return _to_rgb8(im)
     except FileNotFoundError:
         raise DatasetError("the image file is missing", file=path,
                            fix="put the file back, or remove it from the dataset") from None
@@ -94,6 +94,28 @@ def load_rgb(path: Path) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
         raise DatasetError(f"the image is truncated or corrupt ({exc})", file=path,
                            fix="replace it with a valid copy, or delete it") from None
+
+
+_WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _to_rgb8(im: Image.Image) -> Image.Image:
+    """RGB with 8 bits per channel. Pillow's convert("RGB") clips wide grayscale (16-bit PNGs open as "I;16") to
+    0..255, which turns almost every pixel white; those are scaled by their bit depth instead. 48-bit RGB opens as
+    "RGB" already reduced to the high byte of each sample."""
+    if im.mode not in _WIDE_GRAY_MODES:
+        return im.convert("RGB")
+    arr = np.asarray(im)
+    if im.mode == "F":
+        a = arr.astype(np.float64)
+        hi = 1.0 if np.nanmax(a, initial=0.0) <= 1.0 else 255.0  # float images are 0..1, or 0..255 when larger
+        gray = np.clip(np.nan_to_num(a / hi), 0.0, 1.0) * 255.0
+    else:
+        a = arr.astype(np.float64)
+        # 16-bit modes say so; a 32-bit "I" image came from a 16-bit PNG (older Pillow) when it fits 16 bits.
+        bits = 16 if im.mode.startswith("I;16") or (im.format == "PNG") or a.max(initial=0) <= 65535 else 32
+        gray = np.clip(a, 0, 2.0**bits - 1) * (255.0 / (2.0**bits - 1))
+    return Image.fromarray(np.rint(gray).astype(np.uint8), "L").convert("RGB")
 
 
 def _is_image_name(name: str) -> bool:
@@ -590,12 +612,65 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _check_segmentation(seg: Any) -> str | None:
-    """None when `seg` has the shape of a COCO segmentation (polygons or an RLE), else what is wrong."""
+# Polygon vertices may lie outside the image (annotation tools clip late), but not absurdly far: pycocotools
+# rasterises every edge point by point, so a vertex at 1e12 asks for terabytes. A vertex may stray one image side
+# beyond each border; where the size is not in the annotations yet, this absolute bound applies until it is known.
+COORD_MARGIN = 1.0
+COORD_LIMIT_UNKNOWN_SIZE = 1e7
+# What rasterising one annotation's polygons may cost (pycocotools keeps ~16 bytes per boundary point at 5x).
+MASK_MEMORY_BUDGET = 256 * 2**20
+# What decoding one image's masks may hold at once (one mask at the stored size and the output stack, 1 byte/pixel).
+MASK_DECODE_BUDGET = 1024 * 2**20
+
+
+def _coordinate_bounds(width: int | None, height: int | None) -> tuple[float, float, float, float]:
+    """(x_min, x_max, y_min, y_max) a vertex may take for an image of this size."""
+    if not width or not height:
+        return (-COORD_LIMIT_UNKNOWN_SIZE, COORD_LIMIT_UNKNOWN_SIZE, -COORD_LIMIT_UNKNOWN_SIZE,
+                COORD_LIMIT_UNKNOWN_SIZE)
+    m = COORD_MARGIN * max(width, height)
+    return -m, width + m, -m, height + m
+
+
+def _check_coordinates(values: list[Any], width: int | None, height: int | None, what: str) -> str | None:
+    """None when `values` (x, y, x, y, ...) are finite numbers within the generous bounds of the image."""
+    x0, x1, y0, y1 = _coordinate_bounds(width, height)
+    for j, v in enumerate(values):
+        if not _is_number(v):
+            if isinstance(v, list):
+                return (f"a {what} whose coordinate {j} is itself a list (nested coordinates); a polygon is a flat "
+                        "list [x1, y1, x2, y2, ...]")
+            return f"a {what} whose coordinate {j} is {_describe(v)}"
+        if not np.isfinite(v):
+            return f"a {what} whose coordinate {j} is {v!r}"
+        lo, hi = (x0, x1) if j % 2 == 0 else (y0, y1)
+        if not lo <= v <= hi:
+            size = f"an image of {width}x{height}" if width and height else "an image"
+            return (f"a {what} whose {'x' if j % 2 == 0 else 'y'} coordinate {j} is {v!r}, far outside {size} "
+                    f"(allowed {lo:g} to {hi:g})")
+    return None
+
+
+def _polygon_cost(polys: list[list[float]]) -> float:
+    """Bytes pycocotools needs to rasterise these polygons (it walks every edge at 5x resolution)."""
+    total = 0.0
+    for p in polys:
+        xy = np.asarray(p, np.float64).reshape(-1, 2)
+        d = np.abs(np.diff(np.vstack([xy, xy[:1]]), axis=0)).max(axis=1)
+        total += float(d.sum()) * 5 + len(xy)
+    return total * 16
+
+
+def _check_segmentation(seg: Any, width: int | None = None, height: int | None = None) -> str | None:
+    """None when `seg` has the shape of a COCO segmentation (polygons or an RLE) with sane coordinates, else what
+    is wrong."""
     if isinstance(seg, list):
         for p in seg:
             if not isinstance(p, list):
                 return f"a polygon that is {_describe(p)}"
+            wrong = _check_coordinates(p, width, height, "polygon")
+            if wrong is not None:
+                return wrong
             if len(p) % 2:
                 return f"a polygon with an odd number of coordinates ({len(p)})"
         return None
@@ -705,6 +780,7 @@ class CocoReader(DatasetReader):
         self._id_to_index = {r[4]: i for i, r in enumerate(found)}
 
         # annotations: validated for shape here, decoded only when masks are asked for
+        sizes = {im["id"]: (im.get("width"), im.get("height")) for im in data["images"]}
         img_of: list[int] = []
         cat_of: list[int] = []
         pos_of: list[int] = []
@@ -717,9 +793,10 @@ class CocoReader(DatasetReader):
                 if not _is_id(a.get(key)):
                     raise _json_error(ann_file, f"annotations[{k}].{key}", f"it is {_describe(a.get(key))}",
                                       "an id")
+            size = sizes.get(a["image_id"], (None, None))
             seg = a.get("segmentation")
             if seg is not None:
-                wrong = _check_segmentation(seg)
+                wrong = _check_segmentation(seg, *size)
                 if wrong is not None:
                     raise _json_error(ann_file, f"annotations[{k}].segmentation", f"found {wrong}", _SEG_EXPECTED)
             else:
@@ -728,6 +805,11 @@ class CocoReader(DatasetReader):
                     if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
                         raise _json_error(ann_file, f"annotations[{k}].bbox", f"it is {box!r}",
                                           "[x, y, width, height]")
+                    corners = [box[0], box[1], box[0] + box[2], box[1] + box[3]]
+                    wrong = _check_coordinates(corners, *size, "box")
+                    if wrong is not None:
+                        raise _json_error(ann_file, f"annotations[{k}].bbox", f"found {wrong}",
+                                          "[x, y, width, height] within the image")
                     seg = ("bbox", box)
                     box_only += 1
             idx = self._id_to_index.get(a["image_id"])
@@ -837,10 +919,13 @@ class CocoReader(DatasetReader):
             return []
         try:
             if isinstance(seg, tuple):  # ("bbox", [x, y, w, h])
+                x, y, bw, bh = seg[1]
+                self._check_polygons([[x, y, x + bw, y, x + bw, y + bh, x, y + bh]], h, w, where)
                 return list(mask_utils.frPyObjects(np.array([seg[1]], np.float64), h, w))
             if isinstance(seg, list):
                 # Polygons of fewer than 3 points enclose nothing, and pycocotools would read a 4-number one as a box.
                 polys = [[float(v) for v in p] for p in seg if len(p) >= 6]
+                self._check_polygons(polys, h, w, where)
                 return list(mask_utils.frPyObjects(polys, h, w)) if polys else []
             size = [int(v) for v in seg["size"]]
             if size != [h, w]:
@@ -858,6 +943,18 @@ class CocoReader(DatasetReader):
         except (TypeError, ValueError, UnicodeEncodeError) as exc:
             raise _json_error(self.annotation_file, where, f"it cannot be decoded ({exc})", _SEG_EXPECTED) from None
 
+    def _check_polygons(self, polys: list[list[float]], h: int, w: int, where: str) -> None:
+        """Checked again at decoding, against the real image size (the annotations may not have given it)."""
+        for p in polys:
+            wrong = _check_coordinates(p, w, h, "polygon")
+            if wrong is not None:
+                raise _json_error(self.annotation_file, where, f"found {wrong}", _SEG_EXPECTED)
+        cost = _polygon_cost(polys) if polys else 0.0
+        if cost > MASK_MEMORY_BUDGET:
+            raise _json_error(self.annotation_file, where,
+                              f"its polygons would need {cost / 2**20:.0f} MB to rasterise "
+                              f"(the budget is {MASK_MEMORY_BUDGET // 2**20} MB)", "polygons of a sane length")
+
     def masks(self, index: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         from pycocotools import mask as mask_utils
 
@@ -866,6 +963,12 @@ class CocoReader(DatasetReader):
         if s == e:
             return _empty_masks(size)
         h, w = self._image_size(index)
+        # One decoded mask at the stored size plus the output stack: refuse what would not fit the budget.
+        need = h * w + len(np.unique(self._cat_of[s:e])) * size[0] * size[1]
+        if need > MASK_DECODE_BUDGET:
+            raise DatasetError(f"the masks of image {self.images[index].key} ({w}x{h}) would need "
+                               f"{need / 2**20:.0f} MB to decode", file=self.annotation_file,
+                               fix="downscale the image and its annotations")
         cats = self._cat_of[s:e]
         present = np.unique(cats)
         out = np.zeros((len(present), *size), bool)
