@@ -37,3 +37,37 @@ class ProjectError(NeuronStudioError):
 
 class JobError(NeuronStudioError):
     """A job that cannot start or continue (e.g. its inputs changed since it began)."""
+
+
+class DiskFullError(NeuronStudioError):
+    """The disk (or quota) ran out of space while writing; nothing half-written is left behind."""
+
+    needed: int | None = None  # bytes the write needed, where known
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def disk_full(path: str | Path, needed: int | None = None) -> DiskFullError:
+    """The message for ENOSPC (or EDQUOT) while writing `path`: where, how much, what to do."""
+    import shutil
+
+    free = None
+    for folder in [Path(path), *Path(path).parents]:
+        try:
+            free = shutil.disk_usage(folder).free
+            break
+        except OSError:
+            continue
+    need = f"; {format_bytes(needed)} are needed" if needed else ""
+    have = f" and {format_bytes(free)} are free" if free is not None else ""
+    err = DiskFullError(f"the disk is full{need}{have}", file=path,
+                        fix="free space on that disk (or choose a place with more room), then run the same command "
+                            "again: it continues where it stopped")
+    err.needed = needed
+    return err

@@ -348,8 +348,11 @@ class ExtractJob:
                                seconds=prior_seconds + time.monotonic() - t_start)
             raise
         except BaseException as exc:
-            project.finish_run(run_id, "failed", error=str(exc) or type(exc).__name__,
-                               seconds=prior_seconds + time.monotonic() - t_start)
+            try:
+                project.finish_run(run_id, "failed", error=str(exc) or type(exc).__name__,
+                                   seconds=prior_seconds + time.monotonic() - t_start)
+            except Exception:  # e.g. the disk that just filled up holds the database too: report the first error
+                log.warning("could not record the failure of run %d", run_id, exc_info=True)
             raise
         report.seconds = prior_seconds + time.monotonic() - t_start
         project.finish_run(run_id, "done", report=dataclasses.asdict(report), seconds=report.seconds,

@@ -60,3 +60,23 @@ def test_changed_files_are_not_reused(tiny_project, tmp_path):
     ann.write_text(json.dumps(data))
     job3, _ = extract(tiny_project, max_images=6)
     assert job3.run_id not in (job1.run_id, job2.run_id)
+
+
+def test_full_disk_during_extraction_fails_the_run_with_the_message(tiny_project, monkeypatch):
+    from app.errors import DiskFullError
+    from app.project import arrays
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(arrays.os, "posix_fallocate", full)
+    with pytest.raises(DiskFullError) as err:
+        extract(tiny_project)
+    assert "pooled_max.npy: the disk is full" in str(err.value)
+    with Project.open(tiny_project) as p:
+        run = p.runs("extract")[-1]
+        assert run.status == "failed" and "disk is full" in run.error
+        assert not list(p.arrays_dir.rglob("*.tmp"))
+    monkeypatch.undo()
+    job, rep = extract(tiny_project)  # with space again, the same command finishes the same run
+    assert job.run_id == run.id and rep.images == 23
