@@ -34,9 +34,21 @@ def _setup_logging(verbose: bool) -> None:
         pass
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    console.addFilter(_console_filter(verbose))
     handlers.append(console)
+    logging.captureWarnings(True)  # PIL's and torch's warnings go to the log like everything else
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+def _console_filter(verbose: bool) -> Any:
+    """Tracebacks (records marked console=False) stay in the log file; so do library warnings unless -v."""
+    def keep(record: logging.LogRecord) -> bool:
+        if not getattr(record, "console", True):
+            return False
+        return verbose or record.name != "py.warnings"
+
+    return keep
 
 
 # ---- progress ---------------------------------------------------------------------------------------------------
@@ -405,9 +417,15 @@ def main(argv: list[str] | None = None) -> int:
             log.info("error", exc_info=True)
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        log.exception("unexpected error")
-        print(f"error: unexpected {type(exc).__name__}: {exc} (details in {_log_file()})", file=sys.stderr)
-        return 3
+        from app.failures import as_user_error, explain
+
+        log.error("unexpected error", exc_info=True, extra={"console": False})
+        try:
+            where: Path | None = _log_file()
+        except OSError:
+            where = None
+        print(f"error: {explain(exc, where)}", file=sys.stderr)
+        return 2 if as_user_error(exc) is not None else 3
 
 
 if __name__ == "__main__":
