@@ -30,6 +30,7 @@ import torch
 from app.engine import hooks
 from app.engine.device import describe, pick_device
 from app.engine.stats import TopKExemplars, TopQuantiles
+from app.engine.summary import MAX_LISTED
 from app.errors import DatasetError, JobError, ModelLoadError
 from app.jobs import Cancelled, JobProgress
 from app.project import arrays
@@ -272,6 +273,8 @@ class ExtractReport:
     layers: list[str] = field(default_factory=list)
     mask_counts: bool = False
     masks_skipped: int = 0
+    problems: list[str] = field(default_factory=list)  # "key: what went wrong", images first, at most MAX_LISTED
+    resumed: bool = False
 
 
 class ExtractJob:
@@ -355,8 +358,12 @@ class ExtractJob:
                 log.warning("could not record the failure of run %d", run_id, exc_info=True)
             raise
         report.seconds = prior_seconds + time.monotonic() - t_start
+        total = project.run(run_id).total
+        if total:  # the last checkpoint may be a few batches behind: a finished run has done them all
+            project.update_run(run_id, done=total, total=total, message="done")
         project.finish_run(run_id, "done", report=dataclasses.asdict(report), seconds=report.seconds,
-                           message=f"{report.images} images, {report.skipped} skipped")
+                           message=f"{report.images} images, {report.skipped} skipped"
+                                   + (f", masks of {report.masks_skipped} left out" if report.masks_skipped else ""))
         return report
 
     # ---- the passes ----------------------------------------------------------------------------------------
@@ -406,10 +413,10 @@ class ExtractJob:
 
         passes = 2 if with_masks else 1
         total = n_images * passes
+        done_at_start = (stage - 1) * n_images + next_index if with_masks or stage == 1 else total
         runner = MapRunner(model, infos, device, amp=opts.amp, batch_size=opts.batch_size)
         last_ckpt = [time.monotonic()]
         t_first = time.monotonic()
-        images_seen = [0]
 
         def checkpoint(stage_now: int, next_idx: int) -> None:
             for ls in layers.values():
@@ -455,7 +462,6 @@ class ExtractJob:
                         ls.quant.update(flat.transpose(0, 1).reshape(u, -1))
                         ls.topk.update(mx, idx, maps)
                 next_index = int(batch["index"][-1]) + 1
-                images_seen[0] += len(batch["index"])
                 progress.update(next_index, total, "pass 1: activations, quantiles, exemplars")
                 if time.monotonic() - last_ckpt[0] >= opts.checkpoint_seconds:
                     checkpoint(1, next_index)
@@ -545,6 +551,9 @@ class ExtractJob:
         exact = all((ls.dir / "meta.json").exists() and json.loads((ls.dir / "meta.json").read_text())["exact"]
                     for ls in layers.values())
         skipped = len(problems)
+        keys = [im.key for im in reader.images]
+        listed = [f"skipped {keys[i]}: {msg}" for i, msg in sorted(problems.items())]
+        listed += [f"masks left out for {keys[i]}: {msg}" for i, msg in sorted(mask_problems.items())]
         if problems or mask_problems:
             project.record_image_problems(
                 run_id, sorted({**{k: f"masks left out: {v}" for k, v in mask_problems.items()}, **problems}.items()))
@@ -558,9 +567,13 @@ class ExtractJob:
             )
         state_path.unlink(missing_ok=True)
         elapsed = time.monotonic() - t_first
+        # Images per second over what this session computed, both passes counted as one image each time: a run
+        # resumed in its second pass reports that pass's speed, not 0.
+        work = (total - done_at_start) / passes
         return ExtractReport(
             images=n_images - skipped, skipped=skipped, seconds=elapsed,
-            images_per_second=images_seen[0] / elapsed if elapsed > 0 else math.nan,
+            images_per_second=work / elapsed if elapsed > 0 and work > 0 else math.nan,
             device=describe(device), batch_size=runner.micro, quantile_exact=exact, layers=list(layers),
-            mask_counts=with_masks, masks_skipped=len(mask_problems),
+            mask_counts=with_masks, masks_skipped=len(mask_problems), problems=listed[:MAX_LISTED],
+            resumed=done_at_start > 0,
         )

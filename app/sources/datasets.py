@@ -1213,11 +1213,17 @@ class BrodenReader(DatasetReader):
                             f"{where}: {int(labels[idx < 0][0])}")
         return idx[idx >= 0]
 
-    def _read_map(self, rel: str) -> np.ndarray | None:
+    def _read_map(self, rel: str, strict: bool = False) -> np.ndarray | None:
+        """A segmentation's label map. Unreadable: None (noted in the report) while listing presence; with
+        `strict` (decoding one image's masks) a DatasetError, so the image's masks are left out and reported
+        rather than silently counted with one of its segmentations missing."""
         path = self.image_dir / rel
         try:
             return _label_map(path)
         except Exception as exc:  # one damaged mask file must not end a long extraction
+            if strict:
+                raise DatasetError(f"the segmentation cannot be decoded ({exc})", file=path,
+                                   fix="replace the file with a valid PNG") from None
             log.warning("skipping unreadable segmentation %s: %s", path, exc)
             self._skips.add("unreadable_mask", "segmentation files that cannot be decoded (ignored)",
                             f"{rel}: {exc}")
@@ -1264,7 +1270,7 @@ class BrodenReader(DatasetReader):
             if isinstance(ref, int):
                 whole.append(ref)
                 continue
-            m = self._read_map(ref)
+            m = self._read_map(ref, strict=True)
             if m is None:
                 continue
             labels.append(np.unique(m))

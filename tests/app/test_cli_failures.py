@@ -85,3 +85,24 @@ def test_library_warnings_go_to_the_log_not_the_terminal(log_dir, monkeypatch, c
     out = capsys.readouterr()
     assert "Palette" not in out.err and out.out == "fine\n"
     assert "Palette images" in cli._log_file().read_text()
+
+
+def test_add_dataset_says_nothing_about_annotations_when_nothing_was_left_out(log_dir, capsys):
+    import json
+
+    from tests.app.engine.conftest import write_coco
+
+    data = log_dir / "coco"
+    write_coco(data, 3)
+    proj = log_dir / "p.nstudio"
+    assert cli.main(["new", str(proj)]) == 0
+    assert cli.main(["add-dataset", str(proj), str(data), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "added dataset coco: 3 images" in out and "while reading annotations" not in out
+    ann = data / "annotations" / "instances.json"
+    doc = json.loads(ann.read_text())
+    doc["images"].append({"id": 99, "file_name": "gone.png", "width": 16, "height": 16})
+    ann.write_text(json.dumps(doc))
+    assert cli.main(["add-dataset", str(proj), str(data), "--name", "again", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "while reading annotations" in out and "gone.png" in out and '"format"' not in out

@@ -80,3 +80,67 @@ def test_full_disk_during_extraction_fails_the_run_with_the_message(tiny_project
     monkeypatch.undo()
     job, rep = extract(tiny_project)  # with space again, the same command finishes the same run
     assert job.run_id == run.id and rep.images == 23
+
+
+def _break_masks_of(project: Path, image_number: int) -> str:
+    """Give one image an RLE whose counts do not add up to its size: it reads, but its masks cannot be decoded."""
+    with Project.open(project) as p:
+        root = Path(p.dataset()["root"])
+    ann = root / "annotations" / "instances.json"
+    data = json.loads(ann.read_text())
+    for a in data["annotations"]:
+        if a["image_id"] == image_number + 1:
+            a["segmentation"] = {"size": [SIZE, SIZE], "counts": [10, 5]}
+    ann.write_text(json.dumps(data))
+    return f"images/{image_number:04d}.png"
+
+
+def test_mask_problems_are_printed_with_the_skipped_images(tiny_project, capsys, monkeypatch):
+    from app.cli import main
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    key = _break_masks_of(tiny_project, 3)
+    assert main(["extract", str(tiny_project), "--layers", "conv1", "--workers", "0", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "(1 skipped, masks of 1 left out)" in out  # was "(1 skipped)" with the mask problem unsaid
+    assert "skipped images/0005.png: " in out
+    said = next(line for line in out.splitlines() if "masks left out for" in line)
+    assert key in said and "instances.json" in said and "counts add up to 15 pixels" in said
+    from app.engine.summary import report_problems
+
+    with Project.open(tiny_project) as p:
+        run = p.runs("extract")[-1]
+        assert run.message.endswith("masks of 1 left out")
+        assert any(key == x["key"] and "masks left out" in x["problem"] for x in p.image_problems(run.id))
+
+
+def test_window_shows_every_problem_of_the_run(tiny_project):
+    pytest.importorskip("PySide6")
+    from app.ui.views.jobs import describe_result
+
+    _break_masks_of(tiny_project, 3)
+    _, rep = extract(tiny_project)
+    text = describe_result(rep, problems=True).splitlines()
+    assert "masks of 1 left out" in text[0]
+    assert any(line.startswith("skipped images/0005.png") for line in text[1:])
+    assert any(line.startswith("masks left out for images/0003.png") for line in text[1:])
+
+
+def test_resumed_run_reports_its_speed_and_finishes_done_equal_total(tiny_project):
+    class CancelAt(JobProgress):
+        def update(self, done, total, message=""):
+            if done > total // 2:  # in the second pass
+                self.cancel()
+            super().update(done, total, message)
+
+    opts = ExtractOptions(layers=LAYERS, batch_size=3, num_workers=0, device="cpu", checkpoint_seconds=3600)
+    job = ExtractJob(tiny_project, opts)
+    with pytest.raises(Exception):
+        job.execute(CancelAt())
+    job2 = ExtractJob(tiny_project, opts)
+    rep = job2.execute(JobProgress())
+    assert job2.run_id == job.run_id and rep.resumed
+    assert np.isfinite(rep.images_per_second) and rep.images_per_second > 0  # was 0.0 images/s
+    with Project.open(tiny_project) as p:
+        run = p.run(job.run_id)
+    assert run.status == "done" and run.done == run.total == 48

@@ -95,3 +95,19 @@ def test_polygon_beyond_an_unannotated_size_fails_its_image_only_at_decoding(tmp
     assert str(f) in str(err.value) and "annotations[2].segmentation" in str(err.value)
     # the other images still decode
     assert reader.masks(0, (16, 16))[1].shape[0] == 2
+
+
+def test_broden_unreadable_segmentation_fails_that_images_masks_not_silently(tmp_path):
+    from tests.app.sources.test_datasets import write_broden
+
+    root = tmp_path / "broden"
+    write_broden(root)
+    seg = root / "images" / "ade" / "a_part.png"
+    seg.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    r = open_dataset(root)
+    r.presence()  # listing presence stays lenient: the damaged file is noted in the report
+    assert r.report()["skipped"]["unreadable_mask"]["count"] == 1
+    with pytest.raises(DatasetError) as err:  # decoding the image's masks reports it (was: masks without it)
+        r.masks(0, (16, 16))
+    assert str(seg) in str(err.value) and "cannot be decoded" in str(err.value)
+    assert r.masks(1, (4, 4))[0].tolist() == [0]
