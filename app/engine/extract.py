@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from app.engine import hooks
+from app.engine.claims import claim_or_wait
 from app.engine.device import describe, pick_device
 from app.engine.stats import TopKExemplars, TopQuantiles
 from app.engine.summary import MAX_LISTED
@@ -332,16 +333,14 @@ class ExtractJob:
             return ExtractReport(**{k: v for k, v in (done_run.report or {}).items()
                                     if k in {f.name for f in dataclasses.fields(ExtractReport)}})
         model = load_project_model(model_row, device)
-        resumable = project.resumable_run(self.kind, key)
-        if resumable is not None:
-            run_id = resumable.id
-        else:
-            run_id = project.create_run(
-                kind=self.kind, key=key, params=dataclasses.asdict(opts) | {"device": str(device)},
-                model_id=model_row["id"], dataset_id=ds_row["id"],
-            )
+        run_id, finished = claim_or_wait(
+            project, progress, kind=self.kind, key=key, params=dataclasses.asdict(opts) | {"device": str(device)},
+            model_id=model_row["id"], dataset_id=ds_row["id"],
+        )
         self.run_id = run_id
-        project.start_run(run_id)
+        if finished is not None:  # the same extraction, done meanwhile by another process
+            return ExtractReport(**{k: v for k, v in (finished.report or {}).items()
+                                    if k in {f.name for f in dataclasses.fields(ExtractReport)}})
         t_start = time.monotonic()
         prior_seconds = project.run(run_id).seconds
         try:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.engine.claims import claim_or_wait
 from app.errors import DiskFullError, JobError, NeuronStudioError, disk_full
 from app.jobs import Cancelled, JobProgress
 from app.project.arrays import fsync_path
@@ -262,11 +263,12 @@ class ExportJob:
                  progress: Progress) -> ExportReport:
         params = {"format": exp.name, "path": str(target), "options": options}
         key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
-        # An export to this target that was killed, cancelled or failed is the same job: this run finishes it.
-        prior = project.resumable_run(self.kind, key)
-        run_id = prior.id if prior is not None else project.create_run(kind=self.kind, key=key, params=params)
+        # An export to this target that was killed, cancelled or failed is the same job: this run finishes it. The
+        # same export running in another process is waited for, not written twice.
+        run_id, finished = claim_or_wait(project, progress, kind=self.kind, key=key, params=params)
         self.run_id = run_id
-        project.start_run(run_id)
+        if finished is not None and finished.report:
+            return ExportReport(**finished.report)
         t0 = time.monotonic()
         made: list[Path] = []  # parent folders this export created, removed again if it does not finish
         tmp: Path | None = None

@@ -646,6 +646,46 @@ class Project:
             )
         return info
 
+    def claim_run(
+        self,
+        *,
+        kind: str,
+        key: str,
+        params: dict[str, Any],
+        model_id: int | None = None,
+        dataset_id: int | None = None,
+        layer_id: int | None = None,
+        source_run_id: int | None = None,
+        method: str | None = None,
+    ) -> tuple[int, int | None]:
+        """Take the job `kind`/`key` for this process, atomically: two processes asking together cannot both get it.
+        Returns (run id, None) when this process now runs it (the newest resumable run of the key, or a new one),
+        or (run id, pid) when a live process already does."""
+        with self.transaction():  # BEGIN IMMEDIATE: the look and the take happen under one write lock
+            states = ("queued", *RESUMABLE_STATES)
+            row = self.conn.execute(
+                f"SELECT id, status, pid FROM runs WHERE kind=? AND key=? AND status IN ({','.join('?' * len(states))})"
+                " ORDER BY id DESC LIMIT 1",
+                (kind, key, *states),
+            ).fetchone()
+            if row is not None and row["status"] in ("running", "queued") and row["pid"] != os.getpid() \
+                    and pid_alive(row["pid"]):
+                return int(row["id"]), int(row["pid"])
+            if row is not None:
+                self.conn.execute(
+                    "UPDATE runs SET status='running', pid=?, error=NULL, started_at=COALESCE(started_at, ?)"
+                    " WHERE id=?",
+                    (os.getpid(), now(), row["id"]),
+                )
+                return int(row["id"]), None
+            cur = self.conn.execute(
+                "INSERT INTO runs (kind, key, model_id, dataset_id, layer_id, source_run_id, method, params, status,"
+                " pid, created_at, started_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (kind, key, model_id, dataset_id, layer_id, source_run_id, method, _json(params), "running",
+                 os.getpid(), now(), now()),
+            )
+            return int(cur.lastrowid), None
+
     def finished_run(self, kind: str, key: str) -> RunInfo | None:
         row = self.one("SELECT * FROM runs WHERE kind=? AND key=? AND status='done' ORDER BY id DESC LIMIT 1", (kind, key))
         return RunInfo.from_row(row) if row else None
