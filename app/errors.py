@@ -3,6 +3,7 @@ message, never a traceback (that goes to the log)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 class NeuronStudioError(Exception):
@@ -71,3 +72,14 @@ def disk_full(path: str | Path, needed: int | None = None) -> DiskFullError:
                             "again: it continues where it stopped")
     err.needed = needed
     return err
+
+
+def json_problem(exc: Any, line: bool = True) -> str:
+    """What a json.JSONDecodeError says, in words: "unterminated string starting at line 3, column 5" (its own
+    message may end in "at", which must not be followed by another "at")."""
+    msg = str(getattr(exc, "msg", exc)).strip()
+    msg = msg[:1].lower() + msg[1:]
+    if not line:
+        return msg[:-3] + " at column " + str(exc.colno) if msg.endswith(" at") else f"{msg} (column {exc.colno})"
+    where = f"line {exc.lineno}, column {exc.colno}"
+    return f"{msg} {where}" if msg.endswith(" at") else f"{msg} at {where}"

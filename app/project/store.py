@@ -281,6 +281,19 @@ def pid_alive(pid: int | None) -> bool:
     return True
 
 
+def _layer_suggestion(name: str, names: list[str]) -> str:
+    """The nearest layer names to a mistyped one, else the list to pick from. The model's own output is the layer
+    named "" and is shown as (output), never as an empty item."""
+    import difflib
+
+    shown = {n: n or "(output)" for n in names}
+    close = difflib.get_close_matches(name, [n for n in names if n], n=5, cutoff=0.5)
+    if close:
+        return f"did you mean {' or '.join(close)}? (`neuron-studio info --layers` lists them all)"
+    listed = [shown[n] for n in names]
+    return f"pick one of: {', '.join(listed[:30])}{' ...' if len(listed) > 30 else ''}"
+
+
 class Project:
     """An open project folder. Not thread-safe: each thread opens its own `Project` on the same folder."""
 
@@ -493,11 +506,8 @@ class Project:
         for r in self.layers(model_id):
             if r["name"] == name:
                 return r
-        close = [r["name"] for r in self.layers(model_id, extractable_only=True)]
-        raise ProjectError(
-            f"the model has no layer named {name!r}",
-            fix=f"pick one of: {', '.join(close[:30])}{' ...' if len(close) > 30 else ''}",
-        )
+        raise ProjectError(f"the model has no layer named {name!r}",
+                           fix=_layer_suggestion(name, [r["name"] for r in self.layers(model_id, extractable_only=True)]))
 
     def unit_ids(self, layer_id: int) -> list[int]:
         return [r[0] for r in self.conn.execute("SELECT id FROM units WHERE layer_id=? ORDER BY idx", (layer_id,))]

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from app.errors import DatasetError
+from app.errors import DatasetError, json_problem
 
 log = logging.getLogger(__name__)
 
@@ -539,7 +539,8 @@ class LabelsCsvReader(DatasetReader):
                     try:
                         obj = json.loads(s)
                     except json.JSONDecodeError as exc:
-                        raise _csv_error(path, line_no, f"not valid JSON ({exc.msg})", expected) from None
+                        raise _csv_error(path, line_no, f"not valid JSON ({json_problem(exc, line=False)})",
+                                         expected) from None
                     if not isinstance(obj, dict) or not isinstance(obj.get("image"), str):
                         raise _csv_error(path, line_no, "no string \"image\"", expected)
                     if "caption" in obj:
@@ -575,7 +576,7 @@ def _load_json(path: Path) -> Any:
         try:
             return json.load(f)
         except json.JSONDecodeError as exc:
-            raise DatasetError(f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}", file=path,
+            raise DatasetError(f"not valid JSON: {json_problem(exc)}", file=path,
                                fix="repair or re-download the file") from None
         except UnicodeDecodeError as exc:
             raise DatasetError(f"the file is not UTF-8 text ({exc.reason})", file=path,

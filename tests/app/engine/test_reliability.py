@@ -144,3 +144,31 @@ def test_resumed_run_reports_its_speed_and_finishes_done_equal_total(tiny_projec
     with Project.open(tiny_project) as p:
         run = p.run(job.run_id)
     assert run.status == "done" and run.done == run.total == 48
+
+
+def test_mistyped_layer_gets_the_nearest_names_and_no_empty_one(tiny_project):
+    from app.errors import ProjectError
+
+    with Project.open(tiny_project) as p:
+        model_id = p.model()["id"]
+        with pytest.raises(ProjectError) as err:
+            p.layer(model_id, "conv3")
+        assert err.value.fix.startswith(("did you mean conv2 or conv1?", "did you mean conv1 or conv2?"))
+        with pytest.raises(ProjectError) as err:
+            p.layer(model_id, "zzz")
+        fix = err.value.fix
+        assert fix.startswith("pick one of: ") and ": ," not in fix and ", ," not in fix
+        assert "(output)" in fix and "conv1" in fix
+
+
+def test_json_errors_do_not_say_at_at(tmp_path):
+    from app.errors import DatasetError
+    from app.sources.datasets import open_dataset
+
+    root = tmp_path / "c"
+    write_coco(root, 2)
+    ann = root / "annotations" / "instances.json"
+    ann.write_text('{"images": [], "categories": "unterminated')
+    with pytest.raises(DatasetError) as err:
+        open_dataset(root)
+    assert "at at" not in str(err.value) and "unterminated string starting at line 1, column" in str(err.value)
