@@ -73,3 +73,44 @@ def test_claim_is_taken_over_from_a_dead_process(tiny_project):
         p.finish_run(run_id, "interrupted")
         taken, other = p.claim_run(kind="label", key="k", params={})
         assert (taken, other) == (run_id, None) and p.run(run_id).status == "running"
+
+
+LOADER = """
+import sys, time
+from pathlib import Path
+import torch
+from app.engine.extract import make_loader
+from app.sources.datasets import open_dataset
+from app.sources.preprocess import Preprocess
+
+reader = open_dataset(sys.argv[1])
+pre = Preprocess.from_dict({"resize": 16, "crop": 16, "mean": (0.5,) * 3, "std": (0.25,) * 3})
+it = iter(make_loader(reader, pre, list(range(len(reader.images))), 2, 1, torch.device("cpu")))
+next(it)
+print(" ".join(str(w.pid) for w in it._workers), flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_dataloader_worker_dies_with_its_killed_parent(tmp_path):
+    import signal
+    import time
+
+    from tests.app.engine.conftest import write_coco
+
+    write_coco(tmp_path / "c", 24)
+    proc = subprocess.Popen([sys.executable, "-c", LOADER, str(tmp_path / "c")], cwd=ROOT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE)
+    try:
+        workers = [int(x) for x in proc.stdout.readline().split()]
+        assert workers
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    killed = time.monotonic()
+    # A worker only noticed its parent's death at its next 5 s status check; now the kernel ends it at once.
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+              for pid in workers) and time.monotonic() - killed < 10:
+        time.sleep(0.05)
+    assert time.monotonic() - killed < 2.5
