@@ -59,6 +59,11 @@ def readable_error(exc: BaseException) -> str:
     """What the window shows for an exception: the message of errors a user can cause, a short line otherwise."""
     if isinstance(exc, (NeuronStudioError, LabelerError)):
         return str(exc)
+    from app.failures import as_user_error
+
+    known = as_user_error(exc)  # a refused permission, a full disk, a crashed decoding process: said plainly
+    if known is not None:
+        return str(known)
     try:
         from app.cli import _log_file
 
@@ -86,6 +91,7 @@ def _setup_child_logging() -> None:
         handlers.append(logging.StreamHandler(sys.stderr))
     logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
                         format=f"%(asctime)s %(levelname)s run[{os.getpid()}] %(name)s: %(message)s")
+    logging.captureWarnings(True)  # PIL's and torch's warnings into the log, not onto the window's terminal
 
 
 def child_main(job: Any, out: Any, stop: Any) -> None:

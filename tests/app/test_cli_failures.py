@@ -106,3 +106,12 @@ def test_add_dataset_says_nothing_about_annotations_when_nothing_was_left_out(lo
     assert cli.main(["add-dataset", str(proj), str(data), "--name", "again", "-q"]) == 0
     out = capsys.readouterr().out
     assert "while reading annotations" in out and "gone.png" in out and '"format"' not in out
+
+
+def test_window_says_the_same_for_known_causes():
+    pytest.importorskip("PySide6")
+    from app.ui.jobproc import readable_error
+
+    text = readable_error(PermissionError(errno.EACCES, "Permission denied", "/data/locked/out.csv"))
+    assert text.startswith("/data/locked/out.csv: permission denied") and "unexpected" not in text
+    assert "disk is full" in readable_error(OSError(errno.ENOSPC, "No space left on device", "/x/y.npy"))
