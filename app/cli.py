@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -106,10 +105,18 @@ def cmd_add_dataset(args: argparse.Namespace) -> int:
         added = add_dataset(project, args.path, name=args.name, format=args.format)
     print(f"added dataset {added.name}: {added.images} images, {added.concepts} concepts, "
           f"masks: {'yes' if added.has_masks else 'no'}, {added.captions} captions")
-    skipped = {k: v for k, v in (added.report or {}).items() if v}
-    if skipped:
-        print("while reading annotations:", json.dumps(skipped, indent=1, default=str)[:2000])
+    left_out = _annotation_problems(added.report)
+    if left_out:
+        print("while reading annotations:", left_out)
     return 0
+
+
+def _annotation_problems(report: dict[str, Any] | None) -> str:
+    """What reading the annotations left out or noted ("" when nothing): the report's counts (format, images, ...)
+    are not problems."""
+    report = report or {}
+    found = {k: report[k] for k in ("skipped", "notes") if report.get(k)}
+    return json.dumps(found, indent=1, default=str)[:2000] if found else ""
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -125,13 +132,17 @@ def cmd_extract(args: argparse.Namespace) -> int:
                           amp=not args.no_amp, max_images=args.max_images)
     job = ExtractJob(args.project, opts, model=args.model, dataset=args.dataset)
     rep = run_with_bar(job, args.quiet)
-    print(f"extracted {len(rep.layers)} layer(s) over {rep.images} images ({rep.skipped} skipped) on {rep.device} "
-          f"in {rep.seconds:.1f} s ({rep.images_per_second:.1f} images/s); run {job.run_id}")
-    if rep.skipped:
-        with Project.open(args.project) as project:
-            for p in project.image_problems(job.run_id)[:10]:
-                print(f"  skipped {p['key']}: {p['problem']}")
+    _print_extract_report(rep, job.run_id)
     return 0
+
+
+def _print_extract_report(rep: Any, run_id: int | None) -> None:
+    """The summary line, then every problem of the run (unreadable images and images whose masks were left out)."""
+    from app.engine.summary import report_problems, report_summary
+
+    print(f"extracted {report_summary(rep)}; run {run_id}")
+    for line in report_problems(rep):
+        print(f"  {line}")
 
 
 def cmd_label(args: argparse.Namespace) -> int:
@@ -427,9 +438,15 @@ def main(argv: list[str] | None = None) -> int:
             log.info("error", exc_info=True)
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        log.exception("unexpected error")
-        print(f"error: unexpected {type(exc).__name__}: {exc} (details in {log_file()})", file=sys.stderr)
-        return 3
+        from app.failures import as_user_error, explain
+
+        log.error("unexpected error", exc_info=True, extra={"console": False})
+        try:
+            where: Path | None = log_file()
+        except OSError:
+            where = None
+        print(f"error: {explain(exc, where)}", file=sys.stderr)
+        return 2 if as_user_error(exc) is not None else 3
 
 
 if __name__ == "__main__":

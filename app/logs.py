@@ -27,8 +27,20 @@ def setup_logging(verbose: bool) -> None:
         pass
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    console.addFilter(_console_filter(verbose))
     handlers.append(console)
+    logging.captureWarnings(True)  # PIL's and torch's warnings go to the log like everything else
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers, format=FORMAT, force=True)
+
+
+def _console_filter(verbose: bool):
+    """Tracebacks (records marked console=False) stay in the log file; so do library warnings unless -v."""
+    def keep(record: logging.LogRecord) -> bool:
+        if not getattr(record, "console", True):
+            return False
+        return verbose or record.name != "py.warnings"
+
+    return keep
 
 
 def setup_child_logging() -> None:
@@ -40,3 +52,4 @@ def setup_child_logging() -> None:
         handlers.append(logging.StreamHandler(sys.stderr))
     logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
                         format=f"%(asctime)s %(levelname)s run[{os.getpid()}] %(name)s: %(message)s")
+    logging.captureWarnings(True)  # PIL's and torch's warnings into the log, not onto the window's terminal

@@ -2,7 +2,6 @@
 before anything is written), and list what can be extracted and labeled."""
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,19 +45,10 @@ def add_model(project: Project, spec: str, weights: str | Path | None = None, *,
 
 
 def dataset_fingerprint(reader: Any) -> str:
-    """Content key of a dataset as read: its format, image keys and annotation content (not image bytes, which
-    would mean reading every image to open a project)."""
-    h = hashlib.sha256()
-    h.update(reader.format.encode())
-    for im in reader.images:
-        h.update(im.key.encode())
-        h.update(b"\0")
-    for c in reader.concepts:
-        h.update(f"{c.name}\0{c.category}\0".encode())
-    presence = reader.presence()
-    if presence is not None:
-        h.update(presence.tobytes())
-    return h.hexdigest()
+    """Content key of a dataset as read (see `app.sources.datasets.content_fingerprint`)."""
+    from app.sources.datasets import content_fingerprint
+
+    return content_fingerprint(reader)
 
 
 @dataclass

@@ -28,8 +28,10 @@ import numpy as np
 import torch
 
 from app.engine import hooks
+from app.engine.claims import claim_or_wait
 from app.engine.device import describe, pick_device
 from app.engine.stats import TopKExemplars, TopQuantiles
+from app.engine.summary import MAX_LISTED
 from app.errors import DatasetError, JobError, ModelLoadError
 from app.jobs import Cancelled, JobProgress
 from app.project import arrays
@@ -194,13 +196,35 @@ def layer_info(row: dict[str, Any]) -> Any:
                      prefix_tokens=row["prefix_tokens"], channels_last=bool(row["channels_last"]), note=row["note"])
 
 
+def _die_with_parent(parent_pid: int, worker_id: int) -> None:
+    """DataLoader worker start: on Linux, ask the kernel to kill this worker the moment its parent dies. Without
+    it a worker of a killed job only notices at its next 5-second status check, holding memory and files."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def make_loader(reader: Any, preprocess: Any, indices: list[int], batch_size: int, num_workers: int | None,
                 device: torch.device, mask_size: int | None = None) -> torch.utils.data.DataLoader:
     workers = min(8, max(0, (os.cpu_count() or 1) - 1)) if num_workers is None else num_workers
     ds = ImageSet(reader, preprocess.transform(), indices, int(preprocess.crop), mask_size, preprocess.to_dict())
+    import functools
+
     return torch.utils.data.DataLoader(
         ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+        worker_init_fn=functools.partial(_die_with_parent, os.getpid()) if workers else None,
     )
 
 
@@ -272,6 +296,8 @@ class ExtractReport:
     layers: list[str] = field(default_factory=list)
     mask_counts: bool = False
     masks_skipped: int = 0
+    problems: list[str] = field(default_factory=list)  # "key: what went wrong", images first, at most MAX_LISTED
+    resumed: bool = False
 
 
 class ExtractJob:
@@ -289,10 +315,12 @@ class ExtractJob:
         self.run_id: int | None = None
 
     # ---- setup ---------------------------------------------------------------------------------------------
-    def _key(self, model_row: dict[str, Any], ds_row: dict[str, Any]) -> str:
+    def _key(self, model_row: dict[str, Any], ds_row: dict[str, Any], dataset_content: str) -> str:
+        # The dataset part is its content as it is on disk now (root, annotation bytes, image sizes and times),
+        # not what was recorded when it was added: a finished run is only reused for the very files it read.
         blob = json.dumps(
-            {"model": model_row["fingerprint"], "spec": model_row["spec"], "dataset": ds_row["fingerprint"],
-             "preprocess": model_row["preprocess"], **self.options.key_fields()},
+            {"model": model_row["fingerprint"], "spec": model_row["spec"], "dataset_id": ds_row["id"],
+             "dataset": dataset_content, "preprocess": model_row["preprocess"], **self.options.key_fields()},
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()
@@ -316,7 +344,10 @@ class ExtractJob:
                 raise JobError(f"layer {row['name']} ({row['type']}) has no units to extract",
                                fix="pick a convolution, linear or transformer block layer")
         device = pick_device(opts.device)
-        key = self._key(model_row, ds_row)
+        from app.sources.datasets import content_fingerprint
+
+        reader = open_project_dataset(ds_row)
+        key = self._key(model_row, ds_row, content_fingerprint(reader))
         done_run = project.finished_run(self.kind, key)
         if done_run is not None:
             log.info("extraction already done as run %d", done_run.id)
@@ -324,17 +355,14 @@ class ExtractJob:
             return ExtractReport(**{k: v for k, v in (done_run.report or {}).items()
                                     if k in {f.name for f in dataclasses.fields(ExtractReport)}})
         model = load_project_model(model_row, device)
-        reader = open_project_dataset(ds_row)
-        resumable = project.resumable_run(self.kind, key)
-        if resumable is not None:
-            run_id = resumable.id
-        else:
-            run_id = project.create_run(
-                kind=self.kind, key=key, params=dataclasses.asdict(opts) | {"device": str(device)},
-                model_id=model_row["id"], dataset_id=ds_row["id"],
-            )
+        run_id, finished = claim_or_wait(
+            project, progress, kind=self.kind, key=key, params=dataclasses.asdict(opts) | {"device": str(device)},
+            model_id=model_row["id"], dataset_id=ds_row["id"],
+        )
         self.run_id = run_id
-        project.start_run(run_id)
+        if finished is not None:  # the same extraction, done meanwhile by another process
+            return ExtractReport(**{k: v for k, v in (finished.report or {}).items()
+                                    if k in {f.name for f in dataclasses.fields(ExtractReport)}})
         t_start = time.monotonic()
         prior_seconds = project.run(run_id).seconds
         try:
@@ -344,12 +372,19 @@ class ExtractJob:
                                seconds=prior_seconds + time.monotonic() - t_start)
             raise
         except BaseException as exc:
-            project.finish_run(run_id, "failed", error=str(exc) or type(exc).__name__,
-                               seconds=prior_seconds + time.monotonic() - t_start)
+            try:
+                project.finish_run(run_id, "failed", error=str(exc) or type(exc).__name__,
+                                   seconds=prior_seconds + time.monotonic() - t_start)
+            except Exception:  # e.g. the disk that just filled up holds the database too: report the first error
+                log.warning("could not record the failure of run %d", run_id, exc_info=True)
             raise
         report.seconds = prior_seconds + time.monotonic() - t_start
+        total = project.run(run_id).total
+        if total:  # the last checkpoint may be a few batches behind: a finished run has done them all
+            project.update_run(run_id, done=total, total=total, message="done")
         project.finish_run(run_id, "done", report=dataclasses.asdict(report), seconds=report.seconds,
-                           message=f"{report.images} images, {report.skipped} skipped")
+                           message=f"{report.images} images, {report.skipped} skipped"
+                                   + (f", masks of {report.masks_skipped} left out" if report.masks_skipped else ""))
         return report
 
     # ---- the passes ----------------------------------------------------------------------------------------
@@ -399,10 +434,10 @@ class ExtractJob:
 
         passes = 2 if with_masks else 1
         total = n_images * passes
+        done_at_start = (stage - 1) * n_images + next_index if with_masks or stage == 1 else total
         runner = MapRunner(model, infos, device, amp=opts.amp, batch_size=opts.batch_size)
         last_ckpt = [time.monotonic()]
         t_first = time.monotonic()
-        images_seen = [0]
 
         def checkpoint(stage_now: int, next_idx: int) -> None:
             for ls in layers.values():
@@ -448,7 +483,6 @@ class ExtractJob:
                         ls.quant.update(flat.transpose(0, 1).reshape(u, -1))
                         ls.topk.update(mx, idx, maps)
                 next_index = int(batch["index"][-1]) + 1
-                images_seen[0] += len(batch["index"])
                 progress.update(next_index, total, "pass 1: activations, quantiles, exemplars")
                 if time.monotonic() - last_ckpt[0] >= opts.checkpoint_seconds:
                     checkpoint(1, next_index)
@@ -538,6 +572,9 @@ class ExtractJob:
         exact = all((ls.dir / "meta.json").exists() and json.loads((ls.dir / "meta.json").read_text())["exact"]
                     for ls in layers.values())
         skipped = len(problems)
+        keys = [im.key for im in reader.images]
+        listed = [f"skipped {keys[i]}: {msg}" for i, msg in sorted(problems.items())]
+        listed += [f"masks left out for {keys[i]}: {msg}" for i, msg in sorted(mask_problems.items())]
         if problems or mask_problems:
             project.record_image_problems(
                 run_id, sorted({**{k: f"{MASKS_LEFT_OUT}{v}" for k, v in mask_problems.items()}, **problems}.items()))
@@ -551,9 +588,13 @@ class ExtractJob:
             )
         state_path.unlink(missing_ok=True)
         elapsed = time.monotonic() - t_first
+        # Images per second over what this session computed, both passes counted as one image each time: a run
+        # resumed in its second pass reports that pass's speed, not 0.
+        work = (total - done_at_start) / passes
         return ExtractReport(
             images=n_images - skipped, skipped=skipped, seconds=elapsed,
-            images_per_second=images_seen[0] / elapsed if elapsed > 0 else math.nan,
+            images_per_second=work / elapsed if elapsed > 0 and work > 0 else math.nan,
             device=describe(device), batch_size=runner.micro, quantile_exact=exact, layers=list(layers),
-            mask_counts=with_masks, masks_skipped=len(mask_problems),
+            mask_counts=with_masks, masks_skipped=len(mask_problems), problems=listed[:MAX_LISTED],
+            resumed=done_at_start > 0,
         )

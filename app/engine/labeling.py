@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 import labelers.base as lb
+from app.engine.claims import claim_or_wait
 from app.engine.device import pick_device
 from app.engine.extract import MapRunner, layer_info, load_project_model, make_loader, open_project_dataset
 from app.engine.results import LayerResults
@@ -76,14 +77,16 @@ class LabelJob:
         # Inputs first: a method this project cannot feed leaves no failed run behind, only its message.
         inputs = self._inputs(project, labeler, results, layer_row, model_row, ds_row, device)
         inputs.require(self.method, *labeler.inputs)
-        prior = project.resumable_run(self.kind, key)
-        run_id = prior.id if prior else project.create_run(
+        # Claimed atomically before computing: the same command started twice computes each job once.
+        run_id, finished = claim_or_wait(
+            project, progress,
             kind=self.kind, key=key, params=params | ({"clip_model": str(self.clip_model)} if self.clip_model else {}),
             model_id=model_row["id"], dataset_id=ds_row["id"], layer_id=layer_row["id"],
             source_run_id=results.run_id, method=self.method,
         )
         self.run_id = run_id
-        project.start_run(run_id)
+        if finished is not None and finished.report:
+            return LabelReport(**{f.name: finished.report[f.name] for f in dataclasses.fields(LabelReport)})
         t0 = time.monotonic()
         try:
             out = labeler(inputs, params, progress)

@@ -17,6 +17,7 @@ import numpy as np
 from app.errors import JobError
 from app.export.base import ExportContext, exporter, split_names
 from app.export.common import LAYERS, MODEL, Exemplars, layer_refs, safe_name
+from app.project.arrays import create_rows
 from labelers.base import Param
 
 ROWS = 4096
@@ -30,7 +31,6 @@ def write_activations(ctx: ExportContext) -> dict[str, Any]:
     """Per-image pooled activations of each extracted layer as .npy, an index of images and units, and Parquet."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from numpy.lib.format import open_memmap
 
     project, opts = ctx.project, ctx.options
     ex = Exemplars(project)
@@ -61,7 +61,7 @@ def write_activations(ctx: ExportContext) -> dict[str, Any]:
         files.append(base)
         pooled = res.pooled_max if opts["pooling"] == "max" else res.pooled_mean
         n, u = pooled.shape
-        out = open_memmap(ctx.path / f"{base}.npy", mode="w+", dtype=np.float32, shape=(n, u))
+        out = create_rows(ctx.path / f"{base}.npy", (n, u), np.float32)
         for s in range(0, n, ROWS):
             out[s:s + ROWS] = np.asarray(pooled[s:s + ROWS], dtype=np.float32)
             done += min(ROWS, n - s)

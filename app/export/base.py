@@ -10,6 +10,7 @@ the same target. Each export is recorded in the project as a run of kind "export
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -22,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.errors import JobError
+from app.engine.claims import claim_or_wait
+from app.errors import DiskFullError, JobError, NeuronStudioError, disk_full
 from app.jobs import Cancelled, JobProgress
 from app.project.arrays import fsync_path
 from app.project.store import Project, pid_alive
@@ -170,7 +172,20 @@ def _remove(path: Path) -> None:
         pass
 
 
-    return True
+def _write_error(exc: OSError, target: Path) -> NeuronStudioError | None:
+    """The message for an OS error while writing an export: about the target the user chose, never about the
+    hidden temporary name it is written under. None for errors that are not about writing there."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return disk_full(target)
+    reasons = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+               errno.EROFS: "the file system is read-only"}
+    if exc.errno not in reasons:
+        return None
+    where = Path(exc.filename) if exc.filename else target.parent
+    if any(_TMP_TAG in part for part in where.parts) or where == target:
+        where = target.parent
+    return JobError(f"cannot write here: {reasons[exc.errno]} (in {where})", file=target,
+                    fix="choose a folder you can write to, or give your user write access to that one")
 
 
 def _clean_stale(target: Path) -> None:
@@ -184,7 +199,10 @@ def _clean_stale(target: Path) -> None:
         pid_text = entry.name[len(prefix):].split("-", 1)[0]
         if pid_text.isdigit() and not pid_alive(int(pid_text)):
             log.info("removing %s, left by an export that was killed", entry)
-            _remove(entry)
+            try:
+                _remove(entry)
+            except OSError as exc:  # not ours to fail on: the export itself reports the real problem
+                log.warning("could not remove %s: %s", entry, exc)
 
 
 def _check_target(target: Path, exp: Exporter) -> None:
@@ -245,9 +263,12 @@ class ExportJob:
                  progress: Progress) -> ExportReport:
         params = {"format": exp.name, "path": str(target), "options": options}
         key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
-        run_id = project.create_run(kind=self.kind, key=key, params=params)
+        # An export to this target that was killed, cancelled or failed is the same job: this run finishes it. The
+        # same export running in another process is waited for, not written twice.
+        run_id, finished = claim_or_wait(project, progress, kind=self.kind, key=key, params=params)
         self.run_id = run_id
-        project.start_run(run_id)
+        if finished is not None and finished.report:
+            return ExportReport(**finished.report)
         t0 = time.monotonic()
         made: list[Path] = []  # parent folders this export created, removed again if it does not finish
         tmp: Path | None = None
@@ -277,7 +298,16 @@ class ExportJob:
             raise
         except BaseException as exc:
             self._discard(tmp, made)
-            project.finish_run(run_id, "failed", error=str(exc) or type(exc).__name__, seconds=time.monotonic() - t0)
+            clear = _write_error(exc, target) if isinstance(exc, OSError) else None
+            if isinstance(exc, DiskFullError) and _TMP_TAG in (exc.file or ""):
+                clear = disk_full(target, exc.needed)
+            try:
+                project.finish_run(run_id, "failed", error=str(clear or exc) or type(exc).__name__,
+                                   seconds=time.monotonic() - t0)
+            except Exception:  # e.g. a full disk under the project too: the first error is the one to report
+                log.warning("could not record the failure of export run %d", run_id, exc_info=True)
+            if clear is not None:
+                raise clear from exc
             raise
         seconds = time.monotonic() - t0
         report = ExportReport(format=exp.name, path=str(target), seconds=seconds, run_id=run_id, summary=summary)
@@ -288,8 +318,13 @@ class ExportJob:
 
     @staticmethod
     def _discard(tmp: Path | None, made: list[Path]) -> None:
+        """Best effort, never raising: a cleanup error (EROFS where the write failed with EROFS) must not hide the
+        error that made the export stop."""
         if tmp is not None:
-            _remove(tmp)
+            try:
+                _remove(tmp)
+            except OSError as exc:
+                log.warning("could not remove %s: %s", tmp, exc)
         for folder in made:  # deepest first
             try:
                 folder.rmdir()

@@ -231,7 +231,7 @@ def annotations_parquet(ctx: ExportContext) -> dict[str, Any]:
 
 def read_table(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a table written above (by suffix: .csv, .jsonl/.json, .parquet), cells typed by column."""
-    from app.errors import ProjectError
+    from app.errors import ProjectError, json_problem
 
     path = Path(path)
     suffix = path.suffix.lower()
@@ -257,7 +257,7 @@ def read_table(path: str | Path) -> list[dict[str, Any]]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ProjectError(f"line {n} is not JSON ({exc.msg})", file=path,
+                    raise ProjectError(f"line {n} is not JSON ({json_problem(exc, line=False)})", file=path,
                                        fix="import a file written by `neuron-studio export`") from None
                 if not isinstance(row, dict):
                     raise ProjectError(f"line {n} is not a JSON object", file=path)

@@ -6,13 +6,17 @@ checkpoint, never inferred from the file.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.lib.format import open_memmap
+
+from app.errors import disk_full
 
 if TYPE_CHECKING:  # imported where used: opening a project must not load torch
     import torch
@@ -37,14 +41,75 @@ def atomic_replace(tmp: Path, target: Path) -> None:
     fsync_path(target.parent)
 
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _no_space(exc: BaseException, path: Path, needed: int) -> bool:
+    """Whether a failed write ran out of disk. numpy's tofile reports a short write without an errno, and
+    safetensors its own error type with the OS text, so the free space decides when the errno is missing."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno in _NO_SPACE
+    if "No space left" in str(exc) or "os error 28" in str(exc):
+        return True
+    try:
+        return shutil.disk_usage(path.parent).free < needed
+    except OSError:
+        return False
+
+
+def _discard_tmp(tmp: Path) -> None:
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def reserve(path: Path, nbytes: int) -> None:
+    """Give the file at `path` its `nbytes` of disk blocks now. A memory-mapped write into a sparse file on a full
+    disk is a SIGBUS that kills the process without a word; a reservation that fails is an ENOSPC we can report."""
+    with open(path, "r+b") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, nbytes)
+            return
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise
+            # The file system cannot preallocate (EOPNOTSUPP, EINVAL): compare with the free space instead.
+        have = os.fstat(fh.fileno()).st_blocks * 512
+        if shutil.disk_usage(path.parent).free < nbytes - have:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def create_rows(path: Path, shape: tuple[int, ...], dtype: Any, report_as: Path | None = None) -> np.memmap:
+    """A new memory-mapped .npy whose disk space is reserved before any row is written. On a full disk: a
+    `DiskFullError` naming the path (`report_as` where `path` is a temporary name) and the size, and no file left."""
+    try:
+        arr = open_memmap(path, mode="w+", shape=tuple(shape), dtype=dtype)
+        reserve(path, os.path.getsize(path))
+        return arr
+    except OSError as exc:
+        _discard_tmp(path)
+        if exc.errno in _NO_SPACE:
+            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize + 128
+            raise disk_full(report_as or path, nbytes) from None
+        raise
+
+
 def save_npy(path: Path, array: np.ndarray | torch.Tensor) -> None:
     if hasattr(array, "detach"):
         array = array.detach().cpu().numpy()
+    array = np.ascontiguousarray(array)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(array))
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        _discard_tmp(tmp)
+        if _no_space(exc, path, array.nbytes + 128):
+            raise disk_full(path, array.nbytes + 128) from None
+        raise
     atomic_replace(tmp, path)
 
 
@@ -60,7 +125,7 @@ def open_rows(path: Path, shape: tuple[int, ...], dtype: Any, fill: float | None
             raise ValueError(f"{path} holds {arr.shape} {arr.dtype}, expected {shape} {np.dtype(dtype)}")
         return arr
     tmp = path.with_name(path.name + ".tmp")
-    arr = open_memmap(tmp, mode="w+", shape=tuple(shape), dtype=dtype)
+    arr = create_rows(tmp, shape, dtype, report_as=path)
     if fill is not None:
         arr[...] = fill
     arr.flush()
@@ -74,9 +139,17 @@ def save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any
     from safetensors.torch import save_file
 
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"meta": json.dumps(meta)})
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    try:
+        save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+    except Exception as exc:  # safetensors reports a full disk as its own error type, with the errno in the text
+        _discard_tmp(tmp)
+        needed = sum(t.numel() * t.element_size() for t in tensors.values())
+        if _no_space(exc, path, needed):
+            raise disk_full(path, needed) from None
+        raise
     atomic_replace(tmp, path)
 
 

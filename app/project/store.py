@@ -305,6 +305,19 @@ def pid_alive(pid: int | None) -> bool:
     return True
 
 
+def _layer_suggestion(name: str, names: list[str]) -> str:
+    """The nearest layer names to a mistyped one, else the list to pick from. The model's own output is the layer
+    named "" and is shown as (output), never as an empty item."""
+    import difflib
+
+    shown = {n: n or "(output)" for n in names}
+    close = difflib.get_close_matches(name, [n for n in names if n], n=5, cutoff=0.5)
+    if close:
+        return f"did you mean {' or '.join(close)}? (`neuron-studio info --layers` lists them all)"
+    listed = [shown[n] for n in names]
+    return f"pick one of: {', '.join(listed[:30])}{' ...' if len(listed) > 30 else ''}"
+
+
 class Project:
     """An open project folder. Not thread-safe: each thread opens its own `Project` on the same folder."""
 
@@ -540,11 +553,8 @@ class Project:
         for r in self.layers(model_id):
             if r["name"] == name:
                 return r
-        close = [r["name"] for r in self.layers(model_id, extractable_only=True)]
-        raise ProjectError(
-            f"the model has no layer named {name!r}",
-            fix=f"pick one of: {', '.join(close[:30])}{' ...' if len(close) > 30 else ''}",
-        )
+        raise ProjectError(f"the model has no layer named {name!r}",
+                           fix=_layer_suggestion(name, [r["name"] for r in self.layers(model_id, extractable_only=True)]))
 
     def models(self) -> list[dict[str, Any]]:
         """Every model row (id, name, spec, kind, weights_path, ...), in the order they were added."""
@@ -733,6 +743,46 @@ class Project:
                 fix="wait for it or cancel it there",
             )
         return info
+
+    def claim_run(
+        self,
+        *,
+        kind: str,
+        key: str,
+        params: dict[str, Any],
+        model_id: int | None = None,
+        dataset_id: int | None = None,
+        layer_id: int | None = None,
+        source_run_id: int | None = None,
+        method: str | None = None,
+    ) -> tuple[int, int | None]:
+        """Take the job `kind`/`key` for this process, atomically: two processes asking together cannot both get it.
+        Returns (run id, None) when this process now runs it (the newest resumable run of the key, or a new one),
+        or (run id, pid) when a live process already does."""
+        with self.transaction():  # BEGIN IMMEDIATE: the look and the take happen under one write lock
+            states = ("queued", *RESUMABLE_STATES)
+            row = self.conn.execute(
+                f"SELECT id, status, pid FROM runs WHERE kind=? AND key=? AND status IN ({','.join('?' * len(states))})"
+                " ORDER BY id DESC LIMIT 1",
+                (kind, key, *states),
+            ).fetchone()
+            if row is not None and row["status"] in ("running", "queued") and row["pid"] != os.getpid() \
+                    and pid_alive(row["pid"]):
+                return int(row["id"]), int(row["pid"])
+            if row is not None:
+                self.conn.execute(
+                    "UPDATE runs SET status='running', pid=?, error=NULL, started_at=COALESCE(started_at, ?)"
+                    " WHERE id=?",
+                    (os.getpid(), now(), row["id"]),
+                )
+                return int(row["id"]), None
+            cur = self.conn.execute(
+                "INSERT INTO runs (kind, key, model_id, dataset_id, layer_id, source_run_id, method, params, status,"
+                " pid, created_at, started_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (kind, key, model_id, dataset_id, layer_id, source_run_id, method, _json(params), "running",
+                 os.getpid(), now(), now()),
+            )
+            return int(cur.lastrowid), None
 
     def finished_run(self, kind: str, key: str) -> RunInfo | None:
         row = self.one("SELECT * FROM runs WHERE kind=? AND key=? AND status='done' ORDER BY id DESC LIMIT 1", (kind, key))

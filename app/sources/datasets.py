@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from app.errors import DatasetError
+from app.errors import DatasetError, json_problem
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def load_rgb(path: Path) -> Image.Image:
             im.verify()
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            return _to_rgb8(im)
     except FileNotFoundError:
         raise DatasetError("the image file is missing", file=path,
                            fix="put the file back, or remove it from the dataset") from None
@@ -94,6 +94,28 @@ def load_rgb(path: Path) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
         raise DatasetError(f"the image is truncated or corrupt ({exc})", file=path,
                            fix="replace it with a valid copy, or delete it") from None
+
+
+_WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _to_rgb8(im: Image.Image) -> Image.Image:
+    """RGB with 8 bits per channel. Pillow's convert("RGB") clips wide grayscale (16-bit PNGs open as "I;16") to
+    0..255, which turns almost every pixel white; those are scaled by their bit depth instead. 48-bit RGB opens as
+    "RGB" already reduced to the high byte of each sample."""
+    if im.mode not in _WIDE_GRAY_MODES:
+        return im.convert("RGB")
+    arr = np.asarray(im)
+    if im.mode == "F":
+        a = arr.astype(np.float64)
+        hi = 1.0 if np.nanmax(a, initial=0.0) <= 1.0 else 255.0  # float images are 0..1, or 0..255 when larger
+        gray = np.clip(np.nan_to_num(a / hi), 0.0, 1.0) * 255.0
+    else:
+        a = arr.astype(np.float64)
+        # 16-bit modes say so; a 32-bit "I" image came from a 16-bit PNG (older Pillow) when it fits 16 bits.
+        bits = 16 if im.mode.startswith("I;16") or (im.format == "PNG") or a.max(initial=0) <= 65535 else 32
+        gray = np.clip(a, 0, 2.0**bits - 1) * (255.0 / (2.0**bits - 1))
+    return Image.fromarray(np.rint(gray).astype(np.uint8), "L").convert("RGB")
 
 
 def _is_image_name(name: str) -> bool:
@@ -268,6 +290,14 @@ class DatasetReader:
     def class_labels(self) -> tuple[list[str], np.ndarray] | None:
         return None
 
+    def annotation_files(self) -> list[Path]:
+        """The files whose bytes define the annotations (hashed by `content_fingerprint`)."""
+        return []
+
+    def annotation_refs(self) -> list[Path]:
+        """Per-image annotation files beside the images (Broden segmentations): fingerprinted by size and time."""
+        return []
+
     def report(self) -> dict[str, Any]:
         return {
             "format": self.format,
@@ -410,6 +440,7 @@ class LabelsCsvReader(DatasetReader):
         csv_file = path if path.is_file() else path / "labels.csv"
         root = csv_file.parent
         super().__init__(root, path)
+        self.csv_file = csv_file
         rows = _csv_rows(csv_file)
         first = next(iter(rows), None)
         if first is None:
@@ -492,6 +523,10 @@ class LabelsCsvReader(DatasetReader):
         if cap_file.is_file():
             self._captions = self._read_captions(cap_file, lookup)
 
+    def annotation_files(self) -> list[Path]:
+        caps = self.root / "captions.jsonl"
+        return [self.csv_file] + ([caps] if caps.is_file() else [])
+
     def _read_captions(self, path: Path, lookup: dict[str, int]) -> list[list[str]]:
         caps: list[list[str]] = [[] for _ in self.images]
         expected = 'a JSON object {"image": <image>, "caption": <text>} or {"image": ..., "captions": [<text>, ...]}'
@@ -504,7 +539,8 @@ class LabelsCsvReader(DatasetReader):
                     try:
                         obj = json.loads(s)
                     except json.JSONDecodeError as exc:
-                        raise _csv_error(path, line_no, f"not valid JSON ({exc.msg})", expected) from None
+                        raise _csv_error(path, line_no, f"not valid JSON ({json_problem(exc, line=False)})",
+                                         expected) from None
                     if not isinstance(obj, dict) or not isinstance(obj.get("image"), str):
                         raise _csv_error(path, line_no, "no string \"image\"", expected)
                     if "caption" in obj:
@@ -540,7 +576,7 @@ def _load_json(path: Path) -> Any:
         try:
             return json.load(f)
         except json.JSONDecodeError as exc:
-            raise DatasetError(f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}", file=path,
+            raise DatasetError(f"not valid JSON: {json_problem(exc)}", file=path,
                                fix="repair or re-download the file") from None
         except UnicodeDecodeError as exc:
             raise DatasetError(f"the file is not UTF-8 text ({exc.reason})", file=path,
@@ -577,12 +613,65 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _check_segmentation(seg: Any) -> str | None:
-    """None when `seg` has the shape of a COCO segmentation (polygons or an RLE), else what is wrong."""
+# Polygon vertices may lie outside the image (annotation tools clip late), but not absurdly far: pycocotools
+# rasterises every edge point by point, so a vertex at 1e12 asks for terabytes. A vertex may stray one image side
+# beyond each border; where the size is not in the annotations yet, this absolute bound applies until it is known.
+COORD_MARGIN = 1.0
+COORD_LIMIT_UNKNOWN_SIZE = 1e7
+# What rasterising one annotation's polygons may cost (pycocotools keeps ~16 bytes per boundary point at 5x).
+MASK_MEMORY_BUDGET = 256 * 2**20
+# What decoding one image's masks may hold at once (one mask at the stored size and the output stack, 1 byte/pixel).
+MASK_DECODE_BUDGET = 1024 * 2**20
+
+
+def _coordinate_bounds(width: int | None, height: int | None) -> tuple[float, float, float, float]:
+    """(x_min, x_max, y_min, y_max) a vertex may take for an image of this size."""
+    if not width or not height:
+        return (-COORD_LIMIT_UNKNOWN_SIZE, COORD_LIMIT_UNKNOWN_SIZE, -COORD_LIMIT_UNKNOWN_SIZE,
+                COORD_LIMIT_UNKNOWN_SIZE)
+    m = COORD_MARGIN * max(width, height)
+    return -m, width + m, -m, height + m
+
+
+def _check_coordinates(values: list[Any], width: int | None, height: int | None, what: str) -> str | None:
+    """None when `values` (x, y, x, y, ...) are finite numbers within the generous bounds of the image."""
+    x0, x1, y0, y1 = _coordinate_bounds(width, height)
+    for j, v in enumerate(values):
+        if not _is_number(v):
+            if isinstance(v, list):
+                return (f"a {what} whose coordinate {j} is itself a list (nested coordinates); a polygon is a flat "
+                        "list [x1, y1, x2, y2, ...]")
+            return f"a {what} whose coordinate {j} is {_describe(v)}"
+        if not np.isfinite(v):
+            return f"a {what} whose coordinate {j} is {v!r}"
+        lo, hi = (x0, x1) if j % 2 == 0 else (y0, y1)
+        if not lo <= v <= hi:
+            size = f"an image of {width}x{height}" if width and height else "an image"
+            return (f"a {what} whose {'x' if j % 2 == 0 else 'y'} coordinate {j} is {v!r}, far outside {size} "
+                    f"(allowed {lo:g} to {hi:g})")
+    return None
+
+
+def _polygon_cost(polys: list[list[float]]) -> float:
+    """Bytes pycocotools needs to rasterise these polygons (it walks every edge at 5x resolution)."""
+    total = 0.0
+    for p in polys:
+        xy = np.asarray(p, np.float64).reshape(-1, 2)
+        d = np.abs(np.diff(np.vstack([xy, xy[:1]]), axis=0)).max(axis=1)
+        total += float(d.sum()) * 5 + len(xy)
+    return total * 16
+
+
+def _check_segmentation(seg: Any, width: int | None = None, height: int | None = None) -> str | None:
+    """None when `seg` has the shape of a COCO segmentation (polygons or an RLE) with sane coordinates, else what
+    is wrong."""
     if isinstance(seg, list):
         for p in seg:
             if not isinstance(p, list):
                 return f"a polygon that is {_describe(p)}"
+            wrong = _check_coordinates(p, width, height, "polygon")
+            if wrong is not None:
+                return wrong
             if len(p) % 2:
                 return f"a polygon with an odd number of coordinates ({len(p)})"
         return None
@@ -692,6 +781,7 @@ class CocoReader(DatasetReader):
         self._id_to_index = {r[4]: i for i, r in enumerate(found)}
 
         # annotations: validated for shape here, decoded only when masks are asked for
+        sizes = {im["id"]: (im.get("width"), im.get("height")) for im in data["images"]}
         img_of: list[int] = []
         cat_of: list[int] = []
         pos_of: list[int] = []
@@ -704,9 +794,10 @@ class CocoReader(DatasetReader):
                 if not _is_id(a.get(key)):
                     raise _json_error(ann_file, f"annotations[{k}].{key}", f"it is {_describe(a.get(key))}",
                                       "an id")
+            size = sizes.get(a["image_id"], (None, None))
             seg = a.get("segmentation")
             if seg is not None:
-                wrong = _check_segmentation(seg)
+                wrong = _check_segmentation(seg, *size)
                 if wrong is not None:
                     raise _json_error(ann_file, f"annotations[{k}].segmentation", f"found {wrong}", _SEG_EXPECTED)
             else:
@@ -715,6 +806,11 @@ class CocoReader(DatasetReader):
                     if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
                         raise _json_error(ann_file, f"annotations[{k}].bbox", f"it is {box!r}",
                                           "[x, y, width, height]")
+                    corners = [box[0], box[1], box[0] + box[2], box[1] + box[3]]
+                    wrong = _check_coordinates(corners, *size, "box")
+                    if wrong is not None:
+                        raise _json_error(ann_file, f"annotations[{k}].bbox", f"found {wrong}",
+                                          "[x, y, width, height] within the image")
                     seg = ("bbox", box)
                     box_only += 1
             idx = self._id_to_index.get(a["image_id"])
@@ -754,6 +850,9 @@ class CocoReader(DatasetReader):
             self._captions = self._read_captions(self.captions_file)
         log.info("read %s: %d images, %d annotations, %d categories in %.2fs", ann_file, len(self.images),
                  len(self._segs), len(self.concepts), time.perf_counter() - t0)
+
+    def annotation_files(self) -> list[Path]:
+        return [self.annotation_file] + ([self.captions_file] if self.captions_file is not None else [])
 
     # -- captions
     def _captions_file(self, ann_file: Path) -> Path | None:
@@ -821,10 +920,13 @@ class CocoReader(DatasetReader):
             return []
         try:
             if isinstance(seg, tuple):  # ("bbox", [x, y, w, h])
+                x, y, bw, bh = seg[1]
+                self._check_polygons([[x, y, x + bw, y, x + bw, y + bh, x, y + bh]], h, w, where)
                 return list(mask_utils.frPyObjects(np.array([seg[1]], np.float64), h, w))
             if isinstance(seg, list):
                 # Polygons of fewer than 3 points enclose nothing, and pycocotools would read a 4-number one as a box.
                 polys = [[float(v) for v in p] for p in seg if len(p) >= 6]
+                self._check_polygons(polys, h, w, where)
                 return list(mask_utils.frPyObjects(polys, h, w)) if polys else []
             size = [int(v) for v in seg["size"]]
             if size != [h, w]:
@@ -842,6 +944,18 @@ class CocoReader(DatasetReader):
         except (TypeError, ValueError, UnicodeEncodeError) as exc:
             raise _json_error(self.annotation_file, where, f"it cannot be decoded ({exc})", _SEG_EXPECTED) from None
 
+    def _check_polygons(self, polys: list[list[float]], h: int, w: int, where: str) -> None:
+        """Checked again at decoding, against the real image size (the annotations may not have given it)."""
+        for p in polys:
+            wrong = _check_coordinates(p, w, h, "polygon")
+            if wrong is not None:
+                raise _json_error(self.annotation_file, where, f"found {wrong}", _SEG_EXPECTED)
+        cost = _polygon_cost(polys) if polys else 0.0
+        if cost > MASK_MEMORY_BUDGET:
+            raise _json_error(self.annotation_file, where,
+                              f"its polygons would need {cost / 2**20:.0f} MB to rasterise "
+                              f"(the budget is {MASK_MEMORY_BUDGET // 2**20} MB)", "polygons of a sane length")
+
     def masks(self, index: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         from pycocotools import mask as mask_utils
 
@@ -850,6 +964,12 @@ class CocoReader(DatasetReader):
         if s == e:
             return _empty_masks(size)
         h, w = self._image_size(index)
+        # One decoded mask at the stored size plus the output stack: refuse what would not fit the budget.
+        need = h * w + len(np.unique(self._cat_of[s:e])) * size[0] * size[1]
+        if need > MASK_DECODE_BUDGET:
+            raise DatasetError(f"the masks of image {self.images[index].key} ({w}x{h}) would need "
+                               f"{need / 2**20:.0f} MB to decode", file=self.annotation_file,
+                               fix="downscale the image and its annotations")
         cats = self._cat_of[s:e]
         present = np.unique(cats)
         out = np.zeros((len(present), *size), bool)
@@ -960,6 +1080,7 @@ class BrodenReader(DatasetReader):
         index = path if path.is_file() else path / "index.csv"
         root = index.parent
         super().__init__(root, path)
+        self.index_file = index
         self.image_dir = root / "images"
         t0 = time.perf_counter()
         rows = _csv_rows(index)
@@ -1071,6 +1192,13 @@ class BrodenReader(DatasetReader):
     def has_masks(self) -> bool:
         return bool(self.concepts)
 
+    def annotation_files(self) -> list[Path]:
+        return [self.index_file] + sorted(p for p in self.root.glob("*.csv") if p.name == "label.csv"
+                                          or p.name.startswith("c_"))
+
+    def annotation_refs(self) -> list[Path]:
+        return [self.image_dir / ref for layers in self._layers for _, ref in layers if isinstance(ref, str)]
+
     def annotated_categories(self, index: int) -> np.ndarray:
         out = np.zeros(len(self.categories), bool)
         out[: self._annotated.shape[1]] = self._annotated[index]
@@ -1086,11 +1214,17 @@ class BrodenReader(DatasetReader):
                             f"{where}: {int(labels[idx < 0][0])}")
         return idx[idx >= 0]
 
-    def _read_map(self, rel: str) -> np.ndarray | None:
+    def _read_map(self, rel: str, strict: bool = False) -> np.ndarray | None:
+        """A segmentation's label map. Unreadable: None (noted in the report) while listing presence; with
+        `strict` (decoding one image's masks) a DatasetError, so the image's masks are left out and reported
+        rather than silently counted with one of its segmentations missing."""
         path = self.image_dir / rel
         try:
             return _label_map(path)
         except Exception as exc:  # one damaged mask file must not end a long extraction
+            if strict:
+                raise DatasetError(f"the segmentation cannot be decoded ({exc})", file=path,
+                                   fix="replace the file with a valid PNG") from None
             log.warning("skipping unreadable segmentation %s: %s", path, exc)
             self._skips.add("unreadable_mask", "segmentation files that cannot be decoded (ignored)",
                             f"{rel}: {exc}")
@@ -1137,7 +1271,7 @@ class BrodenReader(DatasetReader):
             if isinstance(ref, int):
                 whole.append(ref)
                 continue
-            m = self._read_map(ref)
+            m = self._read_map(ref, strict=True)
             if m is None:
                 continue
             labels.append(np.unique(m))
@@ -1164,6 +1298,53 @@ class BrodenReader(DatasetReader):
             return _empty_masks(size)
         order = sorted(masks)
         return np.array(order, np.int64), np.stack([masks[c] for c in order])
+
+
+# ---- content fingerprint -----------------------------------------------------------------------------------------
+
+FINGERPRINT_VERSION = "content-v2"
+
+
+def _stat_token(path: Path) -> bytes:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"unreadable:{exc.errno}".encode()
+    return f"{st.st_size}:{st.st_mtime_ns}".encode()
+
+
+def content_fingerprint(reader: DatasetReader) -> str:
+    """A key of everything that can change what an extraction computes from this dataset: where it lies, the bytes
+    of its annotation files, and each image's (and per-image segmentation's) name, size and modification time.
+
+    Images are not read (that would mean decoding the whole dataset to open it); a file rewritten in place keeps
+    its name but changes its size or modification time, which is what the key watches. Two copies of a dataset
+    in different folders get different keys on purpose: a result is only reused for the files it was made from.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(f"{FINGERPRINT_VERSION}\0{reader.format}\0{Path(reader.root).resolve()}\0{reader.source}\0".encode())
+    for f in reader.annotation_files():
+        h.update(f"{f}\0".encode())
+        try:
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        except OSError as exc:
+            h.update(f"unreadable:{exc.errno}".encode())
+        h.update(b"\0")
+    for im in reader.images:
+        h.update(im.key.encode())
+        h.update(b"\0")
+        h.update(_stat_token(im.path))
+        h.update(b"\0")
+    for ref in reader.annotation_refs():
+        h.update(f"{ref}\0".encode())
+        h.update(_stat_token(ref))
+    for c in reader.concepts:
+        h.update(f"{c.name}\0{c.category}\0".encode())
+    return h.hexdigest()
 
 
 # ---- detection ---------------------------------------------------------------------------------------------------

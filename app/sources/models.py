@@ -18,10 +18,10 @@ import difflib
 import hashlib
 import importlib
 import importlib.util
+import io
 import json
 import logging
 import math
-import pickle
 import re
 import sys
 import warnings
@@ -659,27 +659,123 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
         _require_safe_torch()
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            text = str(exc)
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-            if found or "Unsupported" in text:
-                what = f" (an object of class {found.group(1)})" if found else ""
-                raise ModelLoadError(
-                    f"the file is not plain weights: it holds Python objects{what} that only unpickling could "
-                    "rebuild, and Neuron Studio will not unpickle them because that can run arbitrary code",
-                    file=path,
-                    fix="save only the weights: torch.save(model.state_dict(), 'model.pth'), or better "
-                        "safetensors.torch.save_file(model.state_dict(), 'model.safetensors')",
-                ) from None
-            raise _corrupt(path, exc) from None
+            with warnings.catch_warnings():  # torch's note on the pickle protocol is not the user's concern
+                warnings.simplefilter("ignore", UserWarning)
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - truncated zips raise RuntimeError, junk KeyError/EOFError
-            raise _corrupt(path, exc) from None
+            # Why it failed is read from the file itself, not from torch's wording (which changes between
+            # versions and suggests weights_only=False, the one thing never to do with an untrusted file).
+            raise _unreadable_weights(path, exc) from None
         return _unwrap_state_dict(obj, path), {}, _sha256_file(path)
     raise ModelLoadError(
         f"unknown weights format {path.suffix or '(no extension)'!r}", file=path,
         fix=f"pass a .safetensors file or a state dict saved with torch.save ({', '.join(PICKLE_EXTENSIONS)})",
     )
+
+
+@dataclass
+class _PickleScan:
+    is_pickle: bool  # the bytes parse as a pickle stream (or a torch zip holding one)
+    zip_damaged: bool  # a zip archive (torch's format) whose directory cannot be read
+    code_globals: list[str]  # classes and functions the stream names that a weights-only load refuses
+
+
+def _allowed_globals() -> set[str]:
+    """Names torch's weights-only unpickler accepts ("module.name"), or an empty set where torch hides them."""
+    names: set[str] = set()
+    try:
+        from torch import _weights_only_unpickler as wou
+
+        names |= set(wou._get_allowed_globals())
+    except Exception:  # noqa: BLE001 - a private helper; without it every non-torch global counts as code
+        pass
+    try:
+        import torch.serialization as ser
+
+        names |= {f"{getattr(g, '__module__', '')}.{getattr(g, '__qualname__', '')}"
+                  for g in ser.get_safe_globals() if not isinstance(g, tuple)}
+    except Exception:  # noqa: BLE001
+        pass
+    return names
+
+
+def _scan_pickle(path: Path, limit: int = 64 * 2**20) -> _PickleScan:
+    """Walk the pickle opcodes of a weights file without executing anything, noting every global it names."""
+    import pickletools
+    import zipfile
+
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    data: bytes
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            member = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+            if member is None:
+                return _PickleScan(False, False, [])
+            with zf.open(member) as fh:
+                data = fh.read(limit)
+    elif head == b"PK\x03\x04":
+        return _PickleScan(False, True, [])
+    else:
+        with open(path, "rb") as fh:
+            data = fh.read(limit)
+    names: list[str] = []
+    strings: list[str] = []
+    memo: dict[int, Any] = {}
+    parsed = 0
+    stream = io.BytesIO(data)
+    # torch's legacy format is several pickles in a row (magic number, version, ..., the object), then raw bytes.
+    while stream.tell() < len(data) and parsed < 8:
+        try:
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING",
+                               "BINSTRING", "STRING"):
+                    strings.append(str(arg))
+                elif op.name in ("MEMOIZE",) and strings:
+                    memo[len(memo)] = strings[-1]
+                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
+                    memo[int(arg)] = strings[-1]
+                elif op.name in ("BINGET", "LONG_BINGET", "GET") and isinstance(memo.get(int(arg)), str):
+                    strings.append(memo[int(arg)])
+                elif op.name in ("GLOBAL", "INST"):
+                    names.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+        except Exception:  # noqa: BLE001 - not (or no longer) a pickle: junk, or the raw storages after the pickles
+            break
+        parsed += 1
+    if not parsed:
+        return _PickleScan(False, False, [])
+    allowed = _allowed_globals()
+    safe_prefixes = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.")
+    code = [n for n in dict.fromkeys(names)
+            if n not in allowed and not (not allowed and n.startswith(safe_prefixes))]
+    return _PickleScan(True, False, code)
+
+
+def _unreadable_weights(path: Path, exc: BaseException) -> ModelLoadError:
+    """The message for a pickled weights file torch.load(weights_only=True) refused, by what the file holds."""
+    try:
+        scan = _scan_pickle(path)
+    except OSError as err:
+        return _corrupt(path, err)
+    if scan.code_globals:
+        shown = ", ".join(scan.code_globals[:3]) + (", ..." if len(scan.code_globals) > 3 else "")
+        return ModelLoadError(
+            f"the file is not plain weights: it holds Python objects ({shown}) that only unpickling could rebuild, "
+            "and Neuron Studio will not unpickle them because that can run arbitrary code",
+            file=path,
+            fix="if you trust its author, open it in Python and save only the weights: "
+                "safetensors.torch.save_file(model.state_dict(), 'model.safetensors')",
+        )
+    if scan.zip_damaged:
+        return _corrupt(path, exc)
+    if not scan.is_pickle:
+        return ModelLoadError(
+            "not a weights file: neither a PyTorch checkpoint (torch.save) nor a safetensors file", file=path,
+            fix="pass the weights file itself (a .safetensors file, or a state dict saved with torch.save)",
+        )
+    return _corrupt(path, exc)
 
 
 def _corrupt(path: Path, exc: BaseException) -> ModelLoadError:
@@ -841,9 +937,28 @@ def _few(items: list[str], n: int = 4) -> str:
     return shown + (", ..." if len(items) > n else "")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+# Sentences in torch's errors that advise loading with weights_only=False: never passed on to a user.
+_UNSAFE_ADVICE = re.compile(r"weights_only|Weights only load failed|arbitrary code|trusted source|file an issue",
+                            re.IGNORECASE)
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first meaningful line of an error, without torch's weights_only advice, cut at a word boundary."""
+    lines = [ln.strip() for ln in (str(exc).strip() or type(exc).__name__).splitlines() if ln.strip()]
+    kept = []
+    for ln in lines:
+        sentences = [x for x in re.split(r"(?<=[.!?])\s+", ln) if x and not _UNSAFE_ADVICE.search(x)]
+        if sentences:
+            kept.append(" ".join(sentences))
+    if not kept:
+        inner = exc.__cause__ or exc.__context__
+        return _first_line(inner, limit) if inner is not None and inner is not exc else type(exc).__name__
+    text = kept[0]
+    if len(text) > limit:
+        cut = text[:limit]
+        space = cut.rfind(" ")
+        text = (cut[:space] if space > limit // 2 else cut).rstrip(" ,;:") + " ..."
+    return text
 
 
 # --------------------------------------------------------------------------------------------------- layers

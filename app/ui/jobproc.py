@@ -59,6 +59,11 @@ def readable_error(exc: BaseException) -> str:
     """What the window shows for an exception: the message of errors a user can cause, a short line otherwise."""
     if isinstance(exc, UserError):
         return str(exc)
+    from app.failures import as_user_error
+
+    known = as_user_error(exc)  # a refused permission, a full disk, a crashed decoding process: said plainly
+    if known is not None:
+        return str(known)
     try:
         where = f" (details in {log_file()})"
     except OSError:

@@ -27,14 +27,16 @@ from app.ui.workers import JobHandle, JobManager, JobState
 log = logging.getLogger(__name__)
 
 
-def describe_result(result: Any) -> str:
-    """One line about a finished run, from its report."""
+def describe_result(result: Any, problems: bool = False) -> str:
+    """One line about a finished run, from its report; with `problems`, then one line per problem of the run."""
     if result is None:
         return "done"
     name = type(result).__name__
     if name == "ExtractReport":
-        return (f"{result.images} images ({result.skipped} skipped) on {result.device} in "
-                f"{format_seconds(result.seconds)} ({result.images_per_second:.1f} images/s)")
+        from app.engine.summary import report_problems, report_summary
+
+        lines = report_problems(result) if problems else []
+        return "\n".join([report_summary(result), *lines])
     if name == "LabelReport":
         return f"{result.labels} labels for {result.units} units in {format_seconds(result.seconds)}"
     if dataclasses.is_dataclass(result):
@@ -132,7 +134,7 @@ class JobRow(QFrame):
             self.detail.setStyleSheet(f"color: {STATE_COLORS['failed']};")
             self.detail.setVisible(True)
         elif h.state is JobState.DONE:
-            self.detail.setText(describe_result(h.result))
+            self.detail.setText(describe_result(h.result, problems=True))
             self.detail.setStyleSheet("")
             self.detail.setVisible(True)
         elif h.state is JobState.CANCELLED:
