@@ -59,6 +59,7 @@ for what in ("rows", "npy", "state"):
 """
 
 
+@pytest.mark.slow  # a process that imports torch (a SIGBUS would end pytest itself)
 def test_full_tmpfs_is_a_message_not_a_sigbus(tmp_path):
     with small_tmpfs(tmp_path / "mnt") as mnt:
         res = subprocess.run([sys.executable, "-c", CHILD, str(mnt)], cwd=ROOT, capture_output=True,
