@@ -120,6 +120,12 @@ def load_npy(path: Path, mmap: bool = True) -> np.ndarray:
 def open_rows(path: Path, shape: tuple[int, ...], dtype: Any, fill: float | None = np.nan) -> np.memmap:
     """A memory-mapped array filled row by row; created (filled with `fill`) if missing, reopened if present."""
     if path.exists():
+        try:  # a file a killed run left may still be sparse: its blocks too are reserved before rows are written
+            reserve(path, os.path.getsize(path))
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise disk_full(path, os.path.getsize(path)) from None
+            raise
         arr = open_memmap(path, mode="r+")
         if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
             raise ValueError(f"{path} holds {arr.shape} {arr.dtype}, expected {shape} {np.dtype(dtype)}")

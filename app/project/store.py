@@ -311,7 +311,7 @@ def _layer_suggestion(name: str, names: list[str]) -> str:
     import difflib
 
     shown = {n: n or "(output)" for n in names}
-    close = difflib.get_close_matches(name, [n for n in names if n], n=5, cutoff=0.5)
+    close = difflib.get_close_matches(name, [n for n in names if n], n=3, cutoff=0.5)
     if close:
         return f"did you mean {' or '.join(close)}? (`neuron-studio info --layers` lists them all)"
     listed = [shown[n] for n in names]

@@ -26,9 +26,9 @@ proj, flags, me = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 real_call = lb.Labeler.__call__
 
 def slow_call(self, inputs, params=None, progress=None):
-    # Computing takes a while (up to 3 s, or until the other process computes too: the defect, seen at once).
+    # Computing takes a while (up to 2 s, or until the other process computes too: the defect, seen at once).
     (flags / f"computing-{self.name}-{me}").touch()
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + 2
     while time.monotonic() < deadline and len(list(flags.glob(f"computing-{self.name}-*"))) < 2:
         time.sleep(0.02)
     return real_call(self, inputs, params, progress)
@@ -43,6 +43,7 @@ for method in ("netdissect", "invert"):
 """
 
 
+@pytest.mark.slow  # two processes that import torch
 def test_two_identical_label_commands_compute_each_job_once(tiny_project, tmp_path):
     ExtractJob(tiny_project, ExtractOptions(layers=["conv1"], batch_size=8, num_workers=0, device="cpu",
                                             mask_stats=True)).execute(JobProgress())
@@ -92,6 +93,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow  # a process that imports torch
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 def test_dataloader_worker_dies_with_its_killed_parent(tmp_path):
     import signal

@@ -94,6 +94,7 @@ def test_activations_export_on_a_full_disk(study, tmp_path, monkeypatch):
     assert run.status == "failed" and "disk is full" in run.error
 
 
+@pytest.mark.slow  # a process killed half way
 def test_killed_export_is_finished_by_the_next_one(study, tmp_path):
     target = tmp_path / "out" / "sets"
     flag = tmp_path / "flag"

@@ -59,6 +59,7 @@ for what in ("rows", "npy", "state"):
 """
 
 
+@pytest.mark.slow  # a process that imports torch (a SIGBUS would end pytest itself)
 def test_full_tmpfs_is_a_message_not_a_sigbus(tmp_path):
     with small_tmpfs(tmp_path / "mnt") as mnt:
         res = subprocess.run([sys.executable, "-c", CHILD, str(mnt)], cwd=ROOT, capture_output=True,
@@ -112,3 +113,11 @@ def test_save_state_on_full_disk_leaves_no_tmp(tmp_path, monkeypatch):
     with pytest.raises(DiskFullError):
         arrays.save_state(tmp_path / "state.safetensors", {"x": torch.ones(3)}, {})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_reopened_rows_are_reserved_too(tmp_path, monkeypatch):
+    arrays.open_rows(tmp_path / "rows.npy", (100, 10), np.float32)
+    calls = []
+    monkeypatch.setattr(arrays.os, "posix_fallocate", lambda fd, off, n: calls.append(n))
+    arrays.open_rows(tmp_path / "rows.npy", (100, 10), np.float32)
+    assert calls and calls[0] >= 4000
