@@ -86,7 +86,7 @@ from labelers.formulas import (
     formula_key,
     to_text,
 )
-from labelers.netdissect import select_concepts
+from labelers.netdissect import pixel_iou_applies_to, select_concepts
 from labelers.significance import search_half
 
 log = logging.getLogger(__name__)
@@ -222,25 +222,61 @@ class PatternTable:
         B, U, H, W = unit_masks.shape
         C = concept_masks.shape[1]
         n = B * H * W
+        if unit_masks.device.type == "cpu":
+            return PatternTable._from_masks_numpy(unit_masks.numpy(), concept_masks.numpy())
         x = concept_masks.permute(0, 2, 3, 1).reshape(n, C)
         ids, first = pattern_ids(x)
         p = first.numel()
         a = unit_masks.transpose(0, 1).reshape(U, n)
-        if x.device.type == "cpu":  # numpy's nonzero and bincount are the faster ones on CPU
-            ids_np = ids.numpy()
-            u_idx, px = np.nonzero(a.numpy())
-            pixels = torch.from_numpy(np.bincount(ids_np, minlength=p).astype(np.float64))
-            act = np.bincount(u_idx * p + ids_np[px], minlength=U * p).reshape(U, p).T.astype(np.float64)
-            return PatternTable(x[first], pixels, torch.from_numpy(np.ascontiguousarray(act)))
         pixels = torch.bincount(ids, minlength=p).to(torch.float64)
         u_idx, px = a.nonzero(as_tuple=True)
         active = torch.bincount(u_idx * p + ids[px], minlength=U * p).view(U, p).T.to(torch.float64)
         return PatternTable(x[first], pixels, active.contiguous())
 
     @staticmethod
+    def _from_masks_numpy(um: np.ndarray, cm: np.ndarray) -> "PatternTable":
+        # numpy, single-threaded: many small torch ops per batch spend most of their time waking worker threads,
+        # and on a busy machine far more. Concept bits are packed along the concept axis in place (no transposed
+        # copy of the masks); each pixel's packed bytes are then one sortable value.
+        B, U, H, W = um.shape
+        C = cm.shape[1]
+        n = B * H * W
+        k = -(-C // 8)
+        width = max(8, -(-k // 8) * 8)
+        rows = np.zeros((n, width), dtype=np.uint8)
+        flat = cm.reshape(B, C, H * W)
+        for byte in range(k):  # eight concepts to a byte, by shifts over contiguous planes (packbits across
+            acc = np.zeros((B, H * W), dtype=np.uint8)  # a middle axis is ~10x slower)
+            for j in range(min(8, C - 8 * byte)):
+                acc |= flat[:, 8 * byte + j].view(np.uint8) << np.uint8(j)
+            rows[:, byte] = acc.reshape(n)
+        key = rows.view(np.int64)[:, 0] if width == 8 else rows.view(np.dtype((np.void, width)))[:, 0]
+        _, first, ids = np.unique(key, return_index=True, return_inverse=True)
+        ids = ids.reshape(-1)
+        p = len(first)
+        bits = np.unpackbits(rows[first, :k], axis=1, count=C, bitorder="little").astype(bool)
+        pixels = np.bincount(ids, minlength=p).astype(np.float64)
+        idx = _true_positions(um.reshape(-1))
+        hw = H * W
+        b_idx, rest = np.divmod(idx, U * hw)
+        u_idx, in_img = np.divmod(rest, hw)
+        px = b_idx * hw + in_img
+        active = np.bincount(u_idx * p + ids[px], minlength=U * p).reshape(U, p).T.astype(np.float64)
+        return PatternTable(torch.from_numpy(bits), torch.from_numpy(pixels), torch.from_numpy(np.ascontiguousarray(active)))
+
+    @staticmethod
     def merge(parts: list["PatternTable"]) -> "PatternTable":
         if len(parts) == 1:
             return parts[0]
+        if parts[0].bits.device.type == "cpu":
+            bits_np = np.concatenate([p.bits.numpy() for p in parts])
+            ids_t, first_t = pattern_ids(torch.from_numpy(bits_np))
+            ids_np, p = ids_t.numpy(), first_t.numel()
+            pixels_np = np.bincount(ids_np, weights=np.concatenate([q.pixels.numpy() for q in parts]), minlength=p)
+            active_np = np.zeros((p, parts[0].active.shape[1]), dtype=np.float64)
+            np.add.at(active_np, ids_np, np.concatenate([q.active.numpy() for q in parts]))
+            return PatternTable(torch.from_numpy(bits_np[first_t.numpy()]), torch.from_numpy(pixels_np),
+                                torch.from_numpy(active_np))
         bits = torch.cat([p.bits for p in parts])
         ids, first = pattern_ids(bits)
         p = first.numel()
@@ -249,6 +285,20 @@ class PatternTable:
         active = torch.zeros((p, parts[0].active.shape[1]), dtype=torch.float64, device=bits.device).index_add_(
             0, ids, torch.cat([q.active for q in parts]))
         return PatternTable(bits[first], pixels, active)
+
+
+def _true_positions(flat: np.ndarray) -> np.ndarray:
+    """np.flatnonzero of a sparse 1-D bool array, scanning it as 64-bit words first (units are active on ~0.5% of
+    pixels, so most words are zero)."""
+    n = flat.size
+    full = n - n % 8
+    words = flat[:full].view(np.uint64)
+    hit = np.flatnonzero(words)
+    r, c = np.nonzero(flat[:full].reshape(-1, 8)[hit])
+    out = hit[r] * 8 + c
+    if full < n:
+        out = np.concatenate([out, full + np.flatnonzero(flat[full:])])
+    return out
 
 
 class _Accumulator:
@@ -281,6 +331,7 @@ class CompExp(Labeler):
     title = "Compositional explanations"
     paper = "Mu, Andreas. Compositional Explanations of Neurons. NeurIPS 2020"
     inputs = (Input.MASK_BATCHES,)
+    applies_to = staticmethod(pixel_iou_applies_to)  # type: ignore[assignment]
     params = (
         Param("beam_size", int, 5, "Formulas kept in the beam at each step (reference: 5).", minimum=1),
         Param("max_length", int, 3, "Most concepts in a formula (reference: 3).", minimum=1, maximum=10),
@@ -347,11 +398,14 @@ class CompExp(Labeler):
                 um = um if um.dtype == torch.bool else um != 0
                 cm = cm if cm.dtype == torch.bool else cm != 0
                 if C1 != cm.shape[1]:
-                    cm = cm[:, sel]  # advanced indexing: index_select on bool is very slow on CPU
+                    cm = torch.from_numpy(cm.numpy()[:, sel.numpy()]) if device.type == "cpu" else cm[:, sel]
                 for h in wanted:
                     rows = (half == h).nonzero().flatten()
                     if rows.numel() == n_img:
                         yield h, PatternTable.from_masks(um, cm)
+                    elif rows.numel() and device.type == "cpu":
+                        r = rows.numpy()
+                        yield h, PatternTable.from_masks(torch.from_numpy(um.numpy()[r]), torch.from_numpy(cm.numpy()[r]))
                     elif rows.numel():
                         rows = rows.to(device)
                         yield h, PatternTable.from_masks(um[rows], cm[rows])
@@ -364,21 +418,34 @@ class CompExp(Labeler):
         S_A = torch.zeros(U, dtype=torch.float64, device=device)
         S_c = torch.zeros(C1, dtype=torch.float64, device=device)
         co = torch.zeros((C1, C1), dtype=torch.float64, device=device)  # all images: concept relations
-        for h, t in stream(halves, 0, "grouping pixels by concept"):
-            xf = t.bits.to(torch.float64)
-            co += (xf * t.pixels[:, None]).T @ xf
+        def add_sums(h: int, t: PatternTable) -> None:
+            nonlocal co, I_Ac, S_A, S_c
+            xf = t.bits.to(device=device, dtype=torch.float64)
+            co += (xf * t.pixels.to(device)[:, None]).T @ xf
             if h == 0:
-                I_Ac += t.active.T @ xf
-                S_A += t.active.sum(0)
-                S_c += t.pixels @ xf
-            if cached:
-                acc[h].add(t)
-                if sum(a.nbytes() for a in acc.values()) > budget // 2:
-                    cached = False
-                    acc = {}
-                    log.info("compexp %s: the grouped masks exceed %d MB; reading the data once per search step",
-                             inputs.layer, budget // 2**20)
+                active = t.active.to(device)
+                I_Ac += active.T @ xf
+                S_A += active.sum(0)
+                S_c += t.pixels.to(device) @ xf
+
+        for h, t in stream(halves, 0, "grouping pixels by concept"):
+            if not cached:
+                add_sums(h, t)
+                continue
+            acc[h].add(t)
+            if sum(a.nbytes() for a in acc.values()) > budget // 2:
+                cached = False
+                for hh, a in acc.items():  # what was grouped so far still counts
+                    add_sums(hh, a.flush())
+                acc = {}
+                log.info("compexp %s: the grouped masks exceed %d MB; reading the data once per search step",
+                         inputs.layer, budget // 2**20)
         tables = {h: a.flush() for h, a in acc.items()} if cached else {}
+        if cached:
+            tables = {h: PatternTable(t.bits.to(device), t.pixels.to(device), t.active.to(device))
+                      for h, t in tables.items()}
+            for h, t in tables.items():
+                add_sums(h, t)
         data_passes = 1
         summary["patterns"] = {str(h): t.rows for h, t in tables.items()} if cached else "not kept (memory_mb)"
 
@@ -394,7 +461,7 @@ class CompExp(Labeler):
             else:
                 data_passes += 1
                 for _, t in stream((half,), step, what):
-                    yield t
+                    yield PatternTable(t.bits.to(device), t.pixels.to(device), t.active.to(device))
 
         # Concepts that never occur cannot improve any formula; drop them from the concept axis.
         present = S_c > 0
