@@ -163,7 +163,7 @@ def _evaluate(cm: torch.Tensor, first: torch.Tensor, ops: torch.Tensor, cols: to
 # Pixels grouped by concept vector
 
 
-def pattern_ids(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pattern_ids(x: torch.Tensor, use_numpy: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of a bool matrix x [n, C] -> (id [n] int64 of each row's distinct value, 0..P-1; one row index [P] of
     each distinct value).
 
@@ -174,7 +174,7 @@ def pattern_ids(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     device = x.device
     if n == 0:
         return torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.int64, device=device)
-    if device.type == "cpu":
+    if device.type == "cpu" if use_numpy is None else use_numpy:
         packed = np.packbits(x.numpy(), axis=1, bitorder="little")
         width = max(8, -(-packed.shape[1] // 8) * 8)
         rows = np.zeros((n, width), dtype=np.uint8)
@@ -217,15 +217,17 @@ class PatternTable:
         return self.bits.numel() + 8 * (self.pixels.numel() + self.active.numel())
 
     @staticmethod
-    def from_masks(unit_masks: torch.Tensor, concept_masks: torch.Tensor) -> "PatternTable":
-        """unit_masks [B, U, H, W] and concept_masks [B, C, H, W] bool of some images -> their table."""
+    def from_masks(unit_masks: torch.Tensor, concept_masks: torch.Tensor,
+                   use_numpy: bool | None = None) -> "PatternTable":
+        """unit_masks [B, U, H, W] and concept_masks [B, C, H, W] bool of some images -> their table (numpy on
+        CPU, torch ops where the masks are, e.g. on a GPU)."""
         B, U, H, W = unit_masks.shape
         C = concept_masks.shape[1]
         n = B * H * W
-        if unit_masks.device.type == "cpu":
+        if unit_masks.device.type == "cpu" if use_numpy is None else use_numpy:
             return PatternTable._from_masks_numpy(unit_masks.numpy(), concept_masks.numpy())
         x = concept_masks.permute(0, 2, 3, 1).reshape(n, C)
-        ids, first = pattern_ids(x)
+        ids, first = pattern_ids(x, use_numpy=False)
         p = first.numel()
         a = unit_masks.transpose(0, 1).reshape(U, n)
         pixels = torch.bincount(ids, minlength=p).to(torch.float64)

@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from labelers.base import Cancelled, Concept, LabelerError, LabelerInputs, MaskBatch, MissingInputError, get
-from labelers.compexp import OP_AND, OP_AND_NOT, OP_OR, CompExp, PatternTable, build_formula, canonical_key
+from labelers.compexp import (
+    OP_AND,
+    OP_AND_NOT,
+    OP_OR,
+    CompExp,
+    PatternTable,
+    build_formula,
+    canonical_key,
+    pattern_ids,
+)
 from labelers.formulas import And, ConceptRelations, Formula, Leaf, Not, Or, canonical_text, parse
 from labelers.significance import search_half
 from tests.labelers.compexp_reference import ReferenceCompExp
@@ -293,6 +302,16 @@ def test_pattern_table_counts_equal_pixel_counts():
     assert torch.equal(t.active[fm_tab].sum(0), (um & fm_pix[:, None]).sum((0, 2, 3)).double())
     merged = PatternTable.merge([PatternTable.from_masks(um[:4], cm[:4]), PatternTable.from_masks(um[4:], cm[4:])])
     assert merged.rows == t.rows and torch.equal(merged.active.sum(0), t.active.sum(0))
+    # the torch path (the one a GPU takes) groups the same pixels; patterns may come in another order
+    tt = PatternTable.from_masks(um, cm, use_numpy=False)
+    order = {tuple(b): i for i, b in enumerate(t.bits.tolist())}
+    perm = torch.tensor([order[tuple(b)] for b in tt.bits.tolist()])
+    assert torch.equal(tt.pixels, t.pixels[perm]) and torch.equal(tt.active, t.active[perm])
+    # more than 64 concepts: several words per pattern
+    wide = torch.cat([cm] * 9, 1)
+    for use_numpy in (True, False):
+        ids, first = pattern_ids(wide.permute(0, 2, 3, 1).reshape(-1, wide.shape[1]), use_numpy=use_numpy)
+        assert first.numel() == t.rows
 
 
 def test_split_half_scores_on_images_the_search_never_saw():
