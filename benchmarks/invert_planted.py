@@ -55,16 +55,19 @@ def planted_data(n: int, units: int, concepts: int, effect: float, seed: int):
 
 def score(result, presence: torch.Tensor, names: list[str], formulas: list[Formula], units: int):
     recovered = 0
+    by_kind = [0, 0, 0, 0]
     for u, f in enumerate(formulas):
         labs = result.for_unit(u)
         if labs and torch.equal(parse(labs[0].formula, names).evaluate(presence.T), f.evaluate(presence.T)):
             recovered += 1
+            by_kind[u % 4] += 1
     noise = range(len(formulas), units)
     flagged = sum(1 for u in noise if result.for_unit(u) and result.for_unit(u)[0].extra["significant"])
     planted_flagged = sum(1 for u in range(len(formulas))
                           if result.for_unit(u) and result.for_unit(u)[0].extra["significant"])
     support = [result.for_unit(u)[0].extra["positive_fraction"] for u in noise if result.for_unit(u)]
-    return recovered, flagged, len(noise), planted_flagged, (sorted(support)[len(support) // 2] if support else 0.0)
+    median = sorted(support)[len(support) // 2] if support else 0.0
+    return recovered, flagged, len(noise), planted_flagged, median, by_kind
 
 
 SETTINGS = {
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.settings:
         chosen = [chosen[int(i)] for i in args.settings.split(",")]
     print(f"{'images':>7}  {'setting':<50}{'recovered':>10}{'noise flagged':>15}{'planted flagged':>17}"
-          f"{'noise median support':>22}{'time':>8}")
+          f"{'noise median support':>22}{'time':>8}   recovered by kind (a / a AND b / a OR b / (a AND NOT b) OR c, of 8 each)")
     for n in (int(x) for x in args.images.split(",")):
         pooled, presence, names, formulas = planted_data(n, args.units, args.concepts, args.effect, args.seed)
         inputs = LabelerInputs(layer="planted", num_units=args.units, pooled_mean=pooled,
@@ -107,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             res = Invert()(inputs, dict(params))
             dt = time.perf_counter() - t0
-            rec, flagged, n_noise, pf, support = score(res, presence, names, formulas, args.units)
+            rec, flagged, n_noise, pf, support, by_kind = score(res, presence, names, formulas, args.units)
             print(f"{n:>7}  {label:<50}{rec:>5} / {len(formulas):<3}{flagged:>7} / {n_noise:<5}"
-                  f"{pf:>10} / {len(formulas):<4}{support:>20.4f}{dt:>7.1f}s", flush=True)
+                  f"{pf:>10} / {len(formulas):<4}{support:>20.4f}{dt:>7.1f}s   {'/'.join(map(str, by_kind))}",
+                  flush=True)
     load = os.getloadavg()
     print(f"load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     return 0
@@ -125,10 +129,12 @@ def timing(args: argparse.Namespace) -> int:
     pooled[:, : units // 8] += 1.5 * presence[:, : units // 8].float()
     inputs = LabelerInputs(layer="timing", num_units=units, pooled_mean=pooled,
                            concepts=[Concept(f"c{i}") for i in range(concepts)], concept_presence=presence)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     Invert()(inputs, {})
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     scale = total_units / units
+    print(f"CPU seconds (all threads): {cpu:.1f}; on 2 otherwise idle cores about {cpu / 2:.0f} s wall"
+          + (f", {cpu / 2 * scale:.0f} s for {total_units:,} units" if units < total_units else ""))
     print(f"INVERT defaults on {n:,} images x {units:,} units x {concepts:,} concepts: {dt:.1f} s"
           + (f"; cost is linear in units (units are searched in independent chunks), so {total_units:,} units "
              f"-> {dt * scale:.0f} s extrapolated" if units < total_units else ""))

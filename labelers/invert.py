@@ -122,36 +122,51 @@ def mannwhitney_log_p(rank_sum: torch.Tensor, n_pos: torch.Tensor, n: int, tie_t
     return torch.where(ok, log_p, torch.zeros_like(log_p))
 
 
-def _int8_matmul(rows64: torch.Tensor, presence: torch.Tensor) -> torch.Tensor | None:
+class Int8Product:
     """Exact rows @ presence on CPU by 8-bit digits in int8 x int8 -> int32 products (VNNI: ~9x float64's rate
-    here), or None where this torch build has no CPU int8 product. Digits 0..255 are stored shifted by -128; the
-    shift adds -128 x (column count) to every product, which is added back."""
-    if not hasattr(torch, "_int_mm"):
-        return None
-    m, n = rows64.shape
-    top = float(rows64.max()) if rows64.numel() else 0.0
-    num_digits = max(1, math.ceil(math.log2(top + 1) / 8)) if top > 0 else 1
-    digits = []
-    rest = rows64
-    for _ in range(num_digits):
-        high = torch.floor(rest / 256.0)
-        digits.append((rest - high * 256.0 - 128.0).to(torch.int8))
-        rest = high
-    stacked = torch.cat(digits, dim=0)
-    out = torch.zeros(m, presence.shape[1], dtype=torch.float64)
-    for s in range(0, n, _I8_BLOCK):
-        p8 = presence[s : s + _I8_BLOCK].to(torch.int8)
-        a = stacked[:, s : s + _I8_BLOCK].contiguous()
+    here). The int8 copy of the concept matrix and its column counts are made once and reused for every product.
+    Digits 0..255 are stored shifted by -128; the shift adds -128 x (column count) to every product, which is
+    added back. `available` is False where this torch build has no CPU int8 product."""
+
+    def __init__(self, presence: torch.Tensor):
+        self.blocks: list[tuple[slice, torch.Tensor, torch.Tensor]] = []
+        self.num_c = presence.shape[1]
+        self.available = hasattr(torch, "_int_mm") and presence.device.type == "cpu"
+        if not self.available:
+            return
+        n = presence.shape[0]
+        for s in range(0, n, _I8_BLOCK):
+            p8 = presence[s : s + _I8_BLOCK].to(torch.int8).contiguous()
+            shift = 128.0 * p8.sum(dim=0, dtype=torch.int64).to(torch.float64)
+            self.blocks.append((slice(s, s + _I8_BLOCK), p8, shift))
         try:
-            part = torch._int_mm(a, p8).to(torch.float64)
-        except (RuntimeError, NotImplementedError):
-            return None
-        part += 128.0 * p8.sum(dim=0, dtype=torch.int64).to(torch.float64)[None, :]
-        scale = 1.0
-        for d in range(num_digits):
-            out += part[d * m : (d + 1) * m] * scale
-            scale *= 256.0
-    return out
+            torch._int_mm(torch.zeros((32, min(n, 64)), dtype=torch.int8), self.blocks[0][1][:64])
+        except (RuntimeError, NotImplementedError, IndexError):
+            self.available = False
+
+    def mm(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows [M, N] of non-negative integers (bool or an integer or float dtype) -> float64 [M, C]."""
+        m = rows.shape[0]
+        out = torch.zeros(m, self.num_c, dtype=torch.float64)
+        if rows.dtype == torch.bool:
+            digits = [rows.to(torch.int8) - 128]
+        else:
+            top = int(rows.max()) if rows.numel() else 0
+            wide = top >= 2**31
+            r = rows.to(torch.int64 if wide else torch.int32).contiguous()
+            num_digits = max(1, math.ceil(math.log2(top + 1) / 8)) if top > 0 else 1
+            # The little-endian bytes of the integers are the digits; x ^ 0x80 read as int8 is x - 128.
+            byte_view = r.view(torch.uint8).view(m, -1, 8 if wide else 4)
+            digits = [(byte_view[..., d] ^ 128).view(torch.int8) for d in range(num_digits)]
+        stacked = torch.cat(digits, dim=0) if len(digits) > 1 else digits[0]
+        for sl, p8, shift in self.blocks:
+            part = torch._int_mm(stacked[:, sl].contiguous(), p8).to(torch.float64)
+            part += shift[None, :]
+            scale = 1.0
+            for d in range(len(digits)):
+                out += part[d * m : (d + 1) * m] * scale
+                scale *= 256.0
+        return out
 
 
 def exact_int_matmul(rows: torch.Tensor, presence: torch.Tensor, float32: bool | None = None) -> torch.Tensor:
@@ -165,9 +180,9 @@ def exact_int_matmul(rows: torch.Tensor, presence: torch.Tensor, float32: bool |
     use_f32 = rows.device.type != "cpu" if float32 is None else float32
     m, n = rows.shape
     if float32 is None and not use_f32 and m and n:
-        out8 = _int8_matmul(rows.to(torch.float64), presence)
-        if out8 is not None:
-            return out8
+        prod = Int8Product(presence)
+        if prod.available:
+            return prod.mm(rows)
     out = torch.zeros(m, presence.shape[1], dtype=torch.float64, device=rows.device)
     if not use_f32:
         rows64 = rows.to(torch.float64)
@@ -385,8 +400,10 @@ def invert_search(
     hash_bits = max(0, min(_HASH_BITS, 52 - 2 * count_bits))
     gen = torch.Generator().manual_seed(0x1A7E)
     weights = torch.randint(0, 1 << hash_bits, (n,), generator=gen, dtype=torch.int64).to(device, torch.float64)
+    int8 = Int8Product(presence)  # the CPU's exact products, the concept matrix converted once
+    weights_int = weights.to(torch.int32) if int8.available else None
     n_c = presence.sum(dim=0).to(torch.float64)  # [C]
-    h_c = exact_int_matmul(weights[None, :], presence)[0]  # [C]
+    h_c = (int8.mm(weights_int[None, :]) if int8.available else exact_int_matmul(weights[None, :], presence))[0]
     h_all = weights.sum()
     r2_all = float(n) * (n + 1)  # sum of 2 * rank over all images
     atom_n = torch.cat([n_c, n - n_c])  # [2C]
@@ -421,10 +438,11 @@ def invert_search(
         ranks, tie = average_ranks(pooled[:, sl].T.contiguous())
         r2 = ranks * 2  # integers, so every sum below is exact
         del ranks
+        r2_int = r2.to(torch.int32) if int8.available else None
         tie_col = tie[:, None]
 
         # Length 1: every concept and its negation.
-        r2_c = exact_int_matmul(r2, presence)  # [Uc, C]
+        r2_c = int8.mm(r2_int) if int8.available else exact_int_matmul(r2, presence)  # [Uc, C]
         atom_r2 = torch.cat([r2_c, r2_all - r2_c], dim=1)  # [Uc, 2C]
         atom_auc = auc_from_rank_sum(atom_r2 / 2, atom_n, n)
         atom_auc = torch.where(torch.isfinite(atom_auc), atom_auc, torch.full_like(atom_auc, 0.5))
@@ -470,11 +488,19 @@ def invert_search(
             # Intersections F AND c of every beam formula with every concept: rank sum, count, fingerprint.
             # Three products (rank sums, counts, fingerprints) rather than one of combined rows: each then needs
             # only the digits of its own largest value in the digit-split products.
-            f = beam_sets.to(torch.float64).reshape(uc * b_size, n)
-            i_r2 = exact_int_matmul(f * r2.repeat_interleave(b_size, dim=0), presence).reshape(uc, b_size, num_c)
-            i_n = exact_int_matmul(f, presence).reshape(uc, b_size, num_c)
-            i_h = exact_int_matmul(f * weights, presence).reshape(uc, b_size, num_c)
-            del f
+            if int8.available:
+                fb = beam_sets.reshape(uc * b_size, n)
+                fi = fb.to(torch.int32)
+                i_r2 = int8.mm(fi * r2_int.repeat_interleave(b_size, dim=0)).reshape(uc, b_size, num_c)
+                i_n = int8.mm(fb).reshape(uc, b_size, num_c)
+                i_h = int8.mm(fi * weights_int).reshape(uc, b_size, num_c)
+                del fb, fi
+            else:
+                f = beam_sets.to(torch.float64).reshape(uc * b_size, n)
+                i_r2 = exact_int_matmul(f * r2.repeat_interleave(b_size, dim=0), presence).reshape(uc, b_size, num_c)
+                i_n = exact_int_matmul(f, presence).reshape(uc, b_size, num_c)
+                i_h = exact_int_matmul(f * weights, presence).reshape(uc, b_size, num_c)
+                del f
             f_r2, f_n, f_h = beam_r2[..., None], beam_n[..., None], beam_h[..., None]
             c_r2, c_n, c_h = r2_c[:, None, :], n_c, h_c
             # F AND c; F AND NOT c = F - (F AND c); F OR c = F + c - (F AND c); F OR NOT c = NOT (c AND NOT F).
@@ -600,7 +626,8 @@ class Invert(Labeler):
         Param(
             "min_images", int, MIN_IMAGES,
             "least number of images on which a formula may hold, whatever the fraction: on small datasets a "
-            "fraction alone still allows formulas of a handful of images, whose AUC is noise. 0 = no minimum",
+            "fraction alone still allows formulas of a handful of images, whose AUC is noise. Capped at 5% of the "
+            "searched images so that a small dataset still gets labels. 0 = no minimum",
             minimum=0,
         ),
         Param(
@@ -706,7 +733,7 @@ class Invert(Labeler):
             beam_size=params["beam_size"],
             max_length=params["max_length"],
             min_fraction=params["min_fraction"],
-            min_count=params["min_images"],
+            min_count=min_support_count(params["min_images"], n_search),
             max_fraction=params["max_fraction"],
             mode=params["mode"],
             limit_search=params["limit_search"],
@@ -744,8 +771,7 @@ class Invert(Labeler):
 
         names = [c.name for c in concepts]
         # What the dataset says about pairs of concepts, for the canonical spelling of formulas (all images).
-        pf = presence.to(torch.float32)
-        relations = ConceptRelations.from_cooccurrence((pf.T @ pf).cpu())
+        relations = ConceptRelations.from_cooccurrence(exact_int_matmul(presence.T, presence).cpu())
         # Python objects per reported label only; all arithmetic above is vectorised.
         ok = report.cpu()
         auc = auc_rep.cpu().tolist()
@@ -770,8 +796,13 @@ class Invert(Labeler):
             base = formula.child if isinstance(formula, Not) else formula
             category = (concepts[base.concept].category or None) if isinstance(base, Leaf) else None
             lp = log_p[unit][slot]
+            a = float(auc[unit][slot])
+            undefined = math.isnan(a)
+            if undefined:
+                # The formula holds on none or all of the test images: they say nothing about it either way.
+                a, lp = 0.5, 0.0
             extra = {
-                "auc": float(auc[unit][slot]),
+                "auc": a,
                 "significant": bool(p_adj_l[unit][slot] <= alpha),
                 "p_adjusted": float(p_adj_l[unit][slot]),
                 "log10_p": lp / math.log(10),
@@ -779,6 +810,8 @@ class Invert(Labeler):
                 "length": int(length[unit][slot]),
             }
             if split:
+                if undefined:
+                    extra["test_note"] = "the formula holds on none or all of the held-out images: no test"
                 extra.update({
                     "auc_in_sample": float(auc_in[unit][slot]),
                     "test_positive_fraction": t_count[unit][slot] / max(n_test, 1),
@@ -790,7 +823,7 @@ class Invert(Labeler):
                     unit=unit,
                     rank=rank_of[unit],
                     text=text,
-                    score=float(auc[unit][slot]),
+                    score=a,
                     p_value=math.exp(lp),
                     formula=text,
                     category=category,
@@ -811,7 +844,7 @@ class Invert(Labeler):
             "split_half": split,
             "search_images": n_search,
             "test_images": n_test if split else 0,
-            "min_count": max(params["min_fraction"] * n_search, params["min_images"]),
+            "min_count": max(params["min_fraction"] * n_search, min_support_count(params["min_images"], n_search)),
         }
         log.info(
             "invert: %s, %d units, %d tests, %d units significant at %s (%s)",
@@ -823,6 +856,11 @@ class Invert(Labeler):
             correction,
         )
         return LabelingResult(labels=labels, summary=summary)
+
+
+def min_support_count(min_images: int, n: int) -> float:
+    """The image-count part of the minimum support on n searched images: `min_images`, but at most 5% of them."""
+    return float(min(int(min_images), 0.05 * n))
 
 
 def evaluate_formulas(

@@ -27,8 +27,10 @@ def _splitmix64(x: torch.Tensor) -> torch.Tensor:
 def search_half(image_index: torch.Tensor, seed: int) -> torch.Tensor:
     """[n] bool: whether each image (by its position in the dataset's image order) is in the search half.
 
-    A seeded hash of the position, so that any batching of the images, in any number of passes, gives the same
-    split; the halves hold half of the images each up to random variation."""
+    Images are taken in consecutive pairs (0, 1), (2, 3), ...; a seeded hash of the pair picks which of the two
+    goes to the search half. The split depends only on the position and the seed, so any batching of the images,
+    in any number of passes, gives the same split, and the halves differ by at most one image even on tiny
+    datasets."""
     idx = image_index.to(device="cpu", dtype=torch.int64)
-    h = _splitmix64(idx ^ _splitmix64(torch.tensor([int(seed) & 0x7FFFFFFFFFFFFFFF]))[0])
-    return (h & 1) == 0
+    h = _splitmix64((idx // 2) ^ _splitmix64(torch.tensor([int(seed) & 0x7FFFFFFFFFFFFFFF]))[0])
+    return ((h & 1) ^ (idx & 1)) == 0
