@@ -344,7 +344,8 @@ def test_planted_units_get_their_formula_first():
         concepts=[Concept(name, "colour" if name in COLOURS else "") for name in NAMES],
         concept_presence=presence,
     )
-    result = get("invert")(inputs)
+    # The search itself, at the reference's settings (all images, no minimum support).
+    result = get("invert")(inputs, Invert.presets["reference"])
     hits = 0
     for unit, planted in enumerate(PLANTED):
         top = result.for_unit(unit)[0]
@@ -353,6 +354,16 @@ def test_planted_units_get_their_formula_first():
         if same_set:
             assert top.score == 1.0 and top.extra["significant"] and top.extra["p_adjusted"] < 1e-6
     assert hits >= 0.9 * len(PLANTED)
+    # At the defaults: "(red AND blue)" holds on 14 of 400 images, ~7 of the 200 searched, below the minimum
+    # support of 10 (5% of them), and "(green OR blue)" on 49% of the images, which a half may put above
+    # max_fraction; the others are found, and every label holds on at least the minimum.
+    result = get("invert")(inputs)
+    hits = 0
+    for unit, planted in enumerate(PLANTED):
+        top = result.for_unit(unit)[0]
+        hits += torch.equal(parse(top.formula, NAMES).evaluate(presence.T), parse(planted, NAMES).evaluate(presence.T))
+        assert top.extra["positive_fraction"] * top.extra["search_images"] >= 10
+    assert hits >= 0.8 * len(PLANTED)
     red = result.for_unit(0)[0]
     assert (red.text, red.category, red.rank) == ("red", "colour", 1)
     half = search_half(torch.arange(presence.shape[0]), 0)
