@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from labelers.base import Concept, LabelerInputs, MaskBatch  # noqa: E402
-from labelers.compexp import CompExp, canonical_key  # noqa: E402
-from labelers.formulas import parse  # noqa: E402
+from labelers.base import Concept, LabelerInputs, MaskBatch
+from labelers.compexp import CompExp, canonical_key
+from labelers.formulas import parse
 
 DEMO_LAYERS = {"block1": 16, "block2": 32, "block3": 64, "block4": 64}
 
@@ -68,10 +68,10 @@ class Packed:
 
 
 def from_project(project: Path, layers: list[str]) -> tuple[list[Concept], dict[str, Packed], dict[str, float]]:
+    import labelers.base as lb
     from app.engine.labeling import LabelJob
     from app.engine.results import LayerResults
     from app.project.store import Project
-    import labelers.base as lb
 
     out: dict[str, Packed] = {}
     pass_s: dict[str, float] = {}

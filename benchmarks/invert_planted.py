@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from labelers.base import Concept, LabelerInputs  # noqa: E402
-from labelers.formulas import And, Formula, Leaf, Not, Or, parse  # noqa: E402
-from labelers.invert import Invert  # noqa: E402
+from labelers.base import Concept, LabelerInputs
+from labelers.formulas import And, Formula, Leaf, Not, Or, parse
+from labelers.invert import Invert
 
 PLANTED = 32
 

@@ -58,7 +58,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -204,7 +204,7 @@ class PatternTable:
     active: torch.Tensor  # [P, U] float64: how many of them each unit's active mask covers
 
     @staticmethod
-    def empty(n_concepts: int, n_units: int, device: torch.device) -> "PatternTable":
+    def empty(n_concepts: int, n_units: int, device: torch.device) -> PatternTable:
         return PatternTable(torch.zeros((0, n_concepts), dtype=torch.bool, device=device),
                             torch.zeros(0, dtype=torch.float64, device=device),
                             torch.zeros((0, n_units), dtype=torch.float64, device=device))
@@ -218,7 +218,7 @@ class PatternTable:
 
     @staticmethod
     def from_masks(unit_masks: torch.Tensor, concept_masks: torch.Tensor,
-                   use_numpy: bool | None = None) -> "PatternTable":
+                   use_numpy: bool | None = None) -> PatternTable:
         """unit_masks [B, U, H, W] and concept_masks [B, C, H, W] bool of some images -> their table (numpy on
         CPU, torch ops where the masks are, e.g. on a GPU)."""
         B, U, H, W = unit_masks.shape
@@ -236,7 +236,7 @@ class PatternTable:
         return PatternTable(x[first], pixels, active.contiguous())
 
     @staticmethod
-    def _from_masks_numpy(um: np.ndarray, cm: np.ndarray) -> "PatternTable":
+    def _from_masks_numpy(um: np.ndarray, cm: np.ndarray) -> PatternTable:
         # numpy, single-threaded: many small torch ops per batch spend most of their time waking worker threads,
         # and on a busy machine far more. Concept bits are packed along the concept axis in place (no transposed
         # copy of the masks); each pixel's packed bytes are then one sortable value.
@@ -267,7 +267,7 @@ class PatternTable:
         return PatternTable(torch.from_numpy(bits), torch.from_numpy(pixels), torch.from_numpy(np.ascontiguousarray(active)))
 
     @staticmethod
-    def merge(parts: list["PatternTable"]) -> "PatternTable":
+    def merge(parts: list[PatternTable]) -> PatternTable:
         if len(parts) == 1:
             return parts[0]
         if parts[0].bits.device.type == "cpu":
@@ -360,6 +360,9 @@ class CompExp(Labeler):
               "Working memory, in MB. The grouped mask table is kept in memory when it fits (one pass over the "
               "data); otherwise every search step reads the data again.", minimum=16),
     )
+
+    # The reference code's scoring: search and report on all images.
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"reference": {"split_half": False}}
 
     def run(self, inputs: LabelerInputs, params: dict[str, Any], progress: Progress) -> LabelingResult:
         concepts = inputs.concepts

@@ -50,7 +50,7 @@ from labelers.base import (
     register,
     unit_chunks,
 )
-from labelers.formulas import And, ConceptRelations, Formula, Leaf, Not, Or, canonical_formula_text, to_text
+from labelers.formulas import And, ConceptRelations, Formula, Leaf, Not, Or, canonical_formula_text
 from labelers.significance import search_half
 
 log = logging.getLogger(__name__)
