@@ -145,6 +145,18 @@ def _print_extract_report(rep: Any, run_id: int | None) -> None:
         print(f"  {line}")
 
 
+def _layer_grids(project: Any, model_id: int, layers: list[str]) -> dict[str, tuple[int, int] | None]:
+    """Each layer's map grid (h, w), None for vector layers, for the methods' `applies_to`."""
+    out: dict[str, tuple[int, int] | None] = {}
+    for name in layers:
+        try:
+            row = project.layer(model_id, name)
+        except NeuronStudioError:
+            continue  # the job itself reports an unknown layer
+        out[name] = tuple(row["grid"]) if row["grid"] else None  # type: ignore[assignment]
+    return out
+
+
 def cmd_label(args: argparse.Namespace) -> int:
     import labelers.base as lb
     from app.engine.labeling import LabelJob
@@ -160,10 +172,15 @@ def cmd_label(args: argparse.Namespace) -> int:
                                         fix="run `neuron-studio extract` first")
         else:
             layers = [x.strip() for x in args.layer.split(",")]
+        grids = _layer_grids(project, model["id"], layers)
     params = _parse_params(args.param)
     failures = 0
     for layer in layers:
         for method in methods:
+            why_not = lb.available()[method].applies_to(grids.get(layer)) if args.method == "all" else None
+            if why_not:
+                print(f"{method} on {layer}: skipped: {why_not}")
+                continue
             job = LabelJob(args.project, method, layer, params, model=args.model, clip_model=args.clip,
                            device=args.device)
             try:

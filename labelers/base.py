@@ -254,6 +254,15 @@ class Labeler:
     paper: ClassVar[str]
     inputs: ClassVar[tuple[Input, ...]]
     params: ClassVar[tuple[Param, ...]] = ()
+    # Named parameter sets a form can apply in one click, e.g. {"reference": {...}} for the paper's own settings.
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @classmethod
+    def applies_to(cls, grid: tuple[int, int] | None) -> str | None:
+        """Why this method means little on a layer whose unit maps are `grid` (h, w; None for a vector layer), or
+        None when it applies. Runs of every method (`label --method all`, the demo) skip it there with the reason;
+        asking for the method by name still runs it."""
+        return None
 
     @classmethod
     def resolve_params(cls, given: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -271,6 +271,15 @@ def select_concepts(concepts: list[Concept], categories: str, method: str) -> tu
     return torch.tensor([c.category in keep for c in concepts], dtype=torch.bool), chosen
 
 
+def pixel_iou_applies_to(grid: tuple[int, int] | None) -> str | None:
+    """IoU methods compare where a unit fires inside an image with where a concept is: a 1x1 map fires on the whole
+    image or not at all, so its "IoU" only restates image-level co-occurrence (INVERT measures that properly)."""
+    if grid is None or int(grid[0]) * int(grid[1]) <= 1:
+        return ("the layer's units have no spatial map (1x1): a pixel IoU would only restate whether the concept "
+                "is in the image; use an image-level method such as INVERT")
+    return None
+
+
 def _check_counts(mc: MaskCounts, inputs: LabelerInputs, method: str) -> None:
     concepts = inputs.concepts or []
     U, C = mc.intersection.shape if mc.intersection.dim() == 2 else (-1, -1)
@@ -299,6 +308,7 @@ class NetDissect(Labeler):
         "Representations. CVPR 2017"
     )
     inputs = (Input.MASK_COUNTS,)
+    applies_to = staticmethod(pixel_iou_applies_to)  # type: ignore[assignment]
     params = (
         Param(
             "iou_threshold", float, 0.04,

@@ -94,8 +94,13 @@ class DemoJob:
         summary = DemoSummary(project=str(project_dir), training=metrics)
         ExtractJob(project_dir, ExtractOptions(layers=layers, device=self.device)).execute(progress)
         methods = lb.available()
+        grids = layer_grids(project_dir, layers)
         for layer in layers:
             for name in methods:
+                why_not = methods[name].applies_to(grids.get(layer))
+                if why_not:
+                    summary.skipped_methods[f"{name} on {layer}"] = why_not
+                    continue
                 job = LabelJob(project_dir, name, layer, device=self.device)
                 try:
                     job.execute(progress)
@@ -104,6 +109,16 @@ class DemoJob:
         with Project.open(project_dir) as project:
             summary.layers = layer_summaries(project, model["id"], layers)
         return summary
+
+
+def layer_grids(project_dir: Path, layers: list[str]) -> dict[str, tuple[int, int] | None]:
+    """Each layer's map grid (h, w), None for vector layers: methods say through `applies_to` where they mean little."""
+    from app.project.store import Project
+
+    with Project.open(project_dir) as project:
+        model = project.model()
+        rows = {name: project.layer(model["id"], name) for name in layers}
+    return {name: (tuple(r["grid"]) if r["grid"] else None) for name, r in rows.items()}  # type: ignore[misc]
 
 
 def layer_summaries(project: Any, model_id: int, layers: list[str]) -> list[dict[str, Any]]:

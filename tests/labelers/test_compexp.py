@@ -1,13 +1,25 @@
-"""Compositional explanations: closed-form IoUs against direct evaluation of formulas, a naive beam search,
-planted formula units, parameters."""
+"""Compositional explanations: the grouped-pattern search against the former pixel implementation (same formulas,
+scores and ties), closed-form IoUs against direct evaluation of formulas, a naive beam search, the split into search
+and test halves, planted formula units, parameters."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from labelers.base import Cancelled, Concept, LabelerError, LabelerInputs, MaskBatch, MissingInputError, get
-from labelers.compexp import OP_AND, OP_AND_NOT, OP_OR, CompExp, build_formula, canonical_key
-from labelers.formulas import And, Formula, Leaf, Not, Or, parse
+from labelers.compexp import (
+    OP_AND,
+    OP_AND_NOT,
+    OP_OR,
+    CompExp,
+    PatternTable,
+    build_formula,
+    canonical_key,
+    pattern_ids,
+)
+from labelers.formulas import And, ConceptRelations, Formula, Leaf, Not, Or, canonical_text, parse
+from labelers.significance import search_half
+from tests.labelers.compexp_reference import ReferenceCompExp
 from tests.labelers.test_netdissect import (
     CONCEPTS,
     NAMES,
@@ -91,7 +103,7 @@ def test_formula_ious_match_direct_evaluation_and_naive_beam(seed):
     unit_masks, concept_masks, concepts, batches = _random_data(seed)
     U, C = unit_masks.shape[1], concept_masks.shape[1]
     res = CompExp()(LabelerInputs(layer="l", num_units=U, concepts=concepts, mask_batches=batches),
-                    {"beam_size": 3, "max_length": 3, "top_n": 4, "memory_mb": 16})
+                    {"beam_size": 3, "max_length": 3, "top_n": 4, "memory_mb": 16, "split_half": False})
     names = [c.name for c in concepts]
     lengths = set()
     for u in range(U):
@@ -105,7 +117,7 @@ def test_formula_ious_match_direct_evaluation_and_naive_beam(seed):
             assert lab.score == pytest.approx(_iou(unit_masks[:, u], f, concept_masks), abs=1e-12)
         naive = _naive_beam(unit_masks[:, u], concept_masks, C, beam=3, max_len=3, keep=4)
         assert [lab.score for lab in labs] == pytest.approx([e[0] for e in naive], abs=1e-12)
-        assert canonical_key(parse(labs[0].formula, names)) == naive[0][2]
+        assert canonical_key(parse(labs[0].extra["search_formula"], names)) == naive[0][2]
     assert {2, 3} <= lengths  # formulas of several lengths were compared
     assert res.summary["passes"] == 3
 
@@ -164,7 +176,7 @@ def test_complexity_penalty_prefers_shorter_formulas(planted: Planted):
                            mask_batches=mask_batches(planted, 100))
     res = CompExp()(inputs, {"complexity_penalty": 0.5, "max_length": 2, "categories": "color,texture"})
     top = res.for_unit(9)[0]  # red AND NOT striped: 0.5 x its IoU is below the IoU of "red"
-    assert top.formula == "red" and top.extra["ranking_score"] == top.score
+    assert top.formula == "red" and top.extra["ranking_score"] == top.extra["iou_in_sample"]
     assert all(lab.category in ("color", "texture") for lab in res.labels if lab.category)
     assert res.summary["passes"] == 2
 
@@ -210,6 +222,138 @@ def test_progress_is_reported_and_cancel_propagates(planted: Planted):
                            mask_batches=mask_batches(planted, 50))
     rec = Recorder()
     CompExp()(inputs, {"max_length": 2}, rec)
-    assert rec.calls[-1] == (8, 8)  # 4 batches x 2 passes, counted once the number of batches is known
+    # the pass over the data (4 batches), one search step, the scores on the test half, done
+    assert rec.calls[:4] == [(0, 3)] * 4 and rec.calls[-1] == (3, 3)
+    assert [d for d, _ in rec.calls] == sorted(d for d, _ in rec.calls)
     with pytest.raises(Cancelled):
         CompExp()(inputs, {}, Recorder(cancel_after=5))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. The grouped-pattern search against the former pixel implementation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _tied_data(seed: int, B=10, U=7, C=9, H=6, W=6):
+    """Random masks with exact ties: two concepts share one mask, one concept never occurs, one unit never fires."""
+    g = torch.Generator().manual_seed(seed)
+    cm = torch.rand((B, C, H, W), generator=g) < torch.rand((1, C, 1, 1), generator=g) * 0.6
+    cm[:, 4] = cm[:, 1]
+    cm[:, 7] = False
+    um = torch.rand((B, U, H, W), generator=g) < 0.2
+    um[:, 0] |= cm[:, 0] & ~cm[:, 2]
+    um[:, 1] |= cm[:, 1] | cm[:, 3]
+    um[:, 2] = cm[:, 5] & cm[:, 6]
+    um[:, 6] = False
+    concepts = [Concept(f"k{i}", ("a", "b", "c")[i % 3]) for i in range(C)]
+    ann = torch.ones((B, 3), dtype=torch.bool)
+
+    def batches():
+        for s in range(0, B, 3):
+            yield MaskBatch(um[s:s + 3], cm[s:s + 3], ann[s:s + 3])
+
+    return um, cm, concepts, batches
+
+
+def _search_keys(res, names):
+    return {u: [(lab.score, canonical_key(parse(lab.extra.get("search_formula", lab.formula), names)))
+                for lab in res.for_unit(u)] for u in {lab.unit for lab in res.labels}}
+
+
+@pytest.mark.parametrize("seed,params", [
+    (0, {}), (1, {"beam_size": 3, "top_n": 4}), (2, {"max_length": 4, "beam_size": 2}),
+    (3, {"complexity_penalty": 0.8, "categories": "a,b"}),
+])
+def test_same_formulas_scores_and_ties_as_the_pixel_implementation(seed, params, monkeypatch):
+    # Without the dataset's relations no two labels merge (the search already keeps one of each structural form),
+    # so the labels are the search's pool one to one.
+    monkeypatch.setattr(CompExp, "_relations", staticmethod(lambda co, sel: ConceptRelations()))
+    um, cm, concepts, batches = _tied_data(seed)
+    inputs = LabelerInputs(layer="l", num_units=um.shape[1], concepts=concepts, mask_batches=batches)
+    ref = ReferenceCompExp()(inputs, dict(params, memory_mb=16))
+    new = CompExp()(inputs, dict(params, split_half=False))
+    names = [c.name for c in concepts]
+    assert _search_keys(new, names) == _search_keys(ref, names)  # scores bit for bit, formulas in the same order
+    assert new.summary["passes"] == ref.summary["passes"] and new.summary["data_passes"] == 1
+    assert new.summary["mean_best_iou_up_to_length"] == ref.summary["mean_best_iou_up_to_length"]
+
+
+def test_data_read_once_per_step_when_the_table_does_not_fit(monkeypatch):
+    um, cm, concepts, batches = _tied_data(5)
+    inputs = LabelerInputs(layer="l", num_units=um.shape[1], concepts=concepts, mask_batches=batches)
+    kept = CompExp()(inputs, {})
+    monkeypatch.setattr("labelers.compexp._Accumulator.nbytes", lambda self: 1 << 40)
+    streamed = CompExp()(inputs, {})
+    assert streamed.summary["data_passes"] == 1 + 2 + 2  # grouping, two search steps, both halves for the scores
+    assert [(lab.unit, lab.text, lab.score, lab.extra) for lab in streamed.labels] == \
+        [(lab.unit, lab.text, lab.score, lab.extra) for lab in kept.labels]
+
+
+def test_pattern_table_counts_equal_pixel_counts():
+    um, cm, _, _ = _tied_data(6)
+    t = PatternTable.from_masks(um, cm)
+    assert t.rows == len({tuple(v) for v in cm.permute(0, 2, 3, 1).reshape(-1, cm.shape[1]).tolist()})
+    assert t.pixels.sum() == um.shape[0] * 36
+    # any formula: pixel count and active count through the table equal direct counting
+    f = And(Or(Leaf(0), Leaf(3)), Not(Leaf(2)))
+    fm_pix = f.evaluate(cm.transpose(0, 1))  # [B, H, W]
+    fm_tab = f.evaluate(t.bits.T)
+    assert float(t.pixels[fm_tab].sum()) == float(fm_pix.sum())
+    assert torch.equal(t.active[fm_tab].sum(0), (um & fm_pix[:, None]).sum((0, 2, 3)).double())
+    merged = PatternTable.merge([PatternTable.from_masks(um[:4], cm[:4]), PatternTable.from_masks(um[4:], cm[4:])])
+    assert merged.rows == t.rows and torch.equal(merged.active.sum(0), t.active.sum(0))
+    # the torch path (the one a GPU takes) groups the same pixels; patterns may come in another order
+    tt = PatternTable.from_masks(um, cm, use_numpy=False)
+    order = {tuple(b): i for i, b in enumerate(t.bits.tolist())}
+    perm = torch.tensor([order[tuple(b)] for b in tt.bits.tolist()])
+    assert torch.equal(tt.pixels, t.pixels[perm]) and torch.equal(tt.active, t.active[perm])
+    # more than 64 concepts: several words per pattern
+    wide = torch.cat([cm] * 9, 1)
+    for use_numpy in (True, False):
+        ids, first = pattern_ids(wide.permute(0, 2, 3, 1).reshape(-1, wide.shape[1]), use_numpy=use_numpy)
+        assert first.numel() == t.rows
+
+
+def test_split_half_scores_on_images_the_search_never_saw():
+    um, cm, concepts, batches = _tied_data(7, B=40)
+    names = [c.name for c in concepts]
+    inputs = LabelerInputs(layer="l", num_units=um.shape[1], concepts=concepts, mask_batches=batches)
+    res = CompExp()(inputs, {"seed": 3})
+    search = search_half(torch.arange(40), 3)
+    assert 0 < int(search.sum()) < 40
+    only_search = CompExp()(LabelerInputs(
+        layer="l", num_units=um.shape[1], concepts=concepts,
+        mask_batches=lambda: iter([MaskBatch(um[search], cm[search], torch.ones((int(search.sum()), 3), dtype=bool))]),
+    ), {"split_half": False})
+    # the search saw the search half only: its formulas and in-sample IoUs are those of a search on that half
+    assert [(lab.unit, lab.extra["search_formula"], lab.extra["iou_in_sample"]) for lab in res.labels] == \
+        [(lab.unit, lab.extra["search_formula"], lab.score) for lab in only_search.labels]
+    for lab in res.labels:
+        f = parse(lab.formula, names)
+        assert lab.score == pytest.approx(_iou(um[~search, lab.unit], f, cm[~search]), abs=1e-12)
+        assert lab.extra["iou_all"] == pytest.approx(_iou(um[:, lab.unit], f, cm), abs=1e-12)
+    other_seed = CompExp()(inputs, {"seed": 4})
+    assert [lab.score for lab in other_seed.labels] != [lab.score for lab in res.labels]
+
+
+def test_labels_are_canonical_and_drop_terms_the_masks_make_redundant():
+    # striped and solid never overlap (one texture per object): "striped AND NOT solid" is just "striped"
+    B, H, W = 8, 8, 8
+    g = torch.Generator().manual_seed(0)
+    obj = torch.rand((B, 1, H, W), generator=g) < 0.5
+    striped = obj & (torch.rand((B, 1, 1, 1), generator=g) < 0.5)
+    solid = obj & ~striped
+    red = torch.rand((B, 1, H, W), generator=g) < 0.4
+    cm = torch.cat([solid, striped, red], 1)
+    um = (striped | red) & (torch.rand((B, 1, H, W), generator=g) < 0.9)
+    concepts = [Concept("solid", "texture"), Concept("striped", "texture"), Concept("red", "color")]
+    res = CompExp()(LabelerInputs(layer="l", num_units=1, concepts=concepts, mask_batches=lambda: iter(
+        [MaskBatch(um, cm, torch.ones((B, 2), dtype=torch.bool))])), {"split_half": False, "top_n": 10})
+    texts = [lab.text for lab in res.labels]
+    assert texts[0] == "(red OR striped)"  # searched as (striped OR red) or (red OR striped): one spelling
+    assert len(texts) == len(set(texts))
+    assert all(t == canonical_text(t) for t in texts)
+    searched = {lab.extra["search_formula"]: lab.text for lab in res.labels}
+    assert searched.get("(striped AND (NOT solid))", "striped") == "striped", searched
+    assert "((NOT solid) AND striped)" not in texts and "((red OR solid) OR striped)" not in texts
+    assert [lab.rank for lab in res.labels] == list(range(1, len(texts) + 1))

@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from labelers.base import Concept, LabelerError, LabelerInputs, MissingInputError, available, get
 from labelers.formulas import parse, to_text
+from labelers.significance import search_half
 from labelers.invert import (
     Invert,
     _select,
@@ -343,7 +344,8 @@ def test_planted_units_get_their_formula_first():
         concepts=[Concept(name, "colour" if name in COLOURS else "") for name in NAMES],
         concept_presence=presence,
     )
-    result = get("invert")(inputs)
+    # The search itself, at the reference's settings (all images, no minimum support).
+    result = get("invert")(inputs, Invert.presets["reference"])
     hits = 0
     for unit, planted in enumerate(PLANTED):
         top = result.for_unit(unit)[0]
@@ -352,9 +354,21 @@ def test_planted_units_get_their_formula_first():
         if same_set:
             assert top.score == 1.0 and top.extra["significant"] and top.extra["p_adjusted"] < 1e-6
     assert hits >= 0.9 * len(PLANTED)
+    # At the defaults: "(red AND blue)" holds on 14 of 400 images, ~7 of the 200 searched, below the minimum
+    # support of 10 (5% of them), and "(green OR blue)" on 49% of the images, which a half may put above
+    # max_fraction; the others are found, and every label holds on at least the minimum.
+    result = get("invert")(inputs)
+    hits = 0
+    for unit, planted in enumerate(PLANTED):
+        top = result.for_unit(unit)[0]
+        hits += torch.equal(parse(top.formula, NAMES).evaluate(presence.T), parse(planted, NAMES).evaluate(presence.T))
+        assert top.extra["positive_fraction"] * top.extra["search_images"] >= 10
+    assert hits >= 0.8 * len(PLANTED)
     red = result.for_unit(0)[0]
     assert (red.text, red.category, red.rank) == ("red", "colour", 1)
-    assert red.extra["positive_fraction"] == pytest.approx(presence[:, 0].float().mean().item())
+    half = search_half(torch.arange(presence.shape[0]), 0)
+    assert red.extra["positive_fraction"] == pytest.approx(presence[half, 0].float().mean().item())
+    assert red.extra["test_positive_fraction"] == pytest.approx(presence[~half, 0].float().mean().item())
     assert result.summary["tests"] > 0 and result.summary["units_significant"] >= 9
 
 
@@ -381,8 +395,10 @@ def test_null_units_are_not_significant_after_correction():
         concepts=[Concept(f"c{i}") for i in range(concepts)],
         concept_presence=presence,
     )
+    reference = Invert.presets["reference"]
     for correction in ("bonferroni", "holm", "fdr_bh"):
-        result = get("invert")(inputs, {"beam_size": 3, "max_length": 2, "top_n": 1, "correction": correction})
+        params = dict(reference, beam_size=3, max_length=2, top_n=1, correction=correction)
+        result = get("invert")(inputs, params)
         best = [lab for lab in result.labels if lab.rank == 1]
         assert len(best) == units
         # The best of ~100 formulas per unit is often "significant" uncorrected: that is why we correct.
@@ -390,6 +406,15 @@ def test_null_units_are_not_significant_after_correction():
         flagged = sum(lab.extra["significant"] for lab in best)
         assert flagged / units < raw_rate and flagged <= 1
         assert result.summary["correction"] == correction and result.summary["tests"] > units * concepts
+    # Held out (the default): the p-value of the formula a search chose elsewhere is uniform under the null, so
+    # even uncorrected at most alpha (+3 standard errors) reject, and after Holm over units next to none.
+    for seed in (0, 1):
+        result = get("invert")(inputs, {"beam_size": 3, "max_length": 2, "top_n": 1, "seed": seed})
+        best = [lab for lab in result.labels if lab.rank == 1]
+        assert len(best) == units and result.summary["tests"] == units
+        assert sum(lab.p_value <= 0.05 for lab in best) / units <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / units)
+        assert sum(lab.extra["significant"] for lab in best) <= 1
+        assert all(lab.extra["auc_in_sample"] > 0.5 for lab in best)  # chosen where it looked best
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -413,8 +438,13 @@ def test_registered_with_reference_defaults():
     assert available()["invert"] is Invert
     defaults = Invert.resolve_params()
     assert defaults["pooling"] == "mean" and defaults["mode"] == "positive"
-    assert (defaults["min_fraction"], defaults["max_fraction"]) == (0.0, 0.5)
-    assert (defaults["alpha"], defaults["correction"], defaults["limit_search"]) == (0.05, "bonferroni", 0)
+    assert (defaults["min_fraction"], defaults["min_images"], defaults["max_fraction"]) == (0.002, 20, 0.5)
+    assert (defaults["alpha"], defaults["correction"], defaults["limit_search"]) == (0.05, "holm", 0)
+    assert defaults["split_half"] is True
+    # the reference code's settings are one preset away
+    reference = Invert.resolve_params(Invert.presets["reference"])
+    assert (reference["min_fraction"], reference["min_images"], reference["split_half"]) == (0.0, 0, False)
+    assert reference["correction"] == "bonferroni"
 
 
 @pytest.mark.parametrize(
@@ -461,7 +491,8 @@ def test_labels_and_progress():
     for unit in range(1, 9):
         labs = result.for_unit(unit)
         assert [lab.rank for lab in labs] == [1, 2]
-        assert labs[0].score >= labs[1].score
+        # ranked by the search half; the score shown is the held-out AUC
+        assert labs[0].extra["auc_in_sample"] >= labs[1].extra["auc_in_sample"]
         assert labs[0].text == labs[0].formula and labs[0].extra["auc"] == labs[0].score
         assert 0 < labs[0].extra["positive_fraction"] <= 0.5
     assert result.for_unit(0)[0].extra["significant"] is False  # a constant unit
