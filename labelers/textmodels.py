@@ -99,6 +99,7 @@ def load(path: str | Path, kind: str, device: "torch.device | str" = "cpu") -> T
     path = Path(path)
     config = read_config(path, kind)
     device = torch.device(device)
+    tf.utils.logging.disable_progress_bar()  # a per-load "Loading weights" bar would clutter the CLI and the logs
     cls = {
         "clip": tf.CLIPModel,
         "captioner": tf.AutoModelForVision2Seq if hasattr(tf, "AutoModelForVision2Seq") else tf.AutoModelForImageTextToText,
