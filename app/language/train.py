@@ -518,7 +518,7 @@ class TrainJob:
         warm = max(1, steps // 20)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-        start, losses, seconds_before = 0, [], 0.0
+        start, losses, seconds_before, cpu_before = 0, [], 0.0, 0.0
         ckpt, state_file = work / "model.safetensors", work / "state.json"
         if ckpt.exists() and state_file.exists():
             state = json.loads(state_file.read_text())
@@ -526,6 +526,7 @@ class TrainJob:
             opt.load_state_dict(torch.load(work / "optimizer.pt", map_location=device, weights_only=True))
             sched.load_state_dict(state["scheduler"])
             start, losses, seconds_before = int(state["step"]), state["losses"], float(state["seconds"])
+            cpu_before = float(state.get("cpu_seconds", 0.0))
             log.info("resuming %s training at step %d", o.kind, start)
         batches = Batches(o.kind, corpus, tokenizer, o, batch)
         config = json.loads(model.config.to_json_string())
@@ -541,10 +542,12 @@ class TrainJob:
             torch.save(opt.state_dict(), tmp)
             os.replace(tmp, work / "optimizer.pt")
             _atomic_write(state_file, json.dumps({"step": step, "losses": losses, "scheduler": sched.state_dict(),
-                                                  "seconds": seconds_before + time.monotonic() - t_train}))
+                                                  "seconds": seconds_before + time.monotonic() - t_train,
+                                                  "cpu_seconds": cpu_before + time.process_time() - cpu_train}))
 
         progress.begin_stage(f"training the {KIND_TITLES[o.kind]}", done=start)
         t_train = time.monotonic()
+        cpu_train = time.process_time()  # CPU time as well: on a busy machine it says what the work itself cost
         last_ckpt = time.monotonic()
         step = start
         try:
@@ -579,18 +582,19 @@ class TrainJob:
             save_checkpoint(len(losses) and losses[-1][0] or start)
             raise
         train_seconds = seconds_before + time.monotonic() - t_train
+        cpu_seconds = cpu_before + time.process_time() - cpu_train
         progress.begin_stage("measuring on held-out data")
         progress.update(0, 1, "measuring on held-out data")
         model.eval()
         heldout, base = evaluate(o.kind, tm, corpus, batches, vocab)
         report = self._store(project, model, tokenizer, corpus, ds_row, run_id, steps, batch, lr, train_seconds,
-                             describe(device), losses, heldout, base, work)
+                             describe(device), losses, heldout, base, work, cpu_seconds)
         progress.update(1, 1, "done")
         return report
 
     def _store(self, project: Any, model: Any, tokenizer: Any, corpus: Any, ds_row: dict[str, Any], run_id: int,
                steps: int, batch: int, lr: float, seconds: float, device: str, losses: list, heldout: dict,
-               base: dict, work: Path) -> TrainReport:
+               base: dict, work: Path, cpu_seconds: float = 0.0) -> TrainReport:
         o = self.options
         names = project.language_model_names()
         name = o.name or f"{o.kind}-{ds_row['name']}"
@@ -614,7 +618,7 @@ class TrainJob:
             "trained_in": "Neuron Studio", "dataset": ds_row["name"], "data": corpus.summary(),
             "tokenizer": {"type": "byte-level BPE (tokenizers)", "vocab_size": len(tokenizer)},
             "options": dataclasses.asdict(o), "steps": steps, "batch_size": batch, "lr": lr,
-            "seconds": round(seconds, 2), "device": device, "loss_curve": _thin(losses, 300),
+            "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2), "device": device, "loss_curve": _thin(losses, 300),
             "heldout": heldout, "baselines": base,
         }
         if o.kind == "captioner":
@@ -675,7 +679,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         lines.append(f"- note: {note}")
     lines += ["", "## Training", "",
               f"- steps: {card['steps']}, batch size {card['batch_size']}, learning rate {card['lr']}",
-              f"- time: {card['seconds']} s on {card['device']}",
+              f"- time: {card['seconds']} s on {card['device']} ({card.get('cpu_seconds', '?')} s of CPU time)",
               f"- tokenizer: {card['tokenizer']['type']}, {card['tokenizer']['vocab_size']} tokens"]
     curve = card.get("loss_curve") or []
     if curve:
