@@ -234,3 +234,17 @@ def test_cli_language_list_add_and_refusal(extracted, tmp_path, capsys):
     assert main(["language", "list", str(extracted)]) == 0
     out = capsys.readouterr().out
     assert "mine" in out and "added" in out
+
+
+def test_captioner_learns_unit_descriptions_and_records_which(extracted):
+    with Project.open(extracted) as p:
+        who = p.annotator("alice")
+        for uid, text in zip(p.unit_ids(p.layer(p.model()["id"], "conv1")["id"]),
+                             ["red squares", "blue squares", "squares", "grey background"]):
+            p.set_annotation(annotator_id=who, unit_id=uid, kind="description", text=text)
+    rep = TrainJob(extracted, TrainOptions(kind="captioner", **{**TINY, "steps": 12})).execute(JobProgress())
+    card = read_card(Path(rep.path))
+    assert card["data"]["descriptions"] == 4
+    seen, held = card["descriptions_seen"], card["descriptions_heldout"]
+    assert sorted(seen + held) == [f"tiny/conv1/{u}" for u in range(4)] and not set(seen) & set(held)
+    assert card["data"]["heldout_descriptions"] == len(held)
