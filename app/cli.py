@@ -244,6 +244,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                 print(f"  ({len(rows)} layers with units; --layers lists them all; * = extracted)")
         for d in s["datasets"]:
             print(f"dataset {d['name']}: {d['format']}, {d['num_images']} images")
+        for lm in project.language_models():
+            print(f"language model {lm['name']}: {lm['kind']}, {lm['source']}, {lm['abs_path']}")
         print("runs:", ", ".join(f"{k} {v}" for k, v in sorted(s["runs"].items())) or "none")
         for r in project.runs():
             if r.status != "done":

@@ -171,6 +171,8 @@ class LanguagePanel(QWidget):
         self.curve = self.plot.plot([], [], pen=pg.mkPen("#3574f0", width=2))
         below.addWidget(self.card)
         below.addWidget(self.plot)
+        below.setStretchFactor(0, 3)
+        below.setStretchFactor(1, 2)
         split.addWidget(below)
         split.setStretchFactor(1, 2)
         lay.addWidget(split, 1)
@@ -195,7 +197,9 @@ class LanguagePanel(QWidget):
             cells = [m.name, KIND_TEXT.get(m.kind, m.kind), m.source + ("" if m.exists else " (folder missing)"),
                      "yes" if m.in_use else "", text]
             for j, c in enumerate(cells):
-                self.table.setItem(i, j, QTableWidgetItem(c))
+                item = QTableWidgetItem(c)
+                item.setToolTip(c)
+                self.table.setItem(i, j, item)
         self.table.resizeColumnsToContents()
         kinds = {m.kind for m in self.models}
         missing = [KIND_TEXT[k] for k in ("clip", "captioner", "lm") if k not in kinds]
