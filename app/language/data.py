@@ -2,6 +2,8 @@
 
 - images: the dataset's images as the models see them (shorter side resized to S, centre-cropped to S x S).
 - captions: (image, caption) pairs of the dataset.
+- concept words: which concepts each whole image contains (image-level labels), so the dual encoder learns that a
+  whole image is near the name of every concept in it (what CLIP-Dissect asks of it).
 - regions: (image, mask, phrase) for every annotated concept mask of an image, and for adjective + noun pairs whose
   masks coincide in an image (a "red" mask and a "circle" mask on the same object give "red circle"); a region
   image is the image with everything outside the mask replaced by grey (`labelers.textmodels.mask_pixels`, the same
@@ -75,6 +77,8 @@ class Corpus:
     phrases: list[str] = field(default_factory=list)  # singular phrase of each phrase index ("red circle")
     descriptions: list[Description] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    concept_names: list[str] = field(default_factory=list)  # distinct concept names (several concepts may share one)
+    presence: Any = None  # torch bool [N, len(concept_names)]: the image contains a concept of that name
 
     def caption_split(self, heldout: bool) -> list[tuple[int, str]]:
         return [(i, t) for i, t in self.captions if bool(self.heldout[i]) == heldout]
@@ -94,6 +98,9 @@ class Corpus:
             used = self.region_phrase[self.region_split(heldout)].unique().tolist()
             out += [self.phrases[j] for j in used] + [plural(self.phrases[j]) for j in used]
         out += [d.text for d in self.descriptions if d.heldout == heldout]
+        if self.presence is not None:
+            rows = self.heldout == heldout
+            out += [n for n, present in zip(self.concept_names, self.presence[rows].any(0).tolist()) if present]
         return out
 
     def summary(self) -> dict[str, Any]:
@@ -106,6 +113,7 @@ class Corpus:
             "captions": len(self.captions),
             "regions": n_regions,
             "phrases": len(self.phrases),
+            "concept_words": len(self.concept_names),
             "descriptions": len(self.descriptions),
             "heldout_descriptions": sum(d.heldout for d in self.descriptions),
             "notes": list(self.notes),
@@ -201,6 +209,16 @@ def gather(project: Any, dataset: int | str | None, image_size: int = 64, max_im
     heldout[~torch.from_numpy(ok)] = False
     corpus = Corpus(image_size=image_size, dataset=ds_row["name"], images=images, heldout=heldout,
                     captions=captions, phrases=list(phrase_index))
+    if concept_rows:
+        # concepts of the same name (e.g. in two categories) are one word to the text side
+        word_of = {n: i for i, n in enumerate(dict.fromkeys(names))}
+        presence = np.asarray(project.presence_matrix(ds_row["id"]))[rows]
+        by_word = np.zeros((len(rows), len(word_of)), bool)
+        for c, n in enumerate(names):
+            by_word[:, word_of[n]] |= presence[:, c]
+        by_word[~ok] = False
+        corpus.concept_names = list(word_of)
+        corpus.presence = torch.from_numpy(by_word)
     if r_img:
         corpus.region_image = torch.tensor(r_img, dtype=torch.int64)
         corpus.region_phrase = torch.tensor(r_phr, dtype=torch.int64)

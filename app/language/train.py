@@ -3,8 +3,9 @@ from the last checkpoint), on the GPU with mixed precision where there is one.
 
 Kinds (all small configs of real transformers classes, saved with save_pretrained):
 - clip: `CLIPModel`, ViT image tower (S x S input, 8-pixel patches) and a text tower, trained contrastively on
-  (image, caption) and (masked region, concept phrase) pairs. Identical texts in a batch are all positives of each
-  other, so two "red" regions do not push each other apart.
+  (image, caption), (masked region, concept phrase) and (whole image, name of a concept it contains) pairs. Identical
+  texts in a batch are all positives of each other, so two "red" regions do not push each other apart, and a whole
+  image is a positive of every concept name in the batch that it contains.
 - captioner: `VisionEncoderDecoderModel` (ViT encoder, GPT-2 decoder with cross-attention), config flag
   `neuron_studio_set_captioner: true`: conditioned on a set of k masked exemplars whose encoder outputs are
   concatenated (`labelers.textmodels.encode_exemplar_sets`). Trained on captions (sets of one image), on sets of
@@ -142,6 +143,8 @@ class Batches:
         self.regions = corpus.region_split(False)
         self.descs = [d for d in corpus.descriptions if not d.heldout]
         self.texts = corpus.texts(False)
+        self.word_rows = (torch.nonzero(~corpus.heldout & corpus.presence.any(1)).flatten()
+                          if corpus.presence is not None else torch.zeros(0, dtype=torch.int64))
         self.mean = torch.tensor(CLIP_MEAN)[:, None, None]
         self.std = torch.tensor(CLIP_STD)[:, None, None]
         # regions grouped by phrase, for the captioner's sets; phrases with too few regions are left to CLIP
@@ -188,10 +191,11 @@ class Batches:
         import torch
 
         c = self.corpus
-        n_reg = self.batch // 2 if len(self.regions) else 0
-        n_cap = self.batch - n_reg if self.caps else 0
-        if not self.caps:
-            n_reg = self.batch
+        parts = [p for p, ok in (("cap", bool(self.caps)), ("reg", len(self.regions) > 0),
+                                 ("word", len(self.word_rows) > 0)) if ok]
+        share = {p: self.batch // len(parts) for p in parts}
+        share[parts[0]] += self.batch - sum(share.values())
+        n_cap, n_reg, n_word = share.get("cap", 0), share.get("reg", 0), share.get("word", 0)
         imgs, texts = [], []
         if n_cap:
             pick = torch.randint(len(self.caps), (n_cap,), generator=g).tolist()
@@ -202,9 +206,26 @@ class Batches:
             r = self.regions[torch.randint(len(self.regions), (n_reg,), generator=g)]
             imgs.append(self.pixels(c.images[c.region_image[r]], c.region_masks[r]))
             texts += [c.phrases[j] for j in c.region_phrase[r].tolist()]
+        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.bool)
+        if n_word:
+            rows = self.word_rows[torch.randint(len(self.word_rows), (n_word,), generator=g)]
+            present = c.presence[rows]  # [n_word, W]
+            pick = torch.multinomial(present.float(), 1, generator=g)[:, 0]
+            imgs.append(self.pixels(c.images[rows]))
+            words = [c.concept_names[j] for j in pick.tolist()]
+            m = len(texts)
+            texts += words
+            grown = torch.zeros(len(texts), len(texts), dtype=torch.bool)
+            grown[:m, :m] = same
+            grown[m:, m:] = present[:, pick]  # image i contains the word of pair j
+            for a in range(m):  # a caption or region text identical to a word
+                for b in range(m, len(texts)):
+                    if texts[a] == texts[b]:
+                        grown[a, b] = grown[b, a] = True
+            same = grown
         ids, att = self.tokens(texts)
-        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
-        return {"pixels": torch.cat(imgs), "ids": ids, "att": att, "targets": same / same.sum(1, keepdim=True)}
+        same = same.float()
+        return {"pixels": torch.cat(imgs), "ids": ids, "att": att, "targets": same}
 
     def _draw_captioner(self, g: Any) -> dict[str, Any]:
         import torch
@@ -261,8 +282,11 @@ def clip_loss(model: Any, batch: dict[str, Any]) -> Any:
     txt = F.normalize(_features(model.get_text_features(input_ids=batch["ids"],
                                                         attention_mask=batch["att"])).float(), dim=-1)
     logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
-    t = batch["targets"]
-    return 0.5 * (torch.sum(-t * F.log_softmax(logits, 1), 1).mean() + torch.sum(-t * F.log_softmax(logits.T, 1), 1).mean())
+    t = batch["targets"]  # [B, B] 0/1: image i goes with text j
+    ti = t / t.sum(1, keepdim=True)
+    tt = t.T / t.T.sum(1, keepdim=True)
+    return 0.5 * (torch.sum(-ti * F.log_softmax(logits, 1), 1).mean()
+                  + torch.sum(-tt * F.log_softmax(logits.T, 1), 1).mean())
 
 
 def captioner_loss(model: Any, batch: dict[str, Any], tm: Any) -> Any:
@@ -350,6 +374,21 @@ def evaluate(kind: str, tm: Any, corpus: Any, batches: Batches, vocab: int, limi
                 for j in range(min(5, n)):
                     p_miss *= (n - m - j).clamp(min=0) / (n - j)
                 base["image_to_caption_recall_at_5"] = float((1 - p_miss).mean())
+            if corpus.presence is not None:
+                rows = torch.nonzero(corpus.heldout & corpus.presence.any(1)).flatten()[:limit]
+                if len(rows):
+                    ids, att = batches.tokens(corpus.concept_names)
+                    txt = torch.nn.functional.normalize(_features(tm.model.get_text_features(
+                        input_ids=ids.to(tm.device), attention_mask=att.to(tm.device))).float(), dim=-1)
+                    img = torch.nn.functional.normalize(_features(tm.model.get_image_features(
+                        pixel_values=batches.pixels(corpus.images[rows]).to(tm.device))).float(), dim=-1)
+                    present = corpus.presence[rows]
+                    sim = (img @ txt.T).cpu()
+                    # per image: do the concepts it contains rank above those it lacks? (AUC; the baseline ranks
+                    # every image's concepts by how often they occur in the training images)
+                    heldout["image_to_concept_auc"] = _mean_auc(sim, present)
+                    train_rate = corpus.presence[~corpus.heldout].float().mean(0)
+                    base["image_to_concept_auc"] = _mean_auc(train_rate.expand_as(sim), present)
             reg = corpus.region_split(True)
             if len(reg):
                 reg = reg[torch.randperm(len(reg), generator=g)[:limit]]
@@ -413,6 +452,19 @@ def evaluate(kind: str, tm: Any, corpus: Any, batches: Batches, vocab: int, limi
                 heldout["heldout_texts"] = len(texts)
                 base["text_perplexity"] = unigram_perplexity(tm.tokenizer, train_texts, texts, vocab)
     return heldout, base
+
+
+def _mean_auc(scores: Any, positive: Any) -> float:
+    """Mean over rows (with both classes) of the ROC AUC of `scores` for `positive`, ties counted half."""
+    import torch
+
+    aucs = []
+    for sc, pos in zip(scores.double(), positive.bool()):
+        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+        if n_pos and n_neg:
+            diff = sc[pos][:, None] - sc[~pos][None, :]
+            aucs.append(float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean()))
+    return float(torch.tensor(aucs).mean()) if aucs else float("nan")
 
 
 # ---- the job -----------------------------------------------------------------------------------------------------
