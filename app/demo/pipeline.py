@@ -44,13 +44,15 @@ class DemoJob:
     title = "Build the demo project"
 
     def __init__(self, out_dir: Path, n_images: int = 3000, epochs: int | None = None, device: str = "auto",
-                 rebuild: bool = False, seed: int = 0):
+                 rebuild: bool = False, seed: int = 0, language_options: dict[str, Any] | None = None):
         self.out_dir = Path(out_dir)
         self.n_images = n_images
         self.epochs = epochs
         self.device = device
         self.rebuild = rebuild
         self.seed = seed
+        # overrides of app.language.train.TrainOptions for the demo's language models (tests make them tiny)
+        self.language_options = dict(language_options or {})
 
     def execute(self, progress: JobProgress) -> DemoSummary:
         from app.demo.shapes import generate_shapes_dataset
@@ -98,7 +100,7 @@ class DemoJob:
             layers = demo_layers(project, model["id"])
         summary = DemoSummary(project=str(project_dir), training=metrics)
         ExtractJob(project_dir, ExtractOptions(layers=layers, device=self.device)).execute(progress)
-        summary.language = train_language_models(project_dir, self.device, progress)
+        summary.language = train_language_models(project_dir, self.device, progress, self.language_options)
         methods = lb.available()
         for layer in layers:
             for name in methods:
@@ -113,7 +115,8 @@ class DemoJob:
         return summary
 
 
-def train_language_models(project_dir: Path, device: str, progress: JobProgress) -> dict[str, Any]:
+def train_language_models(project_dir: Path, device: str, progress: JobProgress,
+                          options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train the dual encoder, the set captioner and the LM on the demo's own text unless the project has them
     (a resumed demo keeps what it trained); returns each model's time and held-out figures from its card."""
     from app.language.train import TrainJob, TrainOptions
@@ -124,7 +127,7 @@ def train_language_models(project_dir: Path, device: str, progress: JobProgress)
         with Project.open(project_dir) as project:
             have = project.language_model(kind=kind)
         if have is None:
-            TrainJob(project_dir, TrainOptions(kind=kind, device=device)).execute(progress)
+            TrainJob(project_dir, TrainOptions(kind=kind, device=device, **(options or {}))).execute(progress)
             with Project.open(project_dir) as project:
                 have = project.language_model(kind=kind)
         card = have["card"]
