@@ -56,6 +56,7 @@ class TrainOptions:
     batch_size: int | None = None
     lr: float | None = None
     image_size: int = 64
+    patch_size: int = 8  # the vision towers' patch side in pixels
     hidden: int = 128
     layers: int = 2
     vocab_size: int = 1000
@@ -97,7 +98,7 @@ def build_model(kind: str, vocab: int, opts: TrainOptions) -> Any:
 
     h, n, heads = opts.hidden, opts.layers, max(1, opts.hidden // 32)
     special = {"pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID}
-    vision = dict(image_size=opts.image_size, patch_size=8, hidden_size=h, intermediate_size=2 * h,
+    vision = dict(image_size=opts.image_size, patch_size=opts.patch_size, hidden_size=h, intermediate_size=2 * h,
                   num_hidden_layers=n, num_attention_heads=heads)
     if kind == "clip":
         text = tf.CLIPTextConfig(vocab_size=vocab, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=n,
