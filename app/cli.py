@@ -16,7 +16,7 @@ from labelers.errors import UserError
 log = logging.getLogger("neuron_studio")
 
 SUBCOMMANDS = ("demo", "new", "add-model", "add-dataset", "extract", "label", "export", "import", "info", "methods",
-               "open", "compare")
+               "open", "compare", "language")
 
 
 # ---- progress ---------------------------------------------------------------------------------------------------
@@ -253,6 +253,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                 print(f"  ({len(rows)} layers with units; --layers lists them all; * = extracted)")
         for d in s["datasets"]:
             print(f"dataset {d['name']}: {d['format']}, {d['num_images']} images")
+        for lm in project.language_models():
+            print(f"language model {lm['name']}: {lm['kind']}, {lm['source']}, {lm['abs_path']}")
         print("runs:", ", ".join(f"{k} {v}" for k, v in sorted(s["runs"].items())) or "none")
         for r in project.runs():
             if r.status != "done":
@@ -293,6 +295,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(format_summary(summary))
     if not args.headless:
         return _open_gui(Path(args.out) / "demo.nstudio")
+    return 0
+
+
+def cmd_language(args: argparse.Namespace) -> int:
+    from app.project.store import Project
+
+    if args.action == "train":
+        from app.language.train import TRAINABLE, TrainJob, TrainOptions
+
+        kinds = list(TRAINABLE) if args.kind == "all" else [args.kind]
+        if args.name and len(kinds) > 1:
+            raise NeuronStudioError("--name names one model", fix="train one --kind at a time to name it")
+        for kind in kinds:
+            job = TrainJob(args.project, TrainOptions(kind=kind, dataset=args.dataset, steps=args.steps,
+                                                      batch_size=args.batch_size, device=args.device,
+                                                      name=args.name, seed=args.seed))
+            rep = run_with_bar(job, args.quiet)
+            figures = ", ".join(f"{k.replace('_', ' ')} {v:.3g} (baseline {rep.baselines[k]:.3g})"
+                                for k, v in rep.heldout.items() if k in rep.baselines)
+            print(f"trained {rep.name} ({kind}) in {rep.seconds:.1f} s on {rep.device}: {figures or 'no held-out data'}")
+            print(f"  {rep.path} (model card: README.md, card.json)")
+        return 0
+    if args.action == "add":
+        from app.language.registry import add_folder
+
+        with Project.open(args.project) as project:
+            info = add_folder(project, args.folder, args.kind, name=args.name)
+        print(f"added {info.kind} model {info.name} from {info.path}")
+        return 0
+    from app.language.registry import list_models
+
+    with Project.open(args.project) as project:
+        models = list_models(project)
+    if not models:
+        print("no language models; train one with `neuron-studio language train PROJECT --kind clip|captioner|lm` "
+              "or add a folder with `neuron-studio language add PROJECT DIR --kind ...`")
+    for m in models:
+        held = ", ".join(f"{k.replace('_', ' ')} {v:.3g}" for k, v in (m.card.get("heldout") or {}).items()
+                         if isinstance(v, float))
+        mark = "*" if m.in_use else " "
+        gone = "" if m.exists else "  (folder missing)"
+        print(f"{mark} {m.name:<24} {m.kind:<10} {m.source:<8} {m.path}{gone}")
+        if held:
+            print(f"    held-out: {held}")
+    if models:
+        print("(* = in use: the newest model of its kind)")
     return 0
 
 
@@ -417,6 +465,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--shuffles", type=int, default=100, help="permutations of the shuffled baseline (default 100)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--device", default="cpu", help="where the sentence encoder runs (cpu, cuda, mps)")
+
+    sp = add("language", "train language models on the project's own text, or add a local folder", cmd_language)
+    lsub = sp.add_subparsers(dest="action", metavar="ACTION", required=True)
+    lp = lsub.add_parser("train", help="train a model on a dataset's captions, concept masks and unit descriptions "
+                                       "(resumable)")
+    lp.add_argument("project")
+    lp.add_argument("--kind", required=True, choices=["clip", "captioner", "lm", "all"],
+                    help="clip: dual encoder (CLIP-Dissect); captioner: exemplar-set captioner (MILAN); "
+                         "lm: causal language model")
+    lp.add_argument("--dataset", help="the dataset to learn from (default: the only one)")
+    lp.add_argument("--steps", type=int, help="optimisation steps (default: the kind's own, sized for the demo)")
+    lp.add_argument("--batch-size", type=int)
+    lp.add_argument("--name", help="name in the project (default: KIND-DATASET)")
+    lp.add_argument("--seed", type=int, default=0)
+    lp.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    lp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    lp = lsub.add_parser("add", help="add a local transformers folder (checked before anything is written)")
+    lp.add_argument("project")
+    lp.add_argument("folder", help="a folder written by save_pretrained (config, safetensors weights, tokenizer)")
+    lp.add_argument("--kind", required=True, choices=["clip", "captioner", "lm", "sentence"])
+    lp.add_argument("--name", help="name in the project (default: the folder's name)")
+    lp = lsub.add_parser("list", help="the project's language models and their held-out figures")
+    lp.add_argument("project")
 
     sp = add("open", "open the window (optionally on a project)", cmd_open)
     sp.add_argument("project", nargs="?")

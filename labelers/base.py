@@ -69,7 +69,8 @@ INPUT_SOURCES: dict[Input, str] = {
     Input.MASK_BATCHES: "a dataset with per-pixel concept masks (COCO instances JSON or Broden index.csv)",
     Input.CAPTIONS: "a dataset with captions: COCO captions JSON or captions.jsonl beside labels.csv",
     Input.IMAGES: "any dataset whose image files are still on disk",
-    Input.CLIP_MODEL: "a local CLIP model folder in transformers format (option --clip DIR)",
+    Input.CLIP_MODEL: ("a dual encoder: neuron-studio language train PROJECT --kind clip, or "
+                       "neuron-studio language add PROJECT DIR --kind clip, or a local CLIP folder (option --clip DIR)"),
     Input.EXEMPLARS: "an extraction run of the layer (neuron-studio extract), whose image files are still on disk",
     Input.MODEL: "the project's image model (neuron-studio add-model)",
     Input.CAPTIONER: ("a captioner: neuron-studio language train PROJECT --kind captioner, or "

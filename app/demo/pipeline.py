@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 PROJECT_NAME = "demo.nstudio"
 DATASET_DIR = "shapes"
 WEIGHTS_NAME = "shapes_cnn.safetensors"
+LANGUAGE_KINDS = ("clip", "captioner", "lm")
+# The in-app dual encoder knows the project's own words only: CLIP-Dissect names units from the dataset's concepts.
+DEMO_PARAMS: dict[str, dict[str, Any]] = {"clip_dissect": {"vocabulary": "dataset"}}
 
 
 @dataclass
@@ -26,6 +29,8 @@ class DemoSummary:
     training: dict[str, Any]
     layers: list[dict[str, Any]] = field(default_factory=list)
     skipped_methods: dict[str, str] = field(default_factory=dict)
+    language: dict[str, Any] = field(default_factory=dict)  # per trained kind: name, seconds, held-out figures
+    clip_agreement: dict[str, Any] = field(default_factory=dict)  # see clip_dissect_agreement
 
 
 def demo_layers(project: Any, model_id: int) -> list[str]:
@@ -39,13 +44,15 @@ class DemoJob:
     title = "Build the demo project"
 
     def __init__(self, out_dir: Path, n_images: int = 3000, epochs: int | None = None, device: str = "auto",
-                 rebuild: bool = False, seed: int = 0):
+                 rebuild: bool = False, seed: int = 0, language_options: dict[str, Any] | None = None):
         self.out_dir = Path(out_dir)
         self.n_images = n_images
         self.epochs = epochs
         self.device = device
         self.rebuild = rebuild
         self.seed = seed
+        # overrides of app.language.train.TrainOptions for the demo's language models (tests make them tiny)
+        self.language_options = dict(language_options or {})
 
     def execute(self, progress: JobProgress) -> DemoSummary:
         from app.demo.shapes import generate_shapes_dataset
@@ -93,6 +100,7 @@ class DemoJob:
             layers = demo_layers(project, model["id"])
         summary = DemoSummary(project=str(project_dir), training=metrics)
         ExtractJob(project_dir, ExtractOptions(layers=layers, device=self.device)).execute(progress)
+        summary.language = train_language_models(project_dir, self.device, progress, self.language_options)
         methods = lb.available()
         grids = layer_grids(project_dir, layers)
         for layer in layers:
@@ -101,13 +109,14 @@ class DemoJob:
                 if why_not:
                     summary.skipped_methods[f"{name} on {layer}"] = why_not
                     continue
-                job = LabelJob(project_dir, name, layer, device=self.device)
+                job = LabelJob(project_dir, name, layer, DEMO_PARAMS.get(name), device=self.device)
                 try:
                     job.execute(progress)
                 except lb.MissingInputError as exc:
                     summary.skipped_methods[name] = str(exc)
         with Project.open(project_dir) as project:
             summary.layers = layer_summaries(project, model["id"], layers)
+            summary.clip_agreement = clip_dissect_agreement(project, model["id"], layers)
         return summary
 
 
@@ -119,6 +128,50 @@ def layer_grids(project_dir: Path, layers: list[str]) -> dict[str, tuple[int, in
         model = project.model()
         rows = {name: project.layer(model["id"], name) for name in layers}
     return {name: (tuple(r["grid"]) if r["grid"] else None) for name, r in rows.items()}  # type: ignore[misc]
+
+
+def train_language_models(project_dir: Path, device: str, progress: JobProgress,
+                          options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train the dual encoder, the set captioner and the LM on the demo's own text unless the project has them
+    (a resumed demo keeps what it trained); returns each model's time and held-out figures from its card."""
+    from app.language.train import TrainJob, TrainOptions
+    from app.project.store import Project
+
+    out: dict[str, Any] = {}
+    for kind in LANGUAGE_KINDS:
+        with Project.open(project_dir) as project:
+            have = project.language_model(kind=kind)
+        if have is None:
+            TrainJob(project_dir, TrainOptions(kind=kind, device=device, **(options or {}))).execute(progress)
+            with Project.open(project_dir) as project:
+                have = project.language_model(kind=kind)
+        card = have["card"]
+        out[kind] = {"name": have["name"], "seconds": card.get("seconds"), "heldout": card.get("heldout", {}),
+                     "baselines": card.get("baselines", {})}
+    return out
+
+
+def clip_dissect_agreement(project: Any, model_id: int, layers: list[str],
+                           categories: tuple[str, ...] = ("color", "object")) -> dict[str, Any]:
+    """Of the units Network Dissection calls detectors (IoU >= 0.04) of a concept in `categories` (colours and
+    shapes), the fraction whose CLIP-Dissect top label names the same concept."""
+    agree = total = 0
+    per_layer = {}
+    for name in layers:
+        row = project.layer(model_id, name)
+        top = {(lab["method"], lab["unit"]): lab for lab in project.labels(layer_id=row["id"], max_rank=1)}
+        a = t = 0
+        for (method, unit), lab in top.items():
+            if method != "netdissect" or not lab["extra"].get("interpretable") or lab["category"] not in categories:
+                continue
+            clip = top.get(("clip_dissect", unit))
+            if clip is None:
+                continue
+            t += 1
+            a += clip["label"] == lab["label"]
+        per_layer[name] = {"detectors": t, "agree": a}
+        agree, total = agree + a, total + t
+    return {"detectors": total, "agree": agree, "fraction": agree / total if total else None, "layers": per_layer}
 
 
 def layer_summaries(project: Any, model_id: int, layers: list[str]) -> list[dict[str, Any]]:
@@ -152,6 +205,14 @@ def format_summary(summary: DemoSummary) -> str:
             elif method == "invert":
                 extra = f", {m['significant']} significant"
             lines.append(f"  {method:<13} {m['units']:>4} units labeled{extra}; most common: {top}")
+    for kind, m in summary.language.items():
+        figures = ", ".join(f"{k.replace('_', ' ')} {v:.3g} (baseline {m['baselines'][k]:.3g})"
+                            for k, v in m["heldout"].items() if k in m["baselines"] and isinstance(v, float))
+        lines.append(f"language model {m['name']} ({kind}): trained in {m['seconds']} s; held-out {figures}")
+    ag = summary.clip_agreement
+    if ag.get("detectors"):
+        lines.append(f"CLIP-Dissect names the same concept as Network Dissection for {ag['agree']} of "
+                     f"{ag['detectors']} colour/shape detector units ({ag['fraction']:.0%})")
     for method, why in summary.skipped_methods.items():
         lines.append(f"skipped {method}: {why}")
     return "\n".join(lines)

@@ -7,23 +7,21 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import labelers.base as lb
 from app.engine.claims import claim_or_wait
 from app.engine.device import pick_device
-from app.engine.extract import MapRunner, layer_info, load_project_model, make_loader, open_project_dataset
 from app.engine.results import LayerResults
-from app.errors import JobError
 from app.jobs import Cancelled, JobProgress
 from app.project.store import Project
 
 log = logging.getLogger(__name__)
+
+LANGUAGE_INPUTS = {lb.Input.CLIP_MODEL, lb.Input.CAPTIONER, lb.Input.CAUSAL_LM, lb.Input.SENTENCE_ENCODER}
 
 
 @dataclasses.dataclass
@@ -72,7 +70,10 @@ class LabelJob:
         device = pick_device(self.device)
         key = hashlib.sha256(json.dumps(
             {"source": results.run_id, "layer": layer_row["id"], "method": self.method, "params": params,
-             "clip": str(self.clip_model) if self.clip_model else None}, sort_keys=True, default=str,
+             "clip": str(self.clip_model) if self.clip_model else None,
+             # a retrained or newly brought language model is a new run, not the resumption of an old one
+             "language": [m["id"] for m in project.language_models()]
+             if set(labeler.inputs) & LANGUAGE_INPUTS else None}, sort_keys=True, default=str,
         ).encode()).hexdigest()
         # Inputs first: a method this project cannot feed leaves no failed run behind, only its message.
         inputs = self._inputs(project, labeler, results, layer_row, model_row, ds_row, device)
@@ -106,74 +107,8 @@ class LabelJob:
     # ---- inputs --------------------------------------------------------------------------------------------
     def _inputs(self, project: Project, labeler: lb.Labeler, results: LayerResults, layer_row: dict[str, Any],
                 model_row: dict[str, Any], ds_row: dict[str, Any], device: torch.device) -> lb.LabelerInputs:
-        need = set(labeler.inputs)
-        valid = results.valid
-        rows = np.nonzero(valid)[0]
-        inputs = lb.LabelerInputs(layer=layer_row["name"], num_units=layer_row["units"], device=device)
-        if lb.Input.POOLED in need:  # [N, U] each: not worth reading for methods that work from masks
-            inputs.pooled_max = torch.from_numpy(np.asarray(results.pooled_max)[rows]).to(device)
-            inputs.pooled_mean = torch.from_numpy(np.asarray(results.pooled_mean)[rows]).to(device)
-        concept_rows = project.concepts(ds_row["id"])
-        if concept_rows:
-            inputs.concepts = [lb.Concept(c["name"], c["category"]) for c in concept_rows]
-            inputs.concept_presence = torch.from_numpy(project.presence_matrix(ds_row["id"])[rows]).to(device)
-        if lb.Input.CAPTIONS in need:
-            caps = project.captions(ds_row["id"])
-            inputs.captions = [caps[i] for i in rows]
-        if lb.Input.MASK_COUNTS in need and results.has_mask_counts:
-            inputs.mask_counts = results.mask_counts(ds_row["categories"])
-            inputs.mask_counts = dataclasses.replace(
-                inputs.mask_counts, **{f: getattr(inputs.mask_counts, f).to(device)
-                                       for f in ("intersection", "unit_area", "concept_area", "concept_category")})
-        if lb.Input.CLIP_MODEL in need:
-            inputs.clip_model = self.clip_model
-        if need & {lb.Input.IMAGES, lb.Input.MASK_BATCHES}:
-            reader = open_project_dataset(ds_row)
-            if lb.Input.IMAGES in need:
-                inputs.images = self._image_iter(reader, rows)
-            if lb.Input.MASK_BATCHES in need and reader.has_masks and results.has_mask_counts:
-                model = load_project_model(model_row, device)
-                inputs.mask_batches = self._mask_iter(reader, rows, model, layer_row, results, device)
-        return inputs
+        from app.engine.inputs import InputOptions, build_inputs
 
-    def _image_iter(self, reader: Any, rows: np.ndarray):
-        from app.sources.datasets import load_rgb
-
-        def images(batch_size: int) -> Iterator[tuple[torch.Tensor, list[Any]]]:
-            for s in range(0, len(rows), batch_size):
-                chunk = rows[s:s + batch_size]
-                # Positions are in the labeler's index space (valid images only), not the dataset's.
-                yield torch.arange(s, s + len(chunk)), [load_rgb(reader.images[int(i)].path) for i in chunk]
-
-        return images
-
-    def _mask_iter(self, reader: Any, rows: np.ndarray, model: Any, layer_row: dict[str, Any],
-                   results: LayerResults, device: torch.device):
-        from labelers.netdissect import threshold_and_upsample
-
-        info = layer_info(layer_row)
-        size = int(results.stats["mask_size"][0])
-        thresholds = torch.from_numpy(np.asarray(results.threshold())).to(device)
-        n_concepts = len(reader.concepts)
-        # Dense [B, C, H, W] concept masks: keep the batch small when the vocabulary is large.
-        batch = max(1, min(self.batch_size, int(2**28 // max(1, n_concepts * size * size))))
-
-        def batches() -> Iterator[lb.MaskBatch]:
-            runner = MapRunner(model, {info.name: info}, device, batch_size=batch)
-            for b in make_loader(reader, model.preprocess, rows.tolist(), batch, self.num_workers, device, size):
-                ok = b["ok"]
-                if not ok.all():
-                    raise JobError(f"an image that extraction read is now unreadable: {b['error'][0]}",
-                                   fix="restore the file or extract again")
-                maps = runner.maps(b["x"])[info.name]
-                dense = torch.zeros((len(maps), n_concepts, size, size), dtype=torch.bool)
-                for j, (cidx, m) in enumerate(zip(b["concepts"], b["masks"])):
-                    if len(cidx):
-                        dense[j, cidx] = m
-                yield lb.MaskBatch(
-                    unit_masks=threshold_and_upsample(maps, thresholds, (size, size)),
-                    concept_masks=dense.to(device),
-                    category_annotated=b["annotated"].to(device),
-                )
-
-        return batches
+        options = InputOptions(clip_model=self.clip_model, batch_size=self.batch_size, num_workers=self.num_workers)
+        return build_inputs(project, self.method, tuple(labeler.inputs), dict(layer_row), model_row, ds_row, results,
+                            device, options)

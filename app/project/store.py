@@ -22,6 +22,7 @@ from typing import Any
 import sqlite_utils
 
 from app.errors import ProjectError
+from app.project.language import SCHEMA_LANGUAGE_MODELS, LanguageModelsMixin
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,7 @@ CREATE TABLE group_members (
 
 # Forward migrations: MIGRATIONS[i] takes the schema from version i to i + 1.
 MIGRATIONS: list[str] = [_SCHEMA_V1]
+MIGRATIONS.append(SCHEMA_LANGUAGE_MODELS)  # v2: language models (app/project/language.py)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -318,7 +320,7 @@ def _layer_suggestion(name: str, names: list[str]) -> str:
     return f"pick one of: {', '.join(listed[:30])}{' ...' if len(listed) > 30 else ''}"
 
 
-class Project:
+class Project(LanguageModelsMixin):
     """An open project folder. Not thread-safe: each thread opens its own `Project` on the same folder."""
 
     def __init__(self, path: Path, conn: sqlite3.Connection):

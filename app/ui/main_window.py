@@ -36,6 +36,7 @@ from app.ui.settings import Preferences, RecentProjects, qsettings
 from app.ui.theme import Theme, icon
 from app.ui.views.compare import CompareView
 from app.ui.views.jobs_panel import JobsPanel, describe_result
+from app.ui.views.language import LanguagePanel
 from app.ui.views.layers import LayerTree
 from app.ui.views.overview import LayerOverview
 from app.ui.views.params import ExtractDialog, LabelDialog
@@ -253,6 +254,18 @@ class MainWindow(QMainWindow):
         self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.jobs_dock)
         self.resizeDocks([self.side_dock], [380], Qt.Orientation.Horizontal)
         self.resizeDocks([self.jobs_dock], [130], Qt.Orientation.Vertical)
+        self._build_language_dock()
+
+    def _build_language_dock(self) -> None:
+        self.language = LanguagePanel()
+        self.language.train_requested.connect(self.train_language_model)
+        self.language.add_requested.connect(self.add_language_folder)
+        self.language_dock = QDockWidget("Language models", self)
+        self.language_dock.setObjectName("dock_language")
+        self.language_dock.setWidget(self.language)
+        self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.language_dock)
+        self.tabifyDockWidget(self.jobs_dock, self.language_dock)
+        self.jobs_dock.raise_()
 
     def _action(self, text: str, icon_name: str | None, slot: Any, shortcut: Any = None,
                 needs_project: bool = False) -> QAction:
@@ -320,6 +333,7 @@ class MainWindow(QMainWindow):
         m.addSeparator()
         m.addAction(self.side_dock.toggleViewAction())
         m.addAction(self.jobs_dock.toggleViewAction())
+        m.addAction(self.language_dock.toggleViewAction())
         appearance = m.addMenu(icon("appearance"), "&Appearance")
         group = QActionGroup(self)
         self.appearance_actions: dict[str, QAction] = {}
@@ -394,6 +408,7 @@ class MainWindow(QMainWindow):
         self.unit_view.set_dark(dark)
         self.overview.set_dark(dark)
         self.compare_view.set_dark(dark)
+        self.language.set_dark(dark)
 
     def set_appearance(self, appearance: str) -> None:
         self.prefs.appearance = appearance
@@ -593,7 +608,40 @@ class MainWindow(QMainWindow):
             self.datasets_label.setText("No dataset yet: Project > Add dataset, or drop an image folder here.")
         self._refresh_layers()
         self.jobs.set_resumable([r for r in p.stopped_runs() if not self._run_is_active(r.id)])
+        self._refresh_language()
         self._update_run_buttons()
+
+    def _refresh_language(self) -> None:
+        from app.language.registry import list_models
+
+        if self.project is None:
+            self.language.set_models([], [])
+            return
+        names = [d["name"] for d in self.project.datasets()]
+        self.language.set_models(list_models(self.project), names)
+
+    def train_language_model(self, values: dict[str, Any]) -> JobHandle | None:
+        from app.language.train import TrainJob, TrainOptions
+
+        if self.project_path is None:
+            return None
+        return self.submit(TrainJob(self.project_path, TrainOptions(
+            kind=values["kind"], dataset=values.get("dataset"), steps=values.get("steps"), device=self.prefs.device)))
+
+    def add_language_folder(self, values: dict[str, Any]) -> None:
+        from app.ui.views.language import add_folder_at
+        from app.ui.workers import CallJob
+
+        if self.project_path is None:
+            return
+        job = CallJob(f"Check and add {values['folder']}", add_folder_at, str(self.project_path), values["folder"],
+                      values["kind"], values.get("name"))
+
+        def done(message: Any) -> None:
+            self.statusBar().showMessage(str(message), 10000)
+            self.refresh()
+
+        self.manager.run_task(job, done, lambda err: self.report_error("Cannot add the folder", err))
 
     def _run_is_active(self, run_id: int) -> bool:
         return any(h.run_id == run_id for h in self.manager.active())
@@ -745,34 +793,13 @@ class MainWindow(QMainWindow):
         return queued
 
     def unavailable_methods(self) -> dict[str, dict[str, str]]:
-        """Per extracted layer, the methods whose inputs the project lacks, with the reason."""
-        import labelers.base as lb
+        """Per extracted layer, the methods whose inputs the project lacks, with the reason (app/engine/inputs.py,
+        the same answer the CLI and the demo get)."""
+        from app.engine.inputs import unavailable_methods
 
-        out: dict[str, dict[str, str]] = {}
         if self.project is None or self.model_id is None:
-            return out
-        p = self.project
-        for layer in p.extracted_layers(self.model_id):
-            ds = p.dataset(layer["dataset_id"])
-            stats = p.layer_stats(layer["id"])
-            n_concepts, n_caps = p.text_counts(ds["id"])
-            have = {
-                lb.Input.POOLED: True,
-                lb.Input.CONCEPT_PRESENCE: n_concepts > 0,
-                lb.Input.MASK_COUNTS: bool(stats and stats["has_mask_counts"]) and n_concepts > 0,
-                lb.Input.MASK_BATCHES: bool(ds["has_masks"] and stats and stats["has_mask_counts"]),
-                lb.Input.CAPTIONS: n_caps > 0,
-                lb.Input.IMAGES: True,
-                lb.Input.CLIP_MODEL: True,  # asked for in the method's form
-            }
-            reasons = {}
-            for name, cls in lb.available().items():
-                missing = [i for i in cls.inputs if not have.get(i, True)]
-                if missing:
-                    reasons[name] = (f"Needs {missing[0].value.replace('_', ' ')}, which comes from "
-                                     f"{lb.INPUT_SOURCES[missing[0]]}.")
-            out[layer["name"]] = reasons
-        return out
+            return {}
+        return unavailable_methods(self.project, self.model_id)
 
     def label_dialog(self) -> None:
         import labelers.base as lb
@@ -824,6 +851,13 @@ class MainWindow(QMainWindow):
                 clip = params.pop("clip_model", None)
                 job = LabelJob(self.project_path, run.method, layer, params, model=run.model_id, clip_model=clip,
                                device=self.prefs.device, extraction_run=run.source_run_id)
+            elif run.kind == "train_language":
+                from app.language.train import TrainJob, TrainOptions
+
+                names = {f.name for f in dataclasses.fields(TrainOptions)}
+                opts = TrainOptions(**{k: v for k, v in run.params.items() if k in names})
+                opts.device = self.prefs.device
+                job = TrainJob(self.project_path, opts)
             else:
                 self.report_error("Cannot resume", f"runs of kind {run.kind!r} are resumed from where they started")
                 return None

@@ -246,6 +246,7 @@ class MethodPage(QWidget):
         self.clip: PathField | None = None
         if lb.Input.CLIP_MODEL in cls.inputs:
             self.clip = PathField(True, "Local CLIP model folder (transformers format)")
+            self.clip.edit.setPlaceholderText("empty: the project's own dual encoder (Language models panel)")
             row = QFormLayout()
             row.addRow("CLIP model folder", self.clip)
             lay.addLayout(row)
@@ -335,8 +336,6 @@ class LabelDialog(QDialog):
             page = self.page_of[name]
             params = self.methods[name].resolve_params(page.form.values())
             clip = page.clip.text() if page.clip is not None else ""
-            if page.clip is not None and not clip:
-                raise lb.LabelerError(f"{name} needs a local CLIP model folder; choose one or untick {name}")
             out.append({"layer": self.layer.currentText(), "method": name, "params": params,
                         "clip_model": clip or None})
         return out
