@@ -53,7 +53,7 @@ class LanguageModelsMixin:
 
     def add_language_model(self, *, name: str, kind: str, source: str, path: str | Path, card: dict[str, Any],
                            dataset_id: int | None = None, run_id: int | None = None) -> int:
-        from app.project.store import _json, now
+        from app.project.common import now, to_json as _json
 
         p = Path(path)
         if p.is_absolute():

@@ -7,7 +7,6 @@ and is raised by forward migrations, each applied in its own transaction after a
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json
 import logging
 import os
@@ -22,6 +21,8 @@ from typing import Any
 import sqlite_utils
 
 from app.errors import ProjectError
+from app.project.common import now  # noqa: F401  (re-exported: callers import it from the store)
+from app.project.common import to_json as _json
 from app.project.language import SCHEMA_LANGUAGE_MODELS, LanguageModelsMixin
 
 log = logging.getLogger(__name__)
@@ -35,14 +36,6 @@ RUN_STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 RESUMABLE_STATES = ("running", "cancelled", "failed", "interrupted")
 # An image_problems row whose problem starts so was read (its activations are valid) but its masks were not.
 MASKS_LEFT_OUT = "masks left out: "
-
-
-def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _json(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, sort_keys=True)
 
 
 _SCHEMA_V1 = """
