@@ -243,8 +243,12 @@ def sql_statements(script: str) -> list[str]:
             if _has_code(current):
                 statements.append(current.strip())
             current = ""
-    if _has_code(current + rest):
-        raise ValueError(f"incomplete SQL statement at the end of the script: {(current + rest).strip()[:80]!r}")
+    tail = current + rest
+    if _has_code(tail):
+        # the last statement may omit its ';' (as sqlite3.executescript allows); anything else left is cut short
+        if not sqlite3.complete_statement(tail + ";"):
+            raise ValueError(f"incomplete SQL statement at the end of the script: {tail.strip()[:80]!r}")
+        statements.append(tail.strip())
     return statements
 
 

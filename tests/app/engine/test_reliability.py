@@ -116,7 +116,7 @@ def test_mask_problems_are_printed_with_the_skipped_images(tiny_project, capsys,
 
 def test_window_shows_every_problem_of_the_run(tiny_project):
     pytest.importorskip("PySide6")
-    from app.ui.views.jobs import describe_result
+    from app.ui.views.jobs_panel import describe_result
 
     _break_masks_of(tiny_project, 3)
     _, rep = extract(tiny_project)

@@ -32,7 +32,7 @@ END;
         p.conn.execute("INSERT INTO notes (id) VALUES (1)")
         assert p.all("SELECT text, n FROM notes") == [{"text": "a;b;", "n": 1}]
         assert p.conn.execute("PRAGMA user_version").fetchone()[0] == store.SCHEMA_VERSION
-    assert (tmp_path / "p" / "project.sqlite.bak-v1").exists()  # backed up before migrating
+    assert (tmp_path / "p" / f"project.sqlite.bak-v{store.SCHEMA_VERSION - 1}").exists()  # backed up first
 
 
 def test_opening_read_only_never_writes(tmp_path):
