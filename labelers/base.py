@@ -125,6 +125,20 @@ class MaskBatch:
 
 
 @dataclass
+class ExemplarBatch:
+    """The exemplars of a chunk of units, as the model saw them (the EXEMPLARS input yields these).
+
+    Images are the model's view of each top image (its resize and centre crop), S x S pixels; masks are the unit's
+    map upsampled bilinearly to S x S and strictly above the unit's threshold at the asked quantile."""
+
+    units: torch.Tensor  # [u] int64: the units, in the order asked for
+    images: torch.Tensor  # [u, k, S, S, 3] uint8 RGB
+    masks: torch.Tensor  # [u, k, S, S] bool
+    present: torch.Tensor  # [u, k] bool: False for slots past the unit's last exemplar (their pixels are zero)
+    image_index: torch.Tensor  # [u, k] int64: the exemplar's position in the inputs' image order (-1 if absent)
+
+
+@dataclass
 class LabelerInputs:
     """Everything a labeler may read. Fields a dataset cannot provide stay None; `require` says which."""
 

@@ -40,7 +40,8 @@ class LabelJob:
 
     def __init__(self, project_path: str | Path, method: str, layer: str, params: dict[str, Any] | None = None, *,
                  model: str | int | None = None, clip_model: str | Path | None = None, device: str = "auto",
-                 batch_size: int = 32, num_workers: int | None = None, extraction_run: int | None = None):
+                 batch_size: int = 32, num_workers: int | None = None, extraction_run: int | None = None,
+                 captioner: str | Path | None = None, causal_lm: str | Path | None = None):
         self.project_path = Path(project_path)
         self.method = method
         self.layer = layer
@@ -51,6 +52,9 @@ class LabelJob:
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.extraction_run = extraction_run
+        # local transformers folders for the language methods (until the project registers its own models)
+        self.captioner = Path(captioner) if captioner else None
+        self.causal_lm = Path(causal_lm) if causal_lm else None
         self.title = f"Label {layer} with {method}"
         self.run_id: int | None = None
 
@@ -71,14 +75,18 @@ class LabelJob:
         device = pick_device(self.device)
         key = hashlib.sha256(json.dumps(
             {"source": results.run_id, "layer": layer_row["id"], "method": self.method, "params": params,
-             "clip": str(self.clip_model) if self.clip_model else None}, sort_keys=True, default=str,
+             "clip": str(self.clip_model) if self.clip_model else None}
+            | ({"captioner": str(self.captioner), "causal_lm": str(self.causal_lm)}
+               if self.captioner or self.causal_lm else {}), sort_keys=True, default=str,
         ).encode()).hexdigest()
         # Inputs first: a method this project cannot feed leaves no failed run behind, only its message.
         inputs = self._inputs(project, labeler, results, layer_row, model_row, ds_row, device)
         inputs.require(self.method, *labeler.inputs)
         prior = project.resumable_run(self.kind, key)
         run_id = prior.id if prior else project.create_run(
-            kind=self.kind, key=key, params=params | ({"clip_model": str(self.clip_model)} if self.clip_model else {}),
+            kind=self.kind, key=key, params=params | ({"clip_model": str(self.clip_model)} if self.clip_model else {})
+            | ({"captioner": str(self.captioner)} if self.captioner else {})
+            | ({"causal_lm": str(self.causal_lm)} if self.causal_lm else {}),
             model_id=model_row["id"], dataset_id=ds_row["id"], layer_id=layer_row["id"],
             source_run_id=results.run_id, method=self.method,
         )
@@ -130,6 +138,18 @@ class LabelJob:
             if lb.Input.MASK_BATCHES in need and reader.has_masks and results.has_mask_counts:
                 model = load_project_model(model_row, device)
                 inputs.mask_batches = self._mask_iter(reader, rows, model, layer_row, results, device)
+        if lb.Input.EXEMPLARS in need:
+            from app.engine.exemplars import ProjectExemplars
+
+            inputs.exemplars = ProjectExemplars(results, open_project_dataset(ds_row), model_row["preprocess"], rows)
+        if lb.Input.CAPTIONER in need and self.captioner is not None:
+            from labelers.textmodels import load
+
+            inputs.captioner = load(self.captioner, "captioner", device)
+        if lb.Input.CAUSAL_LM in need and self.causal_lm is not None:
+            from labelers.textmodels import load
+
+            inputs.causal_lm = load(self.causal_lm, "lm", device)
         return inputs
 
     def _image_iter(self, reader: Any, rows: np.ndarray):
