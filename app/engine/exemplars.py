@@ -81,7 +81,7 @@ class ProjectExemplars:
             return got
         path = self.reader.images[index].path
         try:
-            arr = np.asarray(model_view(load_rgb(path), self.preprocess), dtype=np.uint8)
+            arr = np.array(model_view(load_rgb(path), self.preprocess), dtype=np.uint8)
         except Exception as exc:  # a file that extraction read and that is now gone or damaged
             raise JobError(f"{path}: an exemplar image that extraction read cannot be read now ({exc})",
                            fix="restore the file, or extract the layer again") from None
