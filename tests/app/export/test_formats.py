@@ -226,3 +226,13 @@ def test_layer_names_are_checked(study, tmp_path):
     with pytest.raises(JobError, match="layer fc has no netdissect labels"):
         export(study["path"], "netdissect-tally", tmp_path / "t.csv", layer="fc")
     assert not any(Path(tmp_path).glob("t.csv"))
+
+
+def test_milan_csv_is_layer_unit_description(study, tmp_path):
+    export(study["path"], "milan-csv", tmp_path / "milan.csv")
+    with open(tmp_path / "milan.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    # each unit's best description, 0-based units; quotes and commas survive the CSV
+    assert rows == [["layer", "unit", "description"], ["conv", "0", "red squares"], ["conv", "2", 'blue "things"']]
+    with pytest.raises(JobError, match="no milan descriptions"):
+        export(study["path"], "milan-csv", tmp_path / "x.csv", layers="fc")
