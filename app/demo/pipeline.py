@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 PROJECT_NAME = "demo.nstudio"
 DATASET_DIR = "shapes"
 WEIGHTS_NAME = "shapes_cnn.safetensors"
+# MILAN runs a beam search per unit: the demo describes the layers whose units detect shapes, not the colour blobs
+MILAN_LAYERS = ("block3", "block4", "fc")
 
 
 @dataclass
@@ -96,6 +98,8 @@ class DemoJob:
         methods = lb.available()
         for layer in layers:
             for name in methods:
+                if name == "milan" and layer not in MILAN_LAYERS:
+                    continue
                 job = LabelJob(project_dir, name, layer, device=self.device)
                 try:
                     job.execute(progress)
