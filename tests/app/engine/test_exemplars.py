@@ -90,3 +90,29 @@ def test_milan_through_the_labeling_job(extracted, tmp_path):
     # without a captioner, nothing is started and the message says where one comes from
     with pytest.raises(Exception, match="captioner"):
         LabelJob(extracted, "milan", "fc", device="cpu", causal_lm=lm).execute(JobProgress())
+
+
+def test_patch_grid_maps_of_a_vision_transformer(tmp_path):
+    """A ViT layer's maps are its patch grid (here 2 x 3, not square): upsampled to the view like any map."""
+    from types import SimpleNamespace
+
+    from app.imaging import region, upsample_map
+
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    reader = SimpleNamespace(images=[SimpleNamespace(path=tmp_path / f"{i}.png") for i in range(4)])
+    maps = rng.normal(size=(2, 3, 2, 3)).astype(np.float32)
+    res = SimpleNamespace(topk_index=np.array([[3, 1, 0], [2, 0, 1]]), topk_maps=maps,
+                          topk_scores=np.array([[3.0, 2.0, np.nan], [1.0, 0.5, 0.1]]),
+                          quantiles={0.99: np.array([0.2, -0.1], np.float32)}, valid=np.ones(4, bool),
+                          layer={"name": "encoder.layer.3"})
+    pre = {"resize": 24, "crop": 24, "mean": [0.5] * 3, "std": [0.5] * 3}
+    ex = ProjectExemplars(res, reader, pre, np.arange(4))
+    (b,) = list(ex.batches([0, 1], 3, 0.99, 8))
+    assert b.present.tolist() == [[True, True, False], [True, True, True]]
+    for u in range(2):
+        for j in range(3):
+            want = region(upsample_map(maps[u, j], 24), res.quantiles[0.99][u]) & bool(b.present[u, j])
+            assert np.array_equal(b.masks[u, j].numpy(), want)
+    assert ex.topk_index.tolist() == [[3, 1, -1], [2, 0, 1]]
