@@ -161,7 +161,8 @@ class LabelerInputs:
     images: Callable[[int], Iterator[tuple[torch.Tensor, list[Any]]]] | None = None
     clip_model: Path | None = None
     # Exemplars: an object with topk_index [U, k] (indices in this inputs' image order), topk_maps [U, k, h, w],
-    # thresholds {quantile: [U]} and a way to load the images; the provider in app/ documents its exact type.
+    # thresholds {quantile: [U]} and batches(units, k, quantile, chunk) yielding ExemplarBatch (the images as the
+    # model saw them, with each unit's region); app.engine.exemplars.ProjectExemplars provides it.
     exemplars: Any = None
     # the image model (app's loaded model, eval mode) for methods that run it
     model: Any = None
