@@ -134,10 +134,12 @@ def _decoder_step(model: Any, ids: torch.Tensor, states: torch.Tensor, cache: An
     kwargs: dict[str, Any] = {"input_ids": ids, "encoder_hidden_states": states, "use_cache": cache is not False}
     if mask is not None:
         kwargs["attention_mask"] = mask
-    if cache not in (None, False):
+    if cache is not None and cache is not False:
         kwargs[_cache_kw(model.decoder)] = cache
     out = model.decoder(**kwargs)
-    new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    new_cache = getattr(out, "cache", None)
+    if new_cache is None:
+        new_cache = getattr(out, "past_key_values", None)
     return out.logits, new_cache
 
 
