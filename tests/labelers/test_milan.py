@@ -106,11 +106,11 @@ def test_wpmi_reranking_equals_exhaustive_direct_computation(models):
     """With descriptions of at most two words and a beam wider than all of them, the beam is exhaustive: the top 5
     must be the 5 best of every possible description by wpmi computed directly."""
     cap, lm = models["set"], models["lm"]
-    ex = ArrayExemplars(units=2, k=3, seed=4)
-    params = {"k": 3, "beam": 200, "max_length": 2, "lambda": 0.2, "batch": 2, "top_n": 5}
-    res = get("milan")(inputs_for(ex, cap, lm, 2), params)
+    ex = ArrayExemplars(units=1, k=3, seed=4)
+    params = {"k": 3, "beam": 200, "max_length": 2, "lambda": 0.2, "batch": 1, "top_n": 5}
+    res = get("milan")(inputs_for(ex, cap, lm, 1), params)
     texts = [" ".join(w) for n in (1, 2) for w in itertools.product(WORDS, repeat=n)]
-    for unit in (0, 1):
+    for unit in (0,):
         got = res.for_unit(unit)
         assert [lab.rank for lab in got] == [1, 2, 3, 4, 5]
         a = by_length(direct_log_p_given_e, texts, cap, ex.images[unit], ex.masks[unit])
@@ -128,14 +128,14 @@ def test_wpmi_reranking_equals_exhaustive_direct_computation(models):
 
 def test_lambda_zero_keeps_the_captioners_beam_order(models):
     cap, lm = models["set"], models["lm"]
-    ex = ArrayExemplars(units=3, k=4, seed=1)
-    params = {"k": 4, "beam": 12, "max_length": 4, "lambda": 0.0, "batch": 3, "top_n": 5}
-    res = get("milan")(inputs_for(ex, cap, lm, 3), params)
+    ex = ArrayExemplars(units=2, k=4, seed=1)
+    params = {"k": 4, "beam": 10, "max_length": 4, "lambda": 0.0, "batch": 2, "top_n": 5}
+    res = get("milan")(inputs_for(ex, cap, lm, 2), params)
     parts = milan.captioner_parts(cap)
-    for unit in range(3):
+    for unit in range(2):
         pics = milan.masked_views(ex.images[unit], ex.masks[unit], parts.mask_dim)
         states = milan.encode_images(parts, pics)
-        beam = milan.beam_search(parts, states.reshape(1, -1, states.shape[-1]), 12, 4)[0]
+        beam = milan.beam_search(parts, states.reshape(1, -1, states.shape[-1]), 10, 4)[0]
         order = [t for t in dict.fromkeys(milan.clean_text(cap.tokenizer, p) for p in beam.paths) if t]
         assert beam.scores == sorted(beam.scores, reverse=True)
         got = res.for_unit(unit)
@@ -148,7 +148,7 @@ def test_lambda_zero_keeps_the_captioners_beam_order(models):
 def test_lambda_changes_the_choice_towards_rarer_descriptions(models):
     cap, lm = models["set"], models["lm"]
     ex = ArrayExemplars(units=1, k=2, seed=3)
-    base = {"k": 2, "beam": 30, "max_length": 3, "batch": 1, "top_n": 30}
+    base = {"k": 2, "beam": 20, "max_length": 3, "batch": 1, "top_n": 20}
     for lam in (0.0, 1.0):
         labs = get("milan")(inputs_for(ex, cap, lm, 1), base | {"lambda": lam}).for_unit(0)
         scores = [lab.extra["log_p_d_given_e"] - lam * lab.extra["log_p_d"] for lab in labs]
