@@ -192,3 +192,25 @@ def test_missing_inputs_and_unusable_captioner(models):
 def test_defaults_are_the_papers():
     p = {x.name: x.default for x in get("milan").params}
     assert (p["k"], p["quantile"], p["lambda"], p["beam"], p["max_length"]) == (15, 0.99, 0.2, 50, 15)
+
+
+def test_progress_per_chunk_and_cancel(models):
+    from labelers.base import Cancelled
+
+    class Stop:
+        def __init__(self, at):
+            self.at, self.seen = at, []
+
+        def update(self, done, total, message=""):
+            self.seen.append((done, total, message))
+            if len(self.seen) == self.at:
+                raise Cancelled()
+
+    params = {"k": 2, "beam": 3, "max_length": 2, "batch": 2}
+    ok = Stop(at=0)
+    get("milan")(inputs_for(ArrayExemplars(5, 2), models["set"], models["lm"], 5), params, ok)
+    assert [s[:2] for s in ok.seen] == [(0, 5), (2, 5), (4, 5), (5, 5)] and "units 4-4" in ok.seen[-1][2]
+    stop = Stop(at=2)
+    with pytest.raises(Cancelled):
+        get("milan")(inputs_for(ArrayExemplars(5, 2), models["set"], models["lm"], 5), params, stop)
+    assert len(stop.seen) == 2
