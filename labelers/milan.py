@@ -149,12 +149,12 @@ def _cache_kw(module: Any) -> str:
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
-def _reorder(cache: Any, index: torch.Tensor) -> None:
-    """Reorder the decoder's self-attention cache after a beam step. Cross-attention keys and values are the same
-    for every hypothesis of a row and hypotheses never move between rows, so that (much larger) cache stays put:
-    reordering it cost three quarters of the time."""
+def _reorder(cache: Any, index: torch.Tensor, resized: bool) -> None:
+    """Reorder the decoder's cache after a beam step. Cross-attention keys and values are the same for every
+    hypothesis of a row and hypotheses never move between rows, so that (much larger) cache stays put unless the
+    beam changed width: reordering it cost three quarters of the time."""
     own = getattr(cache, "self_attention_cache", None)
-    (own if own is not None else cache).reorder_cache(index)
+    (own if own is not None and not resized else cache).reorder_cache(index)
 
 
 @dataclass
@@ -212,7 +212,7 @@ def beam_search(parts: CaptionerParts, states: torch.Tensor, beam: int, max_leng
             parent, tok = flat // V, flat % V
             seqs = torch.cat([seqs.gather(1, parent[..., None].expand(-1, -1, seqs.shape[-1])), tok[..., None]], -1)
             done = done.gather(1, parent) | (tok == parts.end_id)
-            _reorder(cache, (parent + (torch.arange(B, device=device) * w)[:, None]).reshape(-1))
+            _reorder(cache, (parent + (torch.arange(B, device=device) * w)[:, None]).reshape(-1), new_w != w)
             if new_w != w:
                 w = new_w
                 rep = states.repeat_interleave(w, dim=0)
