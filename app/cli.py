@@ -182,7 +182,7 @@ def cmd_label(args: argparse.Namespace) -> int:
                 print(f"{method} on {layer}: skipped: {why_not}")
                 continue
             job = LabelJob(args.project, method, layer, params, model=args.model, clip_model=args.clip,
-                           device=args.device)
+                           device=args.device, captioner=args.captioner, causal_lm=args.lm)
             try:
                 rep = run_with_bar(job, args.quiet)
             except lb.MissingInputError as exc:
@@ -424,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model")
     sp.add_argument("--param", action="append", default=[], help="NAME=VALUE, repeatable")
     sp.add_argument("--clip", help="local CLIP model folder (transformers format) for clip_dissect")
+    sp.add_argument("--captioner", help="local captioner folder (transformers VisionEncoderDecoder) for milan")
+    sp.add_argument("--lm", help="local causal language model folder (transformers) for milan's prior p(d)")
     sp.add_argument("--device", default="auto")
 
     sp = add("export", "write labels, concept sets, reports and activations", cmd_export)

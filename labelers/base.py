@@ -128,6 +128,20 @@ class MaskBatch:
 
 
 @dataclass
+class ExemplarBatch:
+    """The exemplars of a chunk of units, as the model saw them (the EXEMPLARS input yields these).
+
+    Images are the model's view of each top image (its resize and centre crop), S x S pixels; masks are the unit's
+    map upsampled bilinearly to S x S and strictly above the unit's threshold at the asked quantile."""
+
+    units: torch.Tensor  # [u] int64: the units, in the order asked for
+    images: torch.Tensor  # [u, k, S, S, 3] uint8 RGB
+    masks: torch.Tensor  # [u, k, S, S] bool
+    present: torch.Tensor  # [u, k] bool: False for slots past the unit's last exemplar (their pixels are zero)
+    image_index: torch.Tensor  # [u, k] int64: the exemplar's position in the inputs' image order (-1 if absent)
+
+
+@dataclass
 class LabelerInputs:
     """Everything a labeler may read. Fields a dataset cannot provide stay None; `require` says which."""
 
@@ -150,7 +164,8 @@ class LabelerInputs:
     images: Callable[[int], Iterator[tuple[torch.Tensor, list[Any]]]] | None = None
     clip_model: Path | None = None
     # Exemplars: an object with topk_index [U, k] (indices in this inputs' image order), topk_maps [U, k, h, w],
-    # thresholds {quantile: [U]} and a way to load the images; the provider in app/ documents its exact type.
+    # thresholds {quantile: [U]} and batches(units, k, quantile, chunk) yielding ExemplarBatch (the images as the
+    # model saw them, with each unit's region); app.engine.exemplars.ProjectExemplars provides it.
     exemplars: Any = None
     # the image model (app's loaded model, eval mode) for methods that run it
     model: Any = None

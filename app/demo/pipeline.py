@@ -21,6 +21,8 @@ WEIGHTS_NAME = "shapes_cnn.safetensors"
 LANGUAGE_KINDS = ("clip", "captioner", "lm")
 # The in-app dual encoder knows the project's own words only: CLIP-Dissect names units from the dataset's concepts.
 DEMO_PARAMS: dict[str, dict[str, Any]] = {"clip_dissect": {"vocabulary": "dataset"}}
+# MILAN runs a beam search per unit: the demo describes the layers whose units detect shapes, not the colour blobs
+MILAN_LAYERS = ("block3", "block4", "fc")
 
 
 @dataclass
@@ -105,6 +107,8 @@ class DemoJob:
         grids = layer_grids(project_dir, layers)
         for layer in layers:
             for name in methods:
+                if name == "milan" and layer not in MILAN_LAYERS:
+                    continue
                 why_not = methods[name].applies_to(grids.get(layer))
                 if why_not:
                     summary.skipped_methods[f"{name} on {layer}"] = why_not

@@ -32,6 +32,8 @@ class InputOptions:
     """Choices the caller makes about inputs (the CLI's flags, the window's form)."""
 
     clip_model: Path | None = None  # a brought CLIP folder, used instead of the project's own (--clip DIR)
+    captioner: Path | None = None  # likewise a captioner folder for MILAN
+    causal_lm: Path | None = None  # likewise a causal LM folder (MILAN's prior, TExplain's frozen LM)
     batch_size: int = 32
     num_workers: int | None = None
 
@@ -183,6 +185,20 @@ class ImagesProvider(Provider):
         ctx.inputs.images = _image_iter(ctx.reader(), ctx.rows)
 
 
+class ExemplarsProvider(Provider):
+    """Each unit's top images as the model saw them, with its thresholded regions (app/engine/exemplars.py)."""
+
+    input = lb.Input.EXEMPLARS
+
+    def available(self, project, layer, options=None):
+        return Availability(True) if _facts(project, layer)["stats"] else _missing(self.input)
+
+    def build(self, ctx):
+        from app.engine.exemplars import ProjectExemplars
+
+        ctx.inputs.exemplars = ProjectExemplars(ctx.results, ctx.reader(), ctx.model["preprocess"], ctx.rows)
+
+
 class ImageModelProvider(Provider):
     input = lb.Input.MODEL
 
@@ -207,6 +223,9 @@ class LanguageModelProvider(Provider):
     field_name: ClassVar[str]
 
     def folder(self, project: Any, options: InputOptions | None) -> Path | None:
+        given = getattr(options, self.field_name, None) if options is not None else None
+        if given:  # a folder the caller named wins over the project's own
+            return Path(given).expanduser()
         row = project.language_model(kind=self.kind)
         return Path(row["abs_path"]) if row else None
 
@@ -238,11 +257,6 @@ class ClipProvider(LanguageModelProvider):
     kind = "clip"
     field_name = "clip_model"
 
-    def folder(self, project, options):
-        if options is not None and options.clip_model:
-            return Path(options.clip_model).expanduser()
-        return super().folder(project, options)
-
     def build(self, ctx):
         ctx.inputs.clip_model = self.folder(ctx.project, ctx.options)
 
@@ -270,18 +284,18 @@ class SentenceEncoderProvider(LanguageModelProvider):
         own = super().folder(project, options)
         if own is not None:
             return own
+        from labelers.textmodels import default_sentence_encoder_path
+
         try:
-            from labelers.compare import default_sentence_encoder_path
-        except ImportError:
+            return default_sentence_encoder_path()
+        except lb.LabelerError:  # the optional package is not installed: the input is missing, with its source
             return None
-        path = default_sentence_encoder_path()
-        return Path(path) if path else None
 
 
 PROVIDERS: dict[lb.Input, Provider] = {p.input: p for p in (
     PooledProvider(), PresenceProvider(), MaskCountsProvider(), MaskBatchesProvider(), CaptionsProvider(),
-    ImagesProvider(), ImageModelProvider(), ClipProvider(), CaptionerProvider(), CausalLMProvider(),
-    SentenceEncoderProvider(),
+    ImagesProvider(), ExemplarsProvider(), ImageModelProvider(), ClipProvider(), CaptionerProvider(),
+    CausalLMProvider(), SentenceEncoderProvider(),
 )}
 # Built for every method because it is cheap and some methods read it without requiring it (e.g. CLIP-Dissect's
 # vocabulary=dataset reads the concept names). The pooled arrays ([N, U] each) are read only for methods that ask.

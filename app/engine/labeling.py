@@ -39,7 +39,8 @@ class LabelJob:
 
     def __init__(self, project_path: str | Path, method: str, layer: str, params: dict[str, Any] | None = None, *,
                  model: str | int | None = None, clip_model: str | Path | None = None, device: str = "auto",
-                 batch_size: int = 32, num_workers: int | None = None, extraction_run: int | None = None):
+                 batch_size: int = 32, num_workers: int | None = None, extraction_run: int | None = None,
+                 captioner: str | Path | None = None, causal_lm: str | Path | None = None):
         self.project_path = Path(project_path)
         self.method = method
         self.layer = layer
@@ -50,6 +51,9 @@ class LabelJob:
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.extraction_run = extraction_run
+        # local transformers folders for the language methods (until the project registers its own models)
+        self.captioner = Path(captioner) if captioner else None
+        self.causal_lm = Path(causal_lm) if causal_lm else None
         self.title = f"Label {layer} with {method}"
         self.run_id: int | None = None
 
@@ -71,6 +75,8 @@ class LabelJob:
         key = hashlib.sha256(json.dumps(
             {"source": results.run_id, "layer": layer_row["id"], "method": self.method, "params": params,
              "clip": str(self.clip_model) if self.clip_model else None,
+             "captioner": str(self.captioner) if self.captioner else None,
+             "causal_lm": str(self.causal_lm) if self.causal_lm else None,
              # a retrained or newly brought language model is a new run, not the resumption of an old one
              "language": [m["id"] for m in project.language_models()]
              if set(labeler.inputs) & LANGUAGE_INPUTS else None}, sort_keys=True, default=str,
@@ -81,7 +87,9 @@ class LabelJob:
         # Claimed atomically before computing: the same command started twice computes each job once.
         run_id, finished = claim_or_wait(
             project, progress,
-            kind=self.kind, key=key, params=params | ({"clip_model": str(self.clip_model)} if self.clip_model else {}),
+            kind=self.kind, key=key, params=params | ({"clip_model": str(self.clip_model)} if self.clip_model else {})
+            | ({"captioner": str(self.captioner)} if self.captioner else {})
+            | ({"causal_lm": str(self.causal_lm)} if self.causal_lm else {}),
             model_id=model_row["id"], dataset_id=ds_row["id"], layer_id=layer_row["id"],
             source_run_id=results.run_id, method=self.method,
         )
@@ -109,6 +117,7 @@ class LabelJob:
                 model_row: dict[str, Any], ds_row: dict[str, Any], device: torch.device) -> lb.LabelerInputs:
         from app.engine.inputs import InputOptions, build_inputs
 
-        options = InputOptions(clip_model=self.clip_model, batch_size=self.batch_size, num_workers=self.num_workers)
+        options = InputOptions(clip_model=self.clip_model, captioner=self.captioner, causal_lm=self.causal_lm,
+                               batch_size=self.batch_size, num_workers=self.num_workers)
         return build_inputs(project, self.method, tuple(labeler.inputs), dict(layer_row), model_row, ds_row, results,
                             device, options)

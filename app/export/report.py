@@ -178,6 +178,8 @@ if(ok)shown++;});document.getElementById('shown').textContent=t?(shown+' units m
     Param("exemplars", int, 5, "exemplars shown per unit", minimum=0, maximum=50),
     Param("thumb", int, 80, "side of an exemplar picture in pixels", minimum=32, maximum=512),
     Param("max_rank", int, 3, "labels of rank <= this per method", minimum=1),
+    Param("candidates", int, 5, "candidate descriptions per unit of methods that rank sentences by wpmi (MILAN), "
+                                "each with log p(d|E) and log p(d)", minimum=1),
     Param("units", str, "all", "which units get a card: all, or annotated (labeled or annotated ones)",
           choices=("all", "annotated")),
     Param("max_units", int, 0, "at most this many cards per layer (0: no limit)", minimum=0),
@@ -198,7 +200,9 @@ def write_html(ctx: ExportContext) -> dict[str, Any]:
     images = Images(project, cache=64)
     title = opts["title"] or project.path.name.removesuffix(".nstudio")
     chosen = {ref.layer_id for ref in refs}
-    labels_all = [r for r in project.labels(max_rank=opts["max_rank"]) if r["layer_id"] in chosen]
+    labels_all = [r for r in project.labels(max_rank=max(opts["max_rank"], opts["candidates"]))
+                  if r["layer_id"] in chosen
+                  and r["rank"] <= (opts["candidates"] if _is_description(r) else opts["max_rank"])]
     annotations = project.annotations()
     groups = group_rows(project)
     methods = sorted({r["method"] for r in labels_all})
@@ -388,6 +392,18 @@ def _charts(plan: list[tuple[LayerRef, list[int]]], by_layer_labels: dict[int, A
     return f'<section id="summary"><h2>Summary</h2><div class="charts">{"".join(boxes)}</div></section>'
 
 
+def _is_description(label: dict[str, Any]) -> bool:
+    """A sentence ranked by wpmi (MILAN): its candidates are worth showing together with their parts."""
+    return "log_p_d_given_e" in label["extra"] and "log_p_d" in label["extra"]
+
+
+def _parts(label: dict[str, Any]) -> str:
+    if not _is_description(label):
+        return ""
+    ex = label["extra"]
+    return f" · log p(d|E) {_fmt(ex['log_p_d_given_e'])}, log p(d) {_fmt(ex['log_p_d'])}"
+
+
 def _card(li: int, ref: LayerRef, unit: int, res: Any, exemplars: Exemplars, images: Images,
           opts: dict[str, Any], labels: dict[str, list[dict[str, Any]]], anns: list[dict[str, Any]],
           groups: Counter[tuple[str, str]], colors: dict[str, str]) -> tuple[str, int]:
@@ -420,7 +436,9 @@ def _card(li: int, ref: LayerRef, unit: int, res: Any, exemplars: Exemplars, ima
         pv = best["p_value"]
         # p-values below the smallest double print as 0: say what is known
         p = "" if pv is None else (" · p&lt;1e-300" if pv == 0 else f" · p={_fmt(pv)}")
-        alts = "".join(f' <span class="alt">· {_e(r["label"])} ({_fmt(r["score"])})</span>' for r in labs[1:])
+        alts = "".join(f' <span class="alt">· {_e(r["label"])} ({_fmt(r["score"])}{_parts(r)})</span>'
+                       for r in labs[1:])
+        p += _parts(best)
         rows.append(f'<tr><td class="m" style="color:{colors.get(method, "#555")}">{_e(method)}</td>'
                     f'<td><b>{_e(best["label"])}</b>{alts}</td><td class="s">{_fmt(best["score"])}{p}</td></tr>')
         searchable += [r["label"] for r in labs] + [method]

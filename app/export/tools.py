@@ -5,6 +5,7 @@
   {cat}-iou` from the best label the unit has in that category (truth = the concept's pixels, activation = the
   unit's active pixels where the category is annotated, both from the extraction's mask counts).
 - clip-dissect-csv: CLIP-Dissect's `descriptions.csv`: `layer,unit,description,similarity` (unit 0-based).
+- milan-csv: MILAN's descriptions CSV: `layer,unit,description` (unit 0-based), each unit's best description.
 - invert-csv: INVERT / CoSy's `neuron,concept,concept_id,metric`: the formula, the same formula over concept indices
   of the dataset vocabulary, and its AUC.
 """
@@ -130,6 +131,21 @@ def clip_dissect_csv(ctx: ExportContext) -> dict[str, Any]:
         raise JobError(f"the chosen layers have no {opts['method']} labels",
                        fix=f"run `neuron-studio label --method {opts['method']}` first")
     _write_rows(ctx, ["layer", "unit", "description", "similarity"], rows)
+    return {"rows": len(rows)}
+
+
+@exporter("milan-csv", title="MILAN descriptions CSV", target="file", suffix=".csv",
+          params=(MODEL, LAYERS, _method("milan")))
+def milan_csv(ctx: ExportContext) -> dict[str, Any]:
+    """MILAN's descriptions CSV: layer, unit (0-based), description (each unit's best by wpmi)."""
+    project, opts = ctx.project, ctx.options
+    refs = layer_refs(project, opts["model"] or None, split_names(opts["layers"]))
+    rows = [[ref.layer, lab["unit"], lab["label"]]
+            for ref in refs for lab in project.labels(layer_id=ref.layer_id, method=opts["method"], max_rank=1)]
+    if not rows:
+        raise JobError(f"the chosen layers have no {opts['method']} descriptions",
+                       fix=f"run `neuron-studio label --method {opts['method']}` first")
+    _write_rows(ctx, ["layer", "unit", "description"], rows)
     return {"rows": len(rows)}
 
 

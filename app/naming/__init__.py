@@ -48,6 +48,8 @@ from app.project.naming import (  # noqa: F401
     delete_annotation,
     restore_annotation,
     automatic_labels,
+    DescriptionSuggestion,
+    description_suggestions,
     annotators,
     latest_annotator,
     latest_pool,

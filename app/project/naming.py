@@ -632,6 +632,26 @@ def automatic_labels(project: Project, layer_id: int, unit: int | None = None,
     return [r for r in rows if unit is None or r["unit"] == unit]
 
 
+@dataclass
+class DescriptionSuggestion:
+    """A sentence an automatic method proposed for a unit (MILAN), offered to an annotator to accept."""
+
+    text: str
+    rank: int
+    score: float  # wpmi
+    log_p_given_e: float | None
+    log_p: float | None
+
+
+def description_suggestions(project: Project, layer_id: int, unit: int, method: str = "milan",
+                            max_rank: int = 5) -> list[DescriptionSuggestion]:
+    """The unit's candidate descriptions of the newest finished `method` run, best first."""
+    rows = sorted((r for r in project.labels(layer_id=layer_id, method=method, max_rank=max_rank)
+                   if r["unit"] == unit), key=lambda r: r["rank"])
+    return [DescriptionSuggestion(r["label"], int(r["rank"]), float(r["score"]),
+                                  r["extra"].get("log_p_d_given_e"), r["extra"].get("log_p_d")) for r in rows]
+
+
 # ==== sessions, tables and imports ===============================================================================
 def annotators(project: Project) -> list[dict[str, Any]]:
     """Every annotator (id, name), by name."""

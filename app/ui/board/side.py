@@ -95,6 +95,16 @@ class UnitPanel(QWidget):
         self.edit_button.clicked.connect(self.edit_selected)
         self.delete_button = QPushButton("Delete")
         self.delete_button.clicked.connect(self.delete_selected)
+        # MILAN's candidate sentences for the unit; accepting one makes it this annotator's description (undoable)
+        self.suggested_label = QLabel("Suggested descriptions (MILAN)")
+        self.suggested = QListWidget()
+        self.suggested.setWordWrap(True)
+        self.suggested.setMaximumHeight(110)
+        self.suggested.itemDoubleClicked.connect(lambda _i: self.accept_suggested())
+        self.accept_button = QPushButton("Accept as my description")
+        self.accept_button.setToolTip("adds the selected suggestion to your descriptions of this unit; edit it "
+                                      "afterwards if it is almost right")
+        self.accept_button.clicked.connect(self.accept_suggested)
         QShortcut(QKeySequence("Ctrl+Return"), self.editor, self.add,
                   context=Qt.ShortcutContext.WidgetShortcut)
         buttons = QHBoxLayout()
@@ -109,6 +119,9 @@ class UnitPanel(QWidget):
         lay.addWidget(self.ex_view)
         lay.addWidget(self.auto)
         lay.addLayout(form)
+        lay.addWidget(self.suggested_label)
+        lay.addWidget(self.suggested)
+        lay.addWidget(self.accept_button)
         lay.addWidget(QLabel("Descriptions"))
         lay.addWidget(self.descriptions, 1)
         lay.addWidget(self.editor)
@@ -133,7 +146,7 @@ class UnitPanel(QWidget):
 
     def _set_enabled(self, on: bool) -> None:
         for w in (self.name, self.descriptions, self.editor, self.add_button, self.edit_button,
-                  self.delete_button):
+                  self.delete_button, self.suggested, self.accept_button):
             w.setEnabled(on)
 
     # ---- showing a unit ------------------------------------------------------------------------------------
@@ -188,6 +201,7 @@ class UnitPanel(QWidget):
             self.descriptions.addItem(item)
 
     def refresh_labels(self) -> None:
+        self.refresh_suggested()
         if self.unit is None or self.layer_id is None:
             self.auto.setText("")
             return
@@ -202,6 +216,40 @@ class UnitPanel(QWidget):
         for lab in labels:
             by_method.setdefault(lab["method"], []).append(f"{lab['label']} ({lab['score']:.3g})")
         self.auto.setText("Automatic labels: " + "; ".join(f"{m}: {', '.join(v)}" for m, v in by_method.items()))
+
+    def refresh_suggested(self) -> None:
+        """MILAN's candidates for the unit; hidden in blind mode, like every automatic label."""
+        current = self.suggested.currentItem()
+        keep = (self.suggested.property("unit"), current.data(Qt.ItemDataRole.UserRole)) if current else None
+        self.suggested.clear()
+        self.suggested.setProperty("unit", (self.layer_id, self.unit))
+        got = []
+        if self.unit is not None and self.layer_id is not None and not self.board.blind:
+            got = naming.description_suggestions(self.board.project, self.layer_id, self.unit)
+        for s in got:
+            item = QListWidgetItem(f"{s.text}  ({s.score:.2f})")
+            item.setData(Qt.ItemDataRole.UserRole, s.text)
+            parts = f"wpmi {s.score:.3g}"
+            if s.log_p_given_e is not None and s.log_p is not None:
+                parts += f" = log p(d|E) {s.log_p_given_e:.3g} - lambda x log p(d) {s.log_p:.3g}"
+            item.setToolTip(f"rank {s.rank}: {parts}")
+            self.suggested.addItem(item)
+        for w in (self.suggested_label, self.suggested, self.accept_button):
+            w.setVisible(bool(got))
+        if got:  # the same unit keeps its selection across refreshes (an accept refreshes the panel)
+            texts = [g.text for g in got]
+            same = keep is not None and keep[0] == (self.layer_id, self.unit) and keep[1] in texts
+            self.suggested.setCurrentRow(texts.index(keep[1]) if same else 0)
+
+    def accept_suggested(self) -> None:
+        item = self.suggested.currentItem()
+        if item is None or self.unit_id is None or self.unit is None:
+            return
+        text = str(item.data(Qt.ItemDataRole.UserRole))
+        have = {self.descriptions.item(i).text() for i in range(self.descriptions.count())}
+        if text not in have:  # accepting twice must not write the same description twice
+            self.finish_draft()
+            self.board.add_description(self.unit_id, self.unit, text)
 
     # ---- thumbnails of exemplars ---------------------------------------------------------------------------
     def _key(self, rank: int) -> tuple:

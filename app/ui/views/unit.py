@@ -164,6 +164,14 @@ class ExemplarDelegate(QStyledItemDelegate):
         painter.restore()
 
 
+def score_parts(extra: dict[str, Any]) -> str:
+    """A description scored by wpmi (MILAN) shows what its score is made of: how well it fits the exemplars and
+    how common it is anyway, so a reader sees why a candidate won."""
+    if "log_p_d_given_e" not in extra or "log_p_d" not in extra:
+        return ""
+    return f"\nlog p(d|E) {extra['log_p_d_given_e']:.2f}, log p(d) {extra['log_p_d']:.2f}"
+
+
 def render_exemplar(view: LayerView, ex: Exemplar, size: int, vmin: float, vmax: float, threshold: float,
                     lut: np.ndarray) -> dict[str, np.ndarray]:
     """Pool thread: the image as the model saw it, shrunk to `size`, and the unit's overlays at that size."""
@@ -445,6 +453,7 @@ class UnitView(QWidget):
                 text = f"{lab['text']}\n{format_score(lab['score'])}"
                 if lab["p_value"] is not None:
                     text += f"  p {format_p(lab['p_value'])}"
+                text += score_parts(lab["extra"])
                 item = QTableWidgetItem(text)
                 tip = [lab["text"]]
                 if lab["category"]:

@@ -245,6 +245,10 @@ def build_project(root: Path, name: str = "study.nstudio", *, content: bool = Tr
         out["clip_run"] = label_run(project, model_id, ds_id, "fc", "clip_dissect", extract, [
             Label(unit=u, rank=1, text=w, score=s, extra={"log_p_concept": -1.5})
             for u, (w, s) in enumerate([("stripes", 1.25), ("red", 0.5), ("sky, blue", -0.25)])])
+        out["milan_run"] = label_run(project, model_id, ds_id, "conv", "milan", extract, [
+            Label(unit=u, rank=r, text=t, score=w, extra={"wpmi": w, "log_p_d_given_e": a, "log_p_d": b})
+            for u, r, t, w, a, b in [(0, 1, "red squares", -2.0, -3.0, -5.0), (0, 2, "red, left", -2.5, -3.5, -5.0),
+                                     (2, 1, "blue \"things\"", -1.0, -2.0, -5.0)]])
         alice, bob = project.annotator("alice"), project.annotator("bob")
         conv_units = project.unit_ids(out["conv"])
         project.set_annotation(annotator_id=alice, unit_id=conv_units[0], kind="name", text="red blob")

@@ -226,3 +226,25 @@ def test_layer_names_are_checked(study, tmp_path):
     with pytest.raises(JobError, match="layer fc has no netdissect labels"):
         export(study["path"], "netdissect-tally", tmp_path / "t.csv", layer="fc")
     assert not any(Path(tmp_path).glob("t.csv"))
+
+
+def test_milan_csv_is_layer_unit_description(study, tmp_path):
+    export(study["path"], "milan-csv", tmp_path / "milan.csv")
+    with open(tmp_path / "milan.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    # each unit's best description, 0-based units; quotes and commas survive the CSV
+    assert rows == [["layer", "unit", "description"], ["conv", "0", "red squares"], ["conv", "2", 'blue "things"']]
+    with pytest.raises(JobError, match="no milan descriptions"):
+        export(study["path"], "milan-csv", tmp_path / "x.csv", layers="fc")
+
+
+def test_html_report_shows_milan_candidates_with_their_scores(study, tmp_path):
+    out = tmp_path / "report.html"
+    export(study["path"], "html", out, max_rank="1", exemplars="0")
+    page = PageParser()
+    page.feed(out.read_text(encoding="utf-8"))
+    text = " ".join(page.text)
+    # the second candidate shows although max_rank is 1, with what its wpmi is made of
+    assert "red squares" in text and "red, left" in text and 'blue "things"' in text
+    assert "log p(d|E) -3" in text and "log p(d) -5" in text and "log p(d|E) -3.5" in text
+    assert "NOT blue" not in text  # other methods still keep to max_rank

@@ -29,8 +29,8 @@ def test_labels_csv_rows_are_the_projects_latest_labels(study, tmp_path):
     with Project.open(study["path"]) as p:
         want = p.labels()
         older = p.labels(latest_only=False)
-    assert len(rows) == len(want) == 15  # 8 netdissect (newer run) + 4 invert + 3 clip_dissect
-    assert len(older) == 19
+    assert len(rows) == len(want) == 18  # 8 netdissect (newer run) + 4 invert + 3 clip_dissect + 3 milan
+    assert len(older) == 22
     key = {(r["layer"], r["unit"], r["method"], r["rank"]): r for r in want}
     for row in rows:
         ref = key[(row["layer"], int(row["unit"]), row["method"], int(row["rank"]))]
@@ -42,7 +42,7 @@ def test_labels_csv_rows_are_the_projects_latest_labels(study, tmp_path):
     assert len(quoted) == 1 and float(quoted[0]["score"]) == -0.25
 
     export(study["path"], "labels-csv", out, latest_only="false")
-    assert len(read_csv(out)) == 19
+    assert len(read_csv(out)) == 22
     export(study["path"], "labels-csv", out, methods="invert", max_rank="1")
     assert [r["label"] for r in read_csv(out)] == ["(red OR blue)", "(blue OR square)", "(square OR disc)"]
     export(study["path"], "labels-csv", out, layers="fc")
@@ -52,14 +52,14 @@ def test_labels_csv_rows_are_the_projects_latest_labels(study, tmp_path):
 def test_labels_parquet_and_jsonl_open_with_their_libraries(study, tmp_path):
     export(study["path"], "labels-parquet", tmp_path / "l.parquet")
     table = pq.read_table(tmp_path / "l.parquet")
-    assert table.column_names == list(LABEL_COLUMNS) and table.num_rows == 15
+    assert table.column_names == list(LABEL_COLUMNS) and table.num_rows == 18
     assert table.schema.field("score").type == pa.float64() and table.schema.field("unit").type == pa.int64()
     rows = table.to_pylist()
     assert sum(r["p_value"] is not None for r in rows) == 4
     assert json.loads(rows[0]["extra"]) == {"auc": 0.9, "length": 2, "significant": True}
     export(study["path"], "labels-jsonl", tmp_path / "l.jsonl")
     lines = [json.loads(x) for x in (tmp_path / "l.jsonl").read_text().splitlines()]
-    assert len(lines) == 15 and list(lines[0]) == list(LABEL_COLUMNS)
+    assert len(lines) == 18 and list(lines[0]) == list(LABEL_COLUMNS)
     assert [(r["unit"], r["method"], r["rank"], r["label"]) for r in lines] == \
         [(r["unit"], r["method"], r["rank"], r["label"]) for r in rows]
 
@@ -93,7 +93,7 @@ def test_round_trip_through_a_fresh_project_is_lossless(study, fresh, tmp_path, 
     target = fresh()
     with Project.open(target["path"]) as p:
         added = imports.import_tables(p, first)
-        assert added == (15 if kind == "labels" else 10)
+        assert added == (18 if kind == "labels" else 10)
         assert imports.import_tables(p, first) == 0  # importing again adds nothing
     second = tmp_path / f"second.{fmt}"
     export(target["path"], f"{kind}-{fmt}", second)
@@ -128,7 +128,7 @@ def test_labels_import_when_run_ids_are_taken(study, fresh, tmp_path):
     with Project.open(target["path"]) as p:
         for _ in range(6):  # occupy the ids the source used
             p.create_run(kind="other", key="x", params={})
-        assert imports.import_tables(p, first) == 15
+        assert imports.import_tables(p, first) == 18
         assert p.labels()[0]["run_id"] > 6
     export(target["path"], "labels-jsonl", tmp_path / "again.jsonl")
     strip = lambda path: [{k: v for k, v in json.loads(x).items() if k != "run_id"}  # noqa: E731
