@@ -123,6 +123,10 @@ class LabelJob:
                                        for f in ("intersection", "unit_area", "concept_area", "concept_category")})
         if lb.Input.CLIP_MODEL in need:
             inputs.clip_model = self.clip_model
+        if lb.Input.TRANSLATOR in need:
+            from app.language.translator import translator_inputs
+
+            inputs.translator = translator_inputs(project, model_row, ds_row, layer_row["name"], rows, device)
         if need & {lb.Input.IMAGES, lb.Input.MASK_BATCHES}:
             reader = open_project_dataset(ds_row)
             if lb.Input.IMAGES in need:
