@@ -196,6 +196,43 @@ def caption_loss(lm: Any, ids: torch.Tensor, mask: torch.Tensor, prefix: torch.T
     return (loss * m).sum() / m.sum().clamp(min=1)
 
 
+def new_optimizer(mapper: PrefixMapper, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(mapper.parameters(), lr=lr, weight_decay=1e-4)
+
+
+def train_steps(lm: Any, mapper: PrefixMapper, optim: torch.optim.Optimizer, features: torch.Tensor,
+                pairs: list[tuple[int, str]], *, start: int, steps: int, batch_size: int, lr: float,
+                max_tokens: int, seed: int, on_step: Any = None) -> int:
+    """Train the mapper (the language model stays frozen) from step `start` to `steps` on (image index, caption)
+    pairs; returns the step reached. Batches and the learning rate (linear warm-up, cosine decay) are functions of
+    the step and seed, so a run resumed from a checkpoint continues exactly as it would have. `on_step(step, loss)`
+    reports, checkpoints and may raise `Cancelled`."""
+    device = next(lm.model.parameters()).device
+    lm.model.requires_grad_(False)
+    mapper.to(device).train()
+    per_epoch = max(1, math.ceil(len(pairs) / batch_size))
+    warmup = max(1, steps // 20)
+    step = start
+    while step < steps:
+        epoch, pos = divmod(step, per_epoch)
+        order = np.random.default_rng([seed, epoch]).permutation(len(pairs))
+        chosen = [pairs[j] for j in order[pos * batch_size:(pos + 1) * batch_size]]
+        ids, mask = encode_captions(lm, [c for _, c in chosen], max_tokens)
+        x = features[torch.tensor([i for i, _ in chosen])].to(device)
+        for g in optim.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps)))
+        loss = caption_loss(lm, ids, mask, mapper(x), mapper.mode)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(mapper.parameters(), 1.0)
+        optim.step()
+        step += 1
+        if on_step is not None:
+            on_step(step, float(loss.detach()))
+    mapper.eval()
+    return step
+
+
 # ---- sampling -------------------------------------------------------------------------------------------------
 
 def _pick(logits: torch.Tensor, u: torch.Tensor, top_p: float) -> torch.Tensor:

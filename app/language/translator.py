@@ -52,7 +52,7 @@ class TranslatorOptions:
     hidden: int | None = None
     steps: int = 2000
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 1e-2
     max_tokens: int = 32
     heldout_fraction: float = 0.1
     seed: int = 0
@@ -286,7 +286,7 @@ class TranslatorJob:
                device: Any, t0: float) -> TranslatorReport:
         import torch
 
-        from labelers.texplain import PrefixMapper, caption_loss, encode_captions, heldout_loss
+        from labelers.texplain import PrefixMapper, heldout_loss, new_optimizer, train_steps
 
         opts = self.options
         feats, logits = self._features(progress, project, run_id, folder, model, ds_row, layer_row, clf, device)
@@ -310,12 +310,8 @@ class TranslatorJob:
         train_idx = torch.tensor(sorted({i for i, _ in train}))
         mapper.set_normalisation(features[train_idx])
         mapper.to(device)
-        optim = torch.optim.AdamW(mapper.parameters(), lr=opts.lr, weight_decay=1e-4)
-        warmup = max(1, opts.steps // 20)
-
-        def lr_at(s: int) -> float:  # linear warm-up, then cosine decay; a function of the step, so resume is exact
-            return opts.lr * min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / opts.steps)))
-        step, curve, running = 0, [], []
+        optim = new_optimizer(mapper, opts.lr)
+        step, curve = 0, []
         state_path = folder / STATE
         if state_path.exists():
             tensors, meta = arrays.load_state(state_path)
@@ -323,42 +319,32 @@ class TranslatorJob:
             optim.load_state_dict(_optim_from_tensors(tensors, meta["optim"]))
             step, curve = int(meta["step"]), meta["curve"]
             log.info("resuming translator training at step %d", step)
-        per_epoch = max(1, math.ceil(len(train) / opts.batch_size))
         record_every = max(1, opts.steps // 100)
-        last = time.monotonic()
+        last = [time.monotonic()]
+        running: list[float] = []
 
-        def checkpoint() -> None:
+        def checkpoint(at: int) -> None:
             tensors = {"m/" + k: v for k, v in mapper.state_dict().items()}
             optim_meta = _optim_to_tensors(optim.state_dict(), tensors)
-            arrays.save_state(state_path, tensors, {"step": step, "curve": curve, "optim": optim_meta})
-            project.update_run(run_id, done=step, total=opts.steps, message=f"training, loss {_last(curve)}",
+            arrays.save_state(state_path, tensors, {"step": at, "curve": curve, "optim": optim_meta})
+            project.update_run(run_id, done=at, total=opts.steps, message=f"training, loss {_last(curve)}",
                                seconds=time.monotonic() - t0)
+            last[0] = time.monotonic()
+
+        def on_step(at: int, loss: float) -> None:
+            running.append(loss)
+            if at % record_every == 0 or at == opts.steps:
+                curve.append([at, float(np.mean(running))])
+                running.clear()
+            progress.update(at, opts.steps, f"training the translator, loss {_last(curve)}")
+            if time.monotonic() - last[0] >= opts.checkpoint_seconds:
+                checkpoint(at)
 
         progress.begin_stage("training the translator", step)
-        mapper.train()
-        while step < opts.steps:
-            epoch, pos = divmod(step, per_epoch)
-            order = np.random.default_rng([opts.seed, epoch]).permutation(len(train))
-            chosen = [train[j] for j in order[pos * opts.batch_size:(pos + 1) * opts.batch_size]]
-            ids, mask = encode_captions(lm, [c for _, c in chosen], opts.max_tokens)
-            x = features[torch.tensor([i for i, _ in chosen])].to(device)
-            for g in optim.param_groups:
-                g["lr"] = lr_at(step)
-            loss = caption_loss(lm, ids, mask, mapper(x), mapper.mode)
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(mapper.parameters(), 1.0)
-            optim.step()
-            step += 1
-            running.append(float(loss))
-            if step % record_every == 0 or step == opts.steps:
-                curve.append([step, float(np.mean(running))])
-                running = []
-            progress.update(step, opts.steps, f"training the translator, loss {_last(curve)}")
-            if time.monotonic() - last >= opts.checkpoint_seconds:
-                checkpoint()
-                last = time.monotonic()
-        checkpoint()
+        step = train_steps(lm, mapper, optim, features, train, start=step, steps=opts.steps,
+                           batch_size=opts.batch_size, lr=opts.lr, max_tokens=opts.max_tokens, seed=opts.seed,
+                           on_step=on_step)
+        checkpoint(step)
         mapper.eval()
         progress.begin_stage("held-out loss")
         progress.update(0, 1, "held-out loss with and without the translator")
