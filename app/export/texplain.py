@@ -113,3 +113,18 @@ def report_section(project: Project, layer_ids: set[int], bars: Any) -> str:
 
 def _pct(v: float | None) -> str:
     return "–" if v is None else f"{v:.0%}"
+
+
+def layer_words(project: Project, layer_id: int) -> dict[str, Any] | None:
+    """The newest TExplain run of a layer for the window: {"mode", "run_id", "summary", "units": {unit: rows}},
+    or None when TExplain has not labelled the layer."""
+    labels = project.labels(layer_id=layer_id, method="texplain")
+    if not labels:
+        return None
+    rid = max(r["run_id"] for r in labels)
+    summary = run_modes(project, {rid})[rid]
+    units: dict[int, list[dict[str, Any]]] = {}
+    for r in labels:
+        if r["run_id"] == rid:
+            units.setdefault(r["unit"], []).append({"word": r["label"], "rank": r["rank"], **r["extra"]})
+    return {"mode": summary.get("mode", "units"), "run_id": rid, "summary": summary, "units": units}

@@ -37,6 +37,7 @@ from app.ui.theme import Theme, icon
 from app.ui.views.jobs import JobsPanel, describe_result
 from app.ui.views.layers import LayerTree
 from app.ui.views.overview import LayerOverview
+from app.ui.views.texplain import TExplainView
 from app.ui.views.params import ExtractDialog, LabelDialog
 from app.ui.views.sources import AddDatasetDialog, AddModelDialog, guess_model_kind
 from app.ui.views.unit import UnitView
@@ -203,6 +204,8 @@ class MainWindow(QMainWindow):
         self.tabs.setDocumentMode(True)
         self.tabs.addTab(self.split, icon("units"), "Units")
         self.tabs.addTab(self.overview, icon("overview"), "Layer overview")
+        self.texplain_view = TExplainView()
+        self.tabs.addTab(self.texplain_view, icon("overview"), "TExplain words")
         self.stack = QStackedWidget()
         self.stack.addWidget(self.welcome)
         self.stack.addWidget(self.tabs)
@@ -383,6 +386,7 @@ class MainWindow(QMainWindow):
         for act, name in self._icon_actions:
             act.setIcon(icon(name))
         self.unit_view.set_dark(dark)
+        self.texplain_view.set_dark(dark)
         self.overview.set_dark(dark)
 
     def set_appearance(self, appearance: str) -> None:
@@ -521,6 +525,7 @@ class MainWindow(QMainWindow):
         self.units.set_table(None)
         self.unit_view.set_layer(None)
         self.overview.set_data(None)
+        self.texplain_view.set_data(None)
         self.layer_tree.set_layers([], set())
         self.model_combo.clear()
         self.setWindowTitle("Neuron Studio")
@@ -600,6 +605,7 @@ class MainWindow(QMainWindow):
             self.units.set_table(None)
             self.unit_view.set_layer(None)
             self.overview.set_data(None)
+            self.texplain_view.set_data(None)
 
     def _on_model(self, _i: int) -> None:
         mid = self.model_combo.currentData()
@@ -865,16 +871,19 @@ class MainWindow(QMainWindow):
             self.units.layer_combo.blockSignals(False)
         path = self.project_path
 
-        def load() -> tuple[uidata.UnitTable, uidata.LayerView]:
+        def load() -> tuple[uidata.UnitTable, uidata.LayerView, Any]:
+            from app.export.texplain import layer_words
             from app.project.store import Project
 
             with Project.open(path) as project:
-                return uidata.load_unit_table(project, layer_id), uidata.LayerView.load(project, layer_id)
+                return (uidata.load_unit_table(project, layer_id), uidata.LayerView.load(project, layer_id),
+                        layer_words(project, layer_id))
 
-        def got(value: tuple[uidata.UnitTable, uidata.LayerView]) -> None:
+        def got(value: tuple[uidata.UnitTable, uidata.LayerView, Any]) -> None:
             if token != self._layer_token:
                 return
-            self.table, self.layer_view = value
+            self.table, self.layer_view, words = value
+            self.texplain_view.set_data(words)
             self.unit_view.set_layer(self.layer_view)
             self.units.set_table(self.table, keep_unit=keep_unit)
             self.overview.set_data(uidata.layer_overview(self.table))
@@ -893,6 +902,7 @@ class MainWindow(QMainWindow):
         k = int(unit)
         name = self.table.names[k] if 0 <= k < len(self.table.names) and self.table.units[k] == unit else ""
         self.unit_view.show_unit(unit, labels, name)
+        self.texplain_view.show_unit(unit)
 
     def step_unit(self, delta: int) -> None:
         self.units.step(delta)
