@@ -40,7 +40,7 @@ def planted(n: int = 120, seed: int = 0):
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     _, caps, _, _ = planted()
-    folder = train_word_lm(tmp_path_factory.mktemp("lm") / "lm", caps, steps=60)
+    folder = train_word_lm(tmp_path_factory.mktemp("lm") / "lm", caps, steps=30)
     return load(folder, "lm")
 
 
@@ -50,9 +50,9 @@ def trained(lm):
     mapper = PrefixMapper.for_lm(feats.shape[1], 2, lm)
     mapper.set_normalisation(feats[:100])
     pairs = list(enumerate(caps))[:100]
-    steps = train_steps(lm, mapper, new_optimizer(mapper, 1e-2), feats, pairs, start=0, steps=120, batch_size=32,
-                        lr=1e-2, max_tokens=8, seed=0)
-    assert steps == 120
+    steps = train_steps(lm, mapper, new_optimizer(mapper, 2e-2), feats, pairs, start=0, steps=80, batch_size=32,
+                        lr=2e-2, max_tokens=8, seed=0)
+    assert steps == 80
     return mapper, feats, caps, cls, bg
 
 
@@ -131,7 +131,7 @@ def test_planted_cue_is_among_the_class_words_and_flagged(lm, trained):
     # the classifier gets circles right only on blue: the cue it relies on
     pred = cls.clone()
     pred[(cls == 0) & (bg != 0)] = 1
-    out = TExplain()(_inputs(lm, mapper, feats, cls, predictions=pred), {"sentences": 20, "top_n": 5})
+    out = TExplain()(_inputs(lm, mapper, feats, cls, predictions=pred), {"sentences": 10, "top_n": 5})
     circle = [lab.text for lab in out.for_unit(0)]
     assert "blue" in circle[:3], circle
     assert "circle" in circle[:3], circle
@@ -148,11 +148,11 @@ def test_planted_cue_is_among_the_class_words_and_flagged(lm, trained):
 
 def test_units_by_top_images_and_isolated(lm, trained):
     mapper, feats, _, cls, _ = trained
-    out = TExplain()(_inputs(lm, mapper, feats, cls, layer="pool"), {"sentences": 10, "top_images": 20})
+    out = TExplain()(_inputs(lm, mapper, feats, cls, layer="pool"), {"sentences": 5, "top_images": 20})
     assert out.summary["mode"] == "units"
     assert [lab.text for lab in out.for_unit(3)][0] == "blue"  # the blue-background unit
     iso = TExplain()(_inputs(lm, mapper, feats, cls, layer="pool"),
-                     {"sentences": 10, "unit_images": "isolated", "top_images": 20})
+                     {"sentences": 5, "unit_images": "isolated", "top_images": 20})
     assert {lab.unit for lab in iso.labels} <= set(range(6)) and iso.labels
 
 
