@@ -448,6 +448,7 @@ class TExplain(Labeler):
         if class_mode:
             labels, report = self._classes(tr, words, overall_all, num_units, params)
             summary["spurious"] = report
+            summary.update({k: params[k] for k in ("min_lift", "min_frequency", "said_fraction")})
             summary["class_images"] = params["class_images"] if tr.class_labels is not None else "predicted"
         elif isolated:
             labels = self._isolated(tr, acts, words, num_units, params, progress)

@@ -104,10 +104,11 @@ def report_section(project: Project, layer_ids: set[int], bars: Any) -> str:
         parts.append("</div>")
     if not parts:
         return ""
+    lift = max((s.get("min_lift", 1.5) for s in summaries.values() if s.get("mode") == "classes"), default=1.5)
     return ("<section id=\"texplain\"><h2>TExplain: what the classifier's features say</h2><p class=\"note\">Words "
             "a frozen language model says from each class's feature vectors (sampled sentences, stop words removed)."
-            " Possible cues: frequent words other than the class's name, said at least 1.5 times more often for the "
-            "class than overall; compare how often the classifier is right when the word is said or not.</p>"
+            f" Possible cues: frequent words other than the class's name, said at least {lift:g} times more often "
+            "for the class than overall; compare how often the classifier is right when the word is said or not.</p>"
             + "".join(parts) + "</section>")
 
 
