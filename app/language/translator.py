@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -548,12 +547,5 @@ def _class_labels(reader: Any, model_classes: list[str] | None, rows: np.ndarray
     return torch.from_numpy(np.asarray(labels, dtype=np.int64)[rows])
 
 
-def remove_translator(project: Project, name: str) -> None:
-    folder = project.path / FOLDER / name
-    if not (folder / CARD).exists() and not (folder / STATE).exists():
-        raise JobError(f"the project has no translator {name!r}", file=project.path / FOLDER)
-    shutil.rmtree(folder)
-
-
 __all__ = ["TranslatorJob", "TranslatorOptions", "TranslatorReport", "translator_cards", "translator_inputs",
-           "pick_translator", "remove_translator", "readme"]
+           "pick_translator", "readme"]
