@@ -430,8 +430,11 @@ def readme(card: dict[str, Any]) -> str:
         f"# TExplain translator {card['name']}",
         "",
         f"Maps the pooled features of layer `{card['layer']}` of model {card['model']['name']} to a prefix of "
-        f"{card['mapper']['prefix_length']} input embeddings of the frozen language model at `{card['lm']['path']}` "
-        "(a ClipCap-style MLP; the language model was not changed).",
+        f"{card['mapper']['prefix_length']} "
+        + ("input embeddings (ClipCap)" if card["mapper"].get("mode") == "embeddings" else
+           "virtual tokens whose keys and values enter every attention layer (a deep prefix)")
+        + f" of the frozen language model at `{card['lm']['path']}` (an MLP mapper; the language model was not "
+        "changed).",
         "",
         f"- Data: dataset {card['dataset']['name']} ({card['dataset']['images_read']} images read), "
         f"{card['train_pairs']} training and {card['heldout_pairs']} held-out (image, caption) pairs, split by image.",
