@@ -816,6 +816,13 @@ class MainWindow(QMainWindow):
                 clip = params.pop("clip_model", None)
                 job = LabelJob(self.project_path, run.method, layer, params, model=run.model_id, clip_model=clip,
                                device=self.prefs.device, extraction_run=run.source_run_id)
+            elif run.kind == "texplain-train":
+                from app.language.translator import TranslatorJob, TranslatorOptions
+
+                names = {f.name for f in dataclasses.fields(TranslatorOptions)}
+                params = {k: v for k, v in run.params.items() if k in names}
+                params.update(device=self.prefs.device, model=run.model_id, dataset=run.dataset_id)
+                job = TranslatorJob(self.project_path, TranslatorOptions(**params))
             else:
                 self.report_error("Cannot resume", f"runs of kind {run.kind!r} are resumed from where they started")
                 return None
