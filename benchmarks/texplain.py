@@ -22,12 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from labelers.texplain import PrefixMapper, count_sentence_words, sample_token_ids  # noqa: E402
-from labelers.textmodels import load  # noqa: E402
+from labelers.texplain import PrefixMapper, count_sentence_words, sample_token_ids
+from labelers.textmodels import load
 
-WORDS = ("a the on in with of at there is and small large left right top bottom red green blue yellow purple orange "
-         "circle square triangle star cross ring solid striped dotted checkered sky grass sand water brick field "
-         "against next to background shape object image").split()
+WORDS = ["a", "the", "on", "in", "with", "of", "at", "there", "is", "and", "small", "large", "left", "right", "top", "bottom", "red", "green", "blue", "yellow", "purple", "orange", "circle", "square", "triangle", "star", "cross", "ring", "solid", "striped", "dotted", "checkered", "sky", "grass", "sand", "water", "brick", "field", "against", "next", "to", "background", "shape", "object", "image"]
 
 
 def random_lm(folder: Path, layers: int, width: int):

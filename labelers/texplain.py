@@ -83,10 +83,10 @@ class PrefixMapper(nn.Module):
 
     @classmethod
     def for_lm(cls, feature_dim: int, prefix_length: int, lm: Any, hidden: int | None = None,
-               mode: str = "deep") -> "PrefixMapper":
+               mode: str = "deep") -> PrefixMapper:
         cfg = lm.model.config
         embed = lm.model.get_input_embeddings().weight.shape[1]
-        heads = int(getattr(cfg, "num_attention_heads"))
+        heads = int(cfg.num_attention_heads)
         kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(cfg, "head_dim", None) or embed // heads)
         return cls(feature_dim, prefix_length, embed, hidden, mode, int(cfg.num_hidden_layers), kv_heads, head_dim)
@@ -523,7 +523,7 @@ class TExplain(Labeler):
                 continue
             stats = _group_stats(words, idx, overall)
             own = name_words(name)
-            class_labels = self._labels(c, words.vocabulary, stats, params, {"images": int(len(idx)),
+            class_labels = self._labels(c, words.vocabulary, stats, params, {"images": len(idx),
                                                                               "class": name})
             cues = []
             labelled = np.flatnonzero(truth == c) if truth is not None else None
@@ -547,7 +547,7 @@ class TExplain(Labeler):
                 lab.extra["spurious"] = lab.extra.pop("flagged")
                 cues.append(entry)
             labels += class_labels
-            report.append({"class": c, "name": name, "images": int(len(idx)),
+            report.append({"class": c, "name": name, "images": len(idx),
                            "accuracy": float((pred[labelled] == c).mean()) if labelled is not None and len(labelled)
                            else None,
                            "words": sorted(cues, key=lambda e: -e["frequency"])})

@@ -166,8 +166,6 @@ class TranslatorJob:
             project.close()
 
     def _execute(self, project: Project, progress: JobProgress) -> TranslatorReport:
-        import torch
-
         from app.engine.device import pick_device
         from app.engine.extract import load_project_model
         from labelers.base import LabelerError
@@ -231,7 +229,12 @@ class TranslatorJob:
     def _features(self, progress: JobProgress, project: Project, run_id: int, folder: Path, model: Any,
                   ds_row: dict[str, Any], layer_row: dict[str, Any], clf: dict[str, Any] | None,
                   device: Any) -> tuple[np.ndarray, np.ndarray | None]:
-        from app.engine.extract import MapRunner, layer_info, make_loader, open_project_dataset
+        from app.engine.extract import (
+            MapRunner,
+            layer_info,
+            make_loader,
+            open_project_dataset,
+        )
 
         n = ds_row["num_images"]
         feats = arrays.open_rows(folder / "features.npy", (n, layer_row["units"]), np.float32)
@@ -285,10 +288,15 @@ class TranslatorJob:
                device: Any, t0: float) -> TranslatorReport:
         import torch
 
-        from labelers.texplain import PrefixMapper, heldout_loss, new_optimizer, train_steps
+        from labelers.texplain import (
+            PrefixMapper,
+            heldout_loss,
+            new_optimizer,
+            train_steps,
+        )
 
         opts = self.options
-        feats, logits = self._features(progress, project, run_id, folder, model, ds_row, layer_row, clf, device)
+        feats, _ = self._features(progress, project, run_id, folder, model, ds_row, layer_row, clf, device)
         features = torch.from_numpy(np.asarray(feats))
         valid = ~torch.isnan(features).any(1)
         pairs = [(i, c) for i in np.flatnonzero(valid.numpy()).tolist() for c in captions[i] if c.strip()]
@@ -429,12 +437,12 @@ def readme(card: dict[str, Any]) -> str:
     return "\n".join([
         f"# TExplain translator {card['name']}",
         "",
-        f"Maps the pooled features of layer `{card['layer']}` of model {card['model']['name']} to a prefix of "
-        f"{card['mapper']['prefix_length']} "
-        + ("input embeddings (ClipCap)" if card["mapper"].get("mode") == "embeddings" else
-           "virtual tokens whose keys and values enter every attention layer (a deep prefix)")
-        + f" of the frozen language model at `{card['lm']['path']}` (an MLP mapper; the language model was not "
-        "changed).",
+        (f"Maps the pooled features of layer `{card['layer']}` of model {card['model']['name']} to a prefix of "
+         f"{card['mapper']['prefix_length']} "
+         + ("input embeddings (ClipCap)" if card["mapper"].get("mode") == "embeddings" else
+            "virtual tokens whose keys and values enter every attention layer (a deep prefix)")
+         + f" of the frozen language model at `{card['lm']['path']}` (an MLP mapper; the language model was not "
+         "changed)."),
         "",
         f"- Data: dataset {card['dataset']['name']} ({card['dataset']['images_read']} images read), "
         f"{card['train_pairs']} training and {card['heldout_pairs']} held-out (image, caption) pairs, split by image.",
@@ -550,5 +558,12 @@ def _class_labels(reader: Any, model_classes: list[str] | None, rows: np.ndarray
     return torch.from_numpy(np.asarray(labels, dtype=np.int64)[rows])
 
 
-__all__ = ["TranslatorJob", "TranslatorOptions", "TranslatorReport", "translator_cards", "translator_inputs",
-           "pick_translator", "readme"]
+__all__ = [
+    "TranslatorJob",
+    "TranslatorOptions",
+    "TranslatorReport",
+    "pick_translator",
+    "readme",
+    "translator_cards",
+    "translator_inputs",
+]

@@ -20,7 +20,7 @@ from labelers.texplain import (
     train_steps,
 )
 from labelers.textmodels import load
-from tests.texplain_helpers import save_word_lm, train_word_lm
+from tests.texplain_helpers import train_word_lm
 
 SHAPES = ("circle", "square", "cross")
 BGS = ("blue", "green", "red")
@@ -117,7 +117,6 @@ def test_word_counts_equal_a_direct_count():
 
 
 def _inputs(lm, mapper, feats, cls, layer="fc", predictions=None):
-    n = len(feats)
     pooled = torch.nn.functional.one_hot(cls, 3).float() if layer == "fc" else feats
     tr = TranslatorInputs(mapper=mapper, lm=lm, features=feats, layer="pool", classifier_layer="fc",
                           class_names=list(SHAPES), predictions=cls if predictions is None else predictions,
@@ -150,7 +149,7 @@ def test_units_by_top_images_and_isolated(lm, trained):
     mapper, feats, _, cls, _ = trained
     out = TExplain()(_inputs(lm, mapper, feats, cls, layer="pool"), {"sentences": 5, "top_images": 20})
     assert out.summary["mode"] == "units"
-    assert [lab.text for lab in out.for_unit(3)][0] == "blue"  # the blue-background unit
+    assert out.for_unit(3)[0].text == "blue"  # the blue-background unit
     iso = TExplain()(_inputs(lm, mapper, feats, cls, layer="pool"),
                      {"sentences": 5, "unit_images": "isolated", "top_images": 20})
     assert {lab.unit for lab in iso.labels} <= set(range(6)) and iso.labels
