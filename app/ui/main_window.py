@@ -281,6 +281,8 @@ class MainWindow(QMainWindow):
                                         needs_project=True)
         self.act_label = self._action("&Label units...", "label", self.label_dialog, "Ctrl+L", needs_project=True)
         self.act_board = self._action("&Naming board...", "board", self.open_board, "Ctrl+B", needs_project=True)
+        self.act_translator = self._action("Train a TExplain &translator...", "label", self.train_translator,
+                                           needs_project=True)
         self.act_next = self._action("&Next unit", "next", lambda: self.step_unit(1), ["N", "Alt+Right"],
                                      needs_project=True)
         self.act_prev = self._action("&Previous unit", "previous", lambda: self.step_unit(-1), ["P", "Alt+Left"],
@@ -303,7 +305,7 @@ class MainWindow(QMainWindow):
         m.addSeparator()
         m.addAction(self.act_quit)
         m = bar.addMenu("&Project")
-        for a in (self.act_add_model, self.act_add_dataset, self.act_extract, self.act_label):
+        for a in (self.act_add_model, self.act_add_dataset, self.act_extract, self.act_label, self.act_translator):
             m.addAction(a)
         m.addSeparator()
         m.addAction(self.act_board)
@@ -672,6 +674,21 @@ class MainWindow(QMainWindow):
         self.refresh()
 
     # ---- runs ----------------------------------------------------------------------------------------------
+    def train_translator(self, lm: str | None = None) -> JobHandle | None:
+        """Queue a TExplain translator for the current model (its layer: the input of the final linear layer),
+        asking for the frozen language model's folder unless given; the texplain method then labels with it."""
+        if self.project is None or self.project_path is None:
+            return None
+        if not lm:
+            lm = QFileDialog.getExistingDirectory(self, "Frozen causal language model folder (transformers format)",
+                                                  str(self.project_path))
+            if not lm:
+                return None
+        from app.language.translator import TranslatorJob, TranslatorOptions
+
+        return self.submit(TranslatorJob(self.project_path, TranslatorOptions(lm=lm, device=self.prefs.device,
+                                                                              model=self.model_id)))
+
     def submit(self, job: Any) -> JobHandle | None:
         sig = job_signature(job)
         for h in self.manager.active():
