@@ -16,7 +16,7 @@ from labelers.errors import UserError
 log = logging.getLogger("neuron_studio")
 
 SUBCOMMANDS = ("demo", "new", "add-model", "add-dataset", "extract", "label", "export", "import", "info", "methods",
-               "open", "compare", "language")
+               "open", "compare", "language", "texplain")
 
 
 # ---- progress ---------------------------------------------------------------------------------------------------
@@ -357,6 +357,37 @@ def cmd_open(args: argparse.Namespace) -> int:
     return _open_gui(Path(args.project) if args.project else None)
 
 
+def cmd_texplain_train(args: argparse.Namespace) -> int:
+    from app.language.translator import TranslatorJob, TranslatorOptions
+
+    opts = TranslatorOptions(lm=args.lm, layer=args.layer, prefix_length=args.prefix_length, mode=args.mode,
+                             steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                             device=args.device, model=args.model, dataset=args.dataset)
+    job = TranslatorJob(args.project, opts)
+    rep = run_with_bar(job, args.quiet)
+    print(f"translator {rep.name} for {rep.layer}: held-out caption loss {rep.heldout_loss:.4f} per token "
+          f"(language model alone {rep.baseline_loss:.4f}), {rep.steps} steps in {rep.seconds:.1f} s; "
+          f"card in {Path(args.project) / rep.folder / 'README.md'}")
+    if rep.classifier_layer:
+        print(f"label it: neuron-studio label {args.project} --method texplain --layer {rep.classifier_layer} "
+              f"(per class) or --layer {rep.layer} (per unit)")
+    return 0
+
+
+def cmd_texplain_list(args: argparse.Namespace) -> int:
+    from app.language.translator import translator_cards
+    from app.project.store import Project
+
+    with Project.open(args.project) as project:
+        cards = translator_cards(project)
+    for c in cards:
+        print(f"{c['name']}: layer {c['layer']}, classifier {c.get('classifier_layer') or '-'}, "
+              f"held-out loss {c['heldout_loss']:.4f} (LM alone {c['baseline_loss']:.4f}), lm {c['lm']['path']}")
+    if not cards:
+        print("no translators; train one with `neuron-studio texplain train PROJECT --lm DIR`")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="neuron-studio",
@@ -490,6 +521,35 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--name", help="name in the project (default: the folder's name)")
     lp = lsub.add_parser("list", help="the project's language models and their held-out figures")
     lp.add_argument("project")
+
+    sp = add("texplain", "TExplain translators: train one (resumable) or list them", cmd_texplain_list)
+    sp.set_defaults(fn=lambda _args, parser=sp: parser.print_help() or 2)
+    tsub = sp.add_subparsers(dest="texplain_command", metavar="ACTION")
+    tp = tsub.add_parser("list", help="list the project's translators", description="list the project's translators")
+    tp.set_defaults(fn=cmd_texplain_list)
+    tp.add_argument("project")
+    tp.add_argument("-q", "--quiet", action="store_true", help=argparse.SUPPRESS)
+    tp = tsub.add_parser("train", help="train a translator from the model's features to a frozen language model",
+                         description="train a translator from a layer's pooled features to a prefix of a frozen "
+                                     "causal language model, on the dataset's captions (resumable)")
+    tp.set_defaults(fn=cmd_texplain_train)
+    tp.add_argument("project")
+    tp.add_argument("--lm", help="local causal language model folder (transformers format, e.g. GPT-2); default: "
+                                 "the project's own language model")
+    tp.add_argument("--layer", help="layer whose pooled output is the feature vector (default: the input of the "
+                                    "final linear layer)")
+    tp.add_argument("--model")
+    tp.add_argument("--dataset")
+    tp.add_argument("--prefix-length", type=int, default=10, help="K prefix vectors (ClipCap: 10)")
+    tp.add_argument("--mode", choices=("deep", "embeddings"), default="deep",
+                    help="deep: keys and values at every layer (works with small LMs trained on captions); "
+                         "embeddings: ClipCap's input embeddings")
+    tp.add_argument("--steps", type=int, default=2000)
+    tp.add_argument("--batch-size", type=int, default=64)
+    tp.add_argument("--lr", type=float, default=1e-2)
+    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--device", default="auto")
+    tp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     sp = add("open", "open the window (optionally on a project)", cmd_open)
     sp.add_argument("project", nargs="?")

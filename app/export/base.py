@@ -91,7 +91,7 @@ def _load_all() -> None:
     # Importing the format modules runs their @exporter decorators (heavy libraries load inside the writers).
     import importlib
 
-    for mod in ("tables", "tools", "milan", "activations", "concepts", "coco", "report"):
+    for mod in ("tables", "tools", "milan", "activations", "concepts", "coco", "report", "texplain"):
         importlib.import_module(f"app.export.{mod}")
 
 

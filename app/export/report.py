@@ -242,6 +242,9 @@ def write_html(ctx: ExportContext) -> dict[str, Any]:
     body: list[str] = []
     body.append(_overview(ctx, labels_all, annotations, exemplars))
     body.append(_charts(plan, by_layer_labels, by_layer_ann, methods, colors, labels_all))
+    from app.export.texplain import report_section
+
+    body.append(report_section(project, chosen, svg_hbars))
     compare_at = len(body)  # the comparison is computed after the cards, so their progress shows first
     n_cards = n_pictures = 0
     for li, (ref, units) in enumerate(plan):

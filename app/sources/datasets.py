@@ -690,6 +690,20 @@ def _check_segmentation(seg: Any, width: int | None = None, height: int | None =
 _SEG_EXPECTED = 'a list of polygons [[x1, y1, x2, y2, ...], ...] or an RLE {"size": [h, w], "counts": ...}'
 
 
+def _image_classes(names: list[Any], info: Any) -> tuple[list[str], np.ndarray] | None:
+    """Image classes from a non-standard but common COCO extension: every image entry carries a "class" name
+    (class order from info.classes when it lists them all, else sorted). None unless every image has one."""
+    if not names or not all(isinstance(n, str) and n for n in names):
+        return None
+    listed = info.get("classes") if isinstance(info, dict) else None
+    if isinstance(listed, list) and all(isinstance(c, str) for c in listed) and set(names) <= set(listed):
+        classes = list(listed)
+    else:
+        classes = sorted(set(names))
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, np.array([index[n] for n in names], dtype=np.int64)
+
+
 class CocoReader(DatasetReader):
     """A COCO instances JSON: categories become concepts (grouped by supercategory), annotations give presence and
     per-pixel masks (polygons, uncompressed and compressed RLE); captions from a sibling captions*.json."""
@@ -749,6 +763,7 @@ class CocoReader(DatasetReader):
         found: list[tuple[str, str, int | None, int | None, Any]] = []
         known_ids: set[Any] = set()
         missing_ids: set[Any] = set()
+        image_class: dict[Any, Any] = {}  # an image-level "class" name (classification sets kept as COCO)
         for i, im in enumerate(data["images"]):
             if not isinstance(im, dict) or not _is_id(im.get("id")):
                 raise _json_error(ann_file, f"images[{i}]", "no id", 'an object with an "id" and a "file_name"')
@@ -772,6 +787,7 @@ class CocoReader(DatasetReader):
                                 name)
                 continue
             found.append((_key_for(p, root), p, dims[0], dims[1], im["id"]))
+            image_class[im["id"]] = im.get("class")
         found.sort(key=lambda r: r[0])
         for a, b in zip(found, found[1:]):
             if a[0] == b[0]:
@@ -779,6 +795,7 @@ class CocoReader(DatasetReader):
                                   "each image listed once")
         self.images = [ImageRecord(k, Path(p), w, h) for k, p, w, h, _ in found]
         self._id_to_index = {r[4]: i for i, r in enumerate(found)}
+        self._classes = _image_classes([image_class[r[4]] for r in found], data.get("info"))
 
         # annotations: validated for shape here, decoded only when masks are asked for
         sizes = {im["id"]: (im.get("width"), im.get("height")) for im in data["images"]}
@@ -888,6 +905,9 @@ class CocoReader(DatasetReader):
 
     def captions(self) -> list[list[str]] | None:
         return None if self._captions is None else [list(c) for c in self._captions]
+
+    def class_labels(self) -> tuple[list[str], np.ndarray] | None:
+        return None if self._classes is None else (list(self._classes[0]), self._classes[1].copy())
 
     # -- presence and masks
     def presence(self) -> np.ndarray:

@@ -39,6 +39,7 @@ from app.ui.views.jobs_panel import JobsPanel, describe_result
 from app.ui.views.language import LanguagePanel
 from app.ui.views.layers import LayerTree
 from app.ui.views.overview import LayerOverview
+from app.ui.views.texplain import TExplainView
 from app.ui.views.params import ExtractDialog, LabelDialog
 from app.ui.views.sources import AddDatasetDialog, AddModelDialog, guess_model_kind
 from app.ui.views.unit import UnitView
@@ -210,6 +211,8 @@ class MainWindow(QMainWindow):
         self.compare_view.unit_activated.connect(self.open_unit)
         self.compare_view.status.connect(lambda text: self.statusBar().showMessage(text, 5000))
         self.tabs.addTab(self.compare_view, icon("label"), "Compare")
+        self.texplain_view = TExplainView()
+        self.tabs.addTab(self.texplain_view, icon("overview"), "TExplain words")
         self.stack = QStackedWidget()
         self.stack.addWidget(self.welcome)
         self.stack.addWidget(self.tabs)
@@ -299,6 +302,8 @@ class MainWindow(QMainWindow):
         self.act_board = self._action("&Naming board...", "board", self.open_board, "Ctrl+B", needs_project=True)
         self.act_compare = self._action("&Compare with human names", "label", self.compare_labels, "Ctrl+K",
                                         needs_project=True)
+        self.act_translator = self._action("Train a TExplain &translator...", "label", self.train_translator,
+                                           needs_project=True)
         self.act_next = self._action("&Next unit", "next", lambda: self.step_unit(1), ["N", "Alt+Right"],
                                      needs_project=True)
         self.act_prev = self._action("&Previous unit", "previous", lambda: self.step_unit(-1), ["P", "Alt+Left"],
@@ -321,7 +326,7 @@ class MainWindow(QMainWindow):
         m.addSeparator()
         m.addAction(self.act_quit)
         m = bar.addMenu("&Project")
-        for a in (self.act_add_model, self.act_add_dataset, self.act_extract, self.act_label):
+        for a in (self.act_add_model, self.act_add_dataset, self.act_extract, self.act_label, self.act_translator):
             m.addAction(a)
         m.addSeparator()
         m.addAction(self.act_board)
@@ -406,6 +411,7 @@ class MainWindow(QMainWindow):
         for act, name in self._icon_actions:
             act.setIcon(icon(name))
         self.unit_view.set_dark(dark)
+        self.texplain_view.set_dark(dark)
         self.overview.set_dark(dark)
         self.compare_view.set_dark(dark)
         self.language.set_dark(dark)
@@ -552,6 +558,7 @@ class MainWindow(QMainWindow):
         self.unit_view.set_layer(None)
         self.overview.set_data(None)
         self.compare_view.set_project(None)
+        self.texplain_view.set_data(None)
         self.layer_tree.set_layers([], set())
         self.model_combo.clear()
         self.setWindowTitle("Neuron Studio")
@@ -664,6 +671,7 @@ class MainWindow(QMainWindow):
             self.units.set_table(None)
             self.unit_view.set_layer(None)
             self.overview.set_data(None)
+            self.texplain_view.set_data(None)
 
     def _on_model(self, _i: int) -> None:
         mid = self.model_combo.currentData()
@@ -730,6 +738,21 @@ class MainWindow(QMainWindow):
         self.refresh()
 
     # ---- runs ----------------------------------------------------------------------------------------------
+    def train_translator(self, lm: str | None = None) -> JobHandle | None:
+        """Queue a TExplain translator for the current model (its layer: the input of the final linear layer),
+        asking for the frozen language model's folder unless given; the texplain method then labels with it."""
+        if self.project is None or self.project_path is None:
+            return None
+        if not lm:
+            lm = QFileDialog.getExistingDirectory(self, "Frozen causal language model folder (transformers format)",
+                                                  str(self.project_path))
+            if not lm:
+                return None
+        from app.language.translator import TranslatorJob, TranslatorOptions
+
+        return self.submit(TranslatorJob(self.project_path, TranslatorOptions(lm=lm, device=self.prefs.device,
+                                                                              model=self.model_id)))
+
     def submit(self, job: Any) -> JobHandle | None:
         sig = job_signature(job)
         for h in self.manager.active():
@@ -858,6 +881,13 @@ class MainWindow(QMainWindow):
                 opts = TrainOptions(**{k: v for k, v in run.params.items() if k in names})
                 opts.device = self.prefs.device
                 job = TrainJob(self.project_path, opts)
+            elif run.kind == "texplain-train":
+                from app.language.translator import TranslatorJob, TranslatorOptions
+
+                names = {f.name for f in dataclasses.fields(TranslatorOptions)}
+                params = {k: v for k, v in run.params.items() if k in names}
+                params.update(device=self.prefs.device, model=run.model_id, dataset=run.dataset_id)
+                job = TranslatorJob(self.project_path, TranslatorOptions(**params))
             else:
                 self.report_error("Cannot resume", f"runs of kind {run.kind!r} are resumed from where they started")
                 return None
@@ -912,14 +942,18 @@ class MainWindow(QMainWindow):
             self.units.layer_combo.blockSignals(False)
         reader = self.reader
 
-        def load() -> tuple[uidata.UnitTable, uidata.LayerView]:
-            with reader.use() as project:
-                return uidata.load_unit_table(project, layer_id), uidata.LayerView.load(project, layer_id)
+        def load() -> tuple[uidata.UnitTable, uidata.LayerView, Any]:
+            from app.export.texplain import layer_words
 
-        def got(value: tuple[uidata.UnitTable, uidata.LayerView]) -> None:
+            with reader.use() as project:
+                return (uidata.load_unit_table(project, layer_id), uidata.LayerView.load(project, layer_id),
+                        layer_words(project, layer_id))
+
+        def got(value: tuple[uidata.UnitTable, uidata.LayerView, Any]) -> None:
             if token != self._layer_token:
                 return
-            self.table, self.layer_view = value
+            self.table, self.layer_view, words = value
+            self.texplain_view.set_data(words)
             self.unit_view.set_layer(self.layer_view)
             self.units.set_table(self.table, keep_unit=keep_unit)
             self.overview.set_data(uidata.layer_overview(self.table))
@@ -966,6 +1000,7 @@ class MainWindow(QMainWindow):
         k = int(unit)
         name = self.table.names[k] if 0 <= k < len(self.table.names) and self.table.units[k] == unit else ""
         self.unit_view.show_unit(unit, labels, name)
+        self.texplain_view.show_unit(unit)
 
     def step_unit(self, delta: int) -> None:
         self.units.step(delta)
