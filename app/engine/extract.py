@@ -491,7 +491,8 @@ class ExtractJob:
             from app.engine.distributed import RayCoordinator
 
             coordinator = RayCoordinator(self, project, run_id, run_dir, reader, layers, n_images, with_masks,
-                                         mask_size, device, progress)
+                                         mask_size, device, progress, project.model(self.model_ref),
+                                         ds_row)
             problems, mask_problems, done_at_start, micro = coordinator.run()
         else:
             problems, mask_problems, done_at_start, micro = self._passes_in_process(
