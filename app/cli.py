@@ -129,7 +129,13 @@ def cmd_extract(args: argparse.Namespace) -> int:
         layers = resolve_layers(project, model["id"], args.layers)
     opts = ExtractOptions(layers=layers, batch_size=args.batch_size, device=args.device, num_workers=args.workers,
                           topk=args.topk, mask_size=args.mask_size, mask_stats=not args.no_masks,
-                          amp=not args.no_amp, max_images=args.max_images)
+                          amp=not args.no_amp, max_images=args.max_images, ray=args.ray, shards=args.shards)
+    if args.shards is not None and (not args.ray or args.shards < 1):
+        raise NeuronStudioError("--shards needs --ray and a count of at least 1", fix="e.g. --ray auto --shards 8")
+    if args.ray:
+        from app.engine.distributed import import_ray
+
+        import_ray()  # says how to install it before any work starts
     job = ExtractJob(args.project, opts, model=args.model, dataset=args.dataset)
     rep = run_with_bar(job, args.quiet)
     _print_extract_report(rep, job.run_id)
@@ -350,6 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-masks", action="store_true", help="skip the mask-overlap pass")
     sp.add_argument("--no-amp", action="store_true", help="full precision on CUDA")
     sp.add_argument("--max-images", type=int, default=None, help="only the first N images")
+    sp.add_argument("--ray", metavar="auto|local|ADDRESS", default=None,
+                    help="run shards on Ray workers: auto (this machine's cluster, else a local Ray), local, or a "
+                         "cluster address; results equal a single-process run (needs the 'ray' extra)")
+    sp.add_argument("--shards", type=int, default=None,
+                    help="with --ray: shards of whole batches (default: 4 per GPU, or per CPU without GPUs)")
 
     sp = add("label", "label units with an automatic method", cmd_label)
     sp.add_argument("project")

@@ -9,13 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.engine.extract import ExtractJob, ExtractOptions
-from app.jobs import JobProgress
+from app.engine.extract import RAY_STATE_FILE, ExtractJob, ExtractOptions
+from app.jobs import Cancelled, JobProgress
 from app.project.store import Project
 
 from .conftest import SIZE, write_coco
-
-ray = pytest.importorskip("ray")
 
 LAYERS = ["conv1", "conv2"]
 PRE = {"resize": SIZE, "crop": SIZE, "mean": (0.5,) * 3, "std": (0.25,) * 3}
@@ -56,6 +54,7 @@ FACTORY = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def local_ray():
+    ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
@@ -114,16 +113,53 @@ def _assert_identical(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -
         np.testing.assert_array_equal(got[k], v, err_msg=k)
 
 
+class CancelAfterFirstMerge(JobProgress):
+    """Stops the coordinator as soon as one shard of pass 1 is merged (what a killed coordinator leaves behind:
+    the checkpoint is written right after each merge)."""
+
+    def update(self, done, total, message=""):
+        if message.startswith("pass 1") and not message.endswith(": 0 of 4 shards"):
+            self.cancel()
+        super().update(done, total, message)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("shards", [1, 2, 4])
 def test_sharded_extraction_equals_one_process(local_ray, fresh, tmp_path, shards):
     proj, _, want = fresh
     shutil.copytree(proj.parent, tmp_path / "run")
-    job = _run(tmp_path / "run" / "p.nstudio", ray="auto", shards=shards)
-    _assert_identical(_arrays(tmp_path / "run" / "p.nstudio"), want)
-    with Project.open(tmp_path / "run" / "p.nstudio") as p:
+    proj = tmp_path / "run" / "p.nstudio"
+    if shards == 4:  # and the coordinator stops after one merge, then resumes from the merged shards
+        opts = ExtractOptions(layers=LAYERS, batch_size=4, num_workers=0, device="cpu", ray="auto", shards=4)
+        with pytest.raises(Cancelled):
+            ExtractJob(proj, opts).execute(CancelAfterFirstMerge())
+        with Project.open(proj) as p:
+            run = p.runs("extract")[0]
+            assert run.status == "cancelled"
+            state = p.arrays_dir / f"run-{run.id}" / RAY_STATE_FILE
+        from app.project import arrays
+
+        merged = arrays.load_state(state)[1]["merged"]
+        assert 1 <= len(merged) < 4
+    job = _run(proj, ray="auto", shards=shards)
+    _assert_identical(_arrays(proj), want)
+    with Project.open(proj) as p:
         assert p.run(job.run_id).done == p.run(job.run_id).total == 44
+        assert p.integrity_check() == "ok"
 
 
+def test_without_ray_the_option_says_how_to_get_it(monkeypatch):
+    import sys
+
+    from app.engine.distributed import import_ray
+    from app.errors import JobError
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(JobError, match=r"neuron-studio\[ray\]"):
+        import_ray()
+
+
+@pytest.mark.slow
 def test_a_worker_killed_mid_shard_is_retried_and_the_result_is_identical(local_ray, fresh, tmp_path):
     _, data, want = fresh
     marker = tmp_path / "crashed"
