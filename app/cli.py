@@ -129,14 +129,16 @@ def cmd_extract(args: argparse.Namespace) -> int:
         layers = resolve_layers(project, model["id"], args.layers)
     opts = ExtractOptions(layers=layers, batch_size=args.batch_size, device=args.device, num_workers=args.workers,
                           topk=args.topk, mask_size=args.mask_size, mask_stats=not args.no_masks,
-                          amp=not args.no_amp, max_images=args.max_images, ray=args.ray, shards=args.shards)
+                          amp=not args.no_amp, max_images=args.max_images)
     if args.shards is not None and (not args.ray or args.shards < 1):
         raise NeuronStudioError("--shards needs --ray and a count of at least 1", fix="e.g. --ray auto --shards 8")
+    job = ExtractJob(args.project, opts, model=args.model, dataset=args.dataset)
     if args.ray:
-        from app.engine.distributed import import_ray
+        from app.engine.distributed import RayExtractJob, import_ray
 
         import_ray()  # says how to install it before any work starts
-    job = ExtractJob(args.project, opts, model=args.model, dataset=args.dataset)
+        job = RayExtractJob(args.project, opts, address=args.ray, shards=args.shards, model=args.model,
+                            dataset=args.dataset)
     rep = run_with_bar(job, args.quiet)
     _print_extract_report(rep, job.run_id)
     return 0

@@ -138,10 +138,29 @@ def run_shard(task: ShardTask, board: Any = None) -> dict[str, Any]:
             "device": describe(device), "micro": runner.micro}
 
 
+class RayExtractJob(ExtractJob):
+    """The extraction job with its passes run as shards on Ray. Same options, same run key and the same arrays as
+    `ExtractJob`: a run started one way may be finished the other way (each keeps its own checkpoint)."""
+
+    def __init__(self, project_path: str | Path, options: ExtractOptions, address: str = "auto",
+                 shards: int | None = None, model: str | int | None = None, dataset: str | int | None = None):
+        super().__init__(project_path, options, model=model, dataset=dataset)
+        self.address = address
+        self.shards = shards
+        self.title += " on Ray"
+
+    def _passes(self, project: Project, run_id: int, run_dir: Path, model: Any, reader: Any, ds_row: dict[str, Any],
+                layers: dict[str, LayerState], n_images: int, with_masks: bool, mask_size: int, device: torch.device,
+                progress: JobProgress) -> tuple[dict[int, str], dict[int, str], int, int]:
+        coordinator = RayCoordinator(self, project, run_id, run_dir, reader, layers, n_images, with_masks, mask_size,
+                                     device, progress, project.model(self.model_ref), ds_row)
+        return coordinator.run()
+
+
 class RayCoordinator:
     """Runs an extraction's passes as shards on Ray and merges them into the run's layer states."""
 
-    def __init__(self, job: ExtractJob, project: Project, run_id: int, run_dir: Path, reader: Any,
+    def __init__(self, job: RayExtractJob, project: Project, run_id: int, run_dir: Path, reader: Any,
                  layers: dict[str, LayerState], n_images: int, with_masks: bool, mask_size: int,
                  device: torch.device, progress: JobProgress, model_row: dict[str, Any], ds_row: dict[str, Any]):
         self.job = job
@@ -210,7 +229,7 @@ class RayCoordinator:
 
     # ---- the passes ----------------------------------------------------------------------------------------
     def run(self) -> tuple[dict[int, str], dict[int, str], int, int]:
-        ray, started = connect(self.opts.ray or "auto")
+        ray, started = connect(self.job.address)
         try:
             return self._run(ray)
         finally:
@@ -223,7 +242,7 @@ class RayCoordinator:
         slots = gpus or max(1, int(resources.get("CPU", 1)))
         stage, plan, merged = self._resume()
         if plan is None:
-            plan = shard_plan(self.n_images, self.opts.shards or SHARDS_PER_SLOT * slots, self.opts.batch_size)
+            plan = shard_plan(self.n_images, self.job.shards or SHARDS_PER_SLOT * slots, self.opts.batch_size)
         done_at_start = (stage - 1) * self.n_images + sum(b - a for i, (a, b) in enumerate(plan) if i in merged)
         # One GPU per task where the cluster has GPUs: each worker then has its own device.
         resource = {"num_gpus": 1} if gpus else {"num_cpus": 1}

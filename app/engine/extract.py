@@ -59,8 +59,6 @@ class ExtractOptions:
     memory_budget_mb: int = 512  # per layer, for the exact quantile buffers
     checkpoint_seconds: float = 10.0
     max_images: int | None = None
-    ray: str | None = None  # None: in this process; "auto", "local" or a cluster address: shards on Ray workers
-    shards: int | None = None  # Ray shards; None: four per worker slot of the cluster
 
     def key_fields(self) -> dict[str, Any]:
         # What changes the results (not batch size, workers, device or checkpoint cadence).
@@ -487,16 +485,8 @@ class ExtractJob:
         run_dir.mkdir(parents=True, exist_ok=True)
         layers = new_layer_states(layer_rows, run_dir, n_images, opts, device)
         t_first = time.monotonic()
-        if opts.ray:
-            from app.engine.distributed import RayCoordinator
-
-            coordinator = RayCoordinator(self, project, run_id, run_dir, reader, layers, n_images, with_masks,
-                                         mask_size, device, progress, project.model(self.model_ref),
-                                         ds_row)
-            problems, mask_problems, done_at_start, micro = coordinator.run()
-        else:
-            problems, mask_problems, done_at_start, micro = self._passes_in_process(
-                project, run_id, run_dir, model, reader, layers, n_images, with_masks, mask_size, device, progress)
+        problems, mask_problems, done_at_start, micro = self._passes(
+            project, run_id, run_dir, model, reader, ds_row, layers, n_images, with_masks, mask_size, device, progress)
         return self._commit(project, run_id, reader, layers, n_images, with_masks, mask_size, problems,
                             mask_problems, done_at_start, micro, t_first, device)
 
@@ -531,10 +521,11 @@ class ExtractJob:
             arrays.save_npy(ls.dir / "mask_concept_area.npy", counts["concept_area"])
             arrays.save_npy(ls.dir / "concept_category.npy", concept_categories(reader, torch.device("cpu")))
 
-    def _passes_in_process(self, project: Project, run_id: int, run_dir: Path, model: Any, reader: Any,
-                           layers: dict[str, LayerState], n_images: int, with_masks: bool, mask_size: int,
-                           device: torch.device, progress: JobProgress
-                           ) -> tuple[dict[int, str], dict[int, str], int, int]:
+    def _passes(self, project: Project, run_id: int, run_dir: Path, model: Any, reader: Any, ds_row: dict[str, Any],
+                layers: dict[str, LayerState], n_images: int, with_masks: bool, mask_size: int, device: torch.device,
+                progress: JobProgress) -> tuple[dict[int, str], dict[int, str], int, int]:
+        """Both passes in this process (`distributed.RayExtractJob` runs them as shards on Ray instead).
+        Returns (image problems, mask problems, work done before this session, the micro-batch used)."""
         opts = self.options
         state_path = run_dir / STATE_FILE
         infos = {ls.info["name"]: layer_info(ls.info) for ls in layers.values()}

@@ -87,9 +87,11 @@ def fresh(tmp_path_factory):
     return proj, data, _arrays(ref / "p.nstudio")
 
 
-def _run(proj: Path, **kw) -> ExtractJob:
-    opts = ExtractOptions(layers=LAYERS, batch_size=4, num_workers=0, device="cpu", **kw)
-    job = ExtractJob(proj, opts)
+def _run(proj: Path, shards: int | None = None) -> ExtractJob:
+    from app.engine.distributed import RayExtractJob
+
+    opts = ExtractOptions(layers=LAYERS, batch_size=4, num_workers=0, device="cpu")
+    job = ExtractJob(proj, opts) if shards is None else RayExtractJob(proj, opts, "auto", shards)
     job.execute(JobProgress())
     return job
 
@@ -130,9 +132,11 @@ def test_sharded_extraction_equals_one_process(local_ray, fresh, tmp_path, shard
     shutil.copytree(proj.parent, tmp_path / "run")
     proj = tmp_path / "run" / "p.nstudio"
     if shards == 4:  # and the coordinator stops after one merge, then resumes from the merged shards
-        opts = ExtractOptions(layers=LAYERS, batch_size=4, num_workers=0, device="cpu", ray="auto", shards=4)
+        from app.engine.distributed import RayExtractJob
+
+        opts = ExtractOptions(layers=LAYERS, batch_size=4, num_workers=0, device="cpu")
         with pytest.raises(Cancelled):
-            ExtractJob(proj, opts).execute(CancelAfterFirstMerge())
+            RayExtractJob(proj, opts, "auto", 4).execute(CancelAfterFirstMerge())
         with Project.open(proj) as p:
             run = p.runs("extract")[0]
             assert run.status == "cancelled"
@@ -141,7 +145,7 @@ def test_sharded_extraction_equals_one_process(local_ray, fresh, tmp_path, shard
 
         merged = arrays.load_state(state)[1]["merged"]
         assert 1 <= len(merged) < 4
-    job = _run(proj, ray="auto", shards=shards)
+    job = _run(proj, shards=shards)
     _assert_identical(_arrays(proj), want)
     with Project.open(proj) as p:
         assert p.run(job.run_id).done == p.run(job.run_id).total == 44
@@ -164,6 +168,6 @@ def test_a_worker_killed_mid_shard_is_retried_and_the_result_is_identical(local_
     _, data, want = fresh
     marker = tmp_path / "crashed"
     proj = _project(tmp_path / "crash", data, marker=str(marker))
-    _run(proj, ray="auto", shards=2)
+    _run(proj, shards=2)
     assert marker.exists()  # a worker really died
     _assert_identical(_arrays(proj), want)
