@@ -126,7 +126,6 @@ def main() -> None:
     args = ap.parse_args()
     import ray
     import torch
-
     from extract import make_project
 
     torch.set_num_threads(1)  # one Ray CPU slot runs torch on one thread: compare like with like

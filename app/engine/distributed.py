@@ -17,7 +17,6 @@ Ray is an optional extra, imported only here and only when a job asks for it.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,20 @@ import torch
 
 from app.engine.device import describe, pick_device
 from app.engine.extract import (
-    RAY_STATE_FILE, ExtractJob, ExtractOptions, LayerState, MapRunner, layer_info, load_project_model, make_loader,
-    new_layer_states, new_mask_counts, open_project_dataset, safe_name, shard_plan, tally,
+    RAY_STATE_FILE,
+    ExtractJob,
+    ExtractOptions,
+    LayerState,
+    MapRunner,
+    layer_info,
+    load_project_model,
+    make_loader,
+    new_layer_states,
+    new_mask_counts,
+    open_project_dataset,
+    safe_name,
+    shard_plan,
+    tally,
 )
 from app.errors import JobError, NeuronStudioError
 from app.jobs import Cancelled, JobProgress
@@ -88,6 +99,7 @@ class ShardTask:
     n_images: int
     mask_size: int
     thresholds: dict[str, torch.Tensor] | None = None  # stage 2: per layer, from the merged pass 1
+    decode_workers: int = 0  # image decoding processes when the options leave it open
 
 
 class ProgressBoard:
@@ -116,7 +128,7 @@ def run_shard(task: ShardTask, board: Any = None) -> dict[str, Any]:
     runner = MapRunner(model, infos, device, amp=opts.amp, batch_size=opts.batch_size)
     masks = task.stage == 2
     loader = make_loader(reader, model.preprocess, list(range(task.start, task.stop)), opts.batch_size,
-                         0 if opts.num_workers is None else opts.num_workers, device,
+                         task.decode_workers if opts.num_workers is None else opts.num_workers, device,
                          task.mask_size if masks else None)
     if masks:
         assert task.thresholds is not None
@@ -181,6 +193,7 @@ class RayCoordinator:
         self.micro = self.opts.batch_size
         self.problems: dict[int, str] = {}
         self.mask_problems: dict[int, str] = {}
+        self.decode_workers = 0
 
     # ---- checkpoint ----------------------------------------------------------------------------------------
     def _checkpoint(self, stage: int, plan: list[tuple[int, int]], merged: set[int]) -> None:
@@ -244,8 +257,11 @@ class RayCoordinator:
         if plan is None:
             plan = shard_plan(self.n_images, self.job.shards or SHARDS_PER_SLOT * slots, self.opts.batch_size)
         done_at_start = (stage - 1) * self.n_images + sum(b - a for i, (a, b) in enumerate(plan) if i in merged)
-        # One GPU per task where the cluster has GPUs: each worker then has its own device.
-        resource = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+        # One GPU per task where the cluster has GPUs: each worker then has its own device, and its share of the
+        # CPUs (at most 8) to decode images for it. Without GPUs, a task is one CPU that decodes for itself.
+        cpus = max(1, min(8, int(resources.get("CPU", 1)) // gpus)) if gpus else 1
+        self.decode_workers = cpus - 1
+        resource = {"num_gpus": 1, "num_cpus": cpus} if gpus else {"num_cpus": 1}
         remote = ray.remote(run_shard).options(max_retries=TASK_RETRIES, **resource)
         log.info("extracting on Ray: %d shards over %d %s slots", len(plan), slots, "GPU" if gpus else "CPU")
         if stage == 1:
@@ -262,6 +278,8 @@ class RayCoordinator:
         return self.problems, self.mask_problems, done_at_start, self.micro
 
     def _stage(self, ray: Any, remote: Any, stage: int, plan: list[tuple[int, int]], merged: set[int]) -> None:
+        from ray.exceptions import RayError
+
         message = "pass 1: activations, quantiles, exemplars" if stage == 1 else "pass 2: mask overlap counts"
         sizes = [b - a for a, b in plan]
         base = (stage - 1) * self.n_images
@@ -278,7 +296,7 @@ class RayCoordinator:
                 continue
             task = ShardTask(shard=i, start=a, stop=b, stage=stage, model_row=self.model_row, ds_row=self.ds_row,
                              layer_rows=layer_rows, options=self.opts, n_images=self.n_images,
-                             mask_size=self.mask_size, thresholds=thresholds)
+                             mask_size=self.mask_size, thresholds=thresholds, decode_workers=self.decode_workers)
             pending[remote.remote(task, board)] = i
         try:
             while pending:
@@ -290,7 +308,7 @@ class RayCoordinator:
                     self._checkpoint(stage, plan, merged)
                 try:
                     running = ray.get(board.snapshot.remote(), timeout=5)
-                except Exception:  # progress is best effort; the shards' results are what counts
+                except (RayError, TimeoutError):  # progress is best effort; the shards' results are what counts
                     running = {}
                 done = sum(sizes[i] for i in merged)
                 done += sum(min(n, sizes[i]) for i, n in running.items() if i not in merged)

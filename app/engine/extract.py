@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,15 @@ import torch
 from app.engine import hooks
 from app.engine.claims import claim_or_wait
 from app.engine.device import describe, pick_device
-from app.engine.stats import LayerBatch, MaskBatch, MaskCounts, PooledRows, Statistic, TopKExemplars, TopQuantiles
+from app.engine.stats import (
+    LayerBatch,
+    MaskBatch,
+    MaskCounts,
+    PooledRows,
+    Statistic,
+    TopKExemplars,
+    TopQuantiles,
+)
 from app.engine.summary import MAX_LISTED
 from app.errors import DatasetError, JobError, ModelLoadError
 from app.jobs import Cancelled, JobProgress
@@ -329,7 +338,7 @@ def shard_plan(n_images: int, shards: int, batch_size: int) -> list[tuple[int, i
     shards = max(1, min(shards, batches))
     bounds = [round(i * batches / shards) * batch_size for i in range(shards + 1)]
     bounds[-1] = n_images
-    return [(a, min(b, n_images)) for a, b in zip(bounds, bounds[1:]) if a < min(b, n_images)]
+    return [(a, min(b, n_images)) for a, b in itertools.pairwise(bounds) if a < min(b, n_images)]
 
 
 def new_layer_states(layer_rows: list[dict[str, Any]], run_dir: Path | None, n_images: int, opts: ExtractOptions,

@@ -1,4 +1,4 @@
-import math
+import itertools
 
 import numpy as np
 import pytest
@@ -138,7 +138,7 @@ def test_merged_shards_equal_one_pass_exactly(cuts):
     _observe_all(whole, maps, 0, n, 7)
     coordinator = _pass1(n, units)
     parts = []
-    for a, b in zip(cuts, cuts[1:]):
+    for a, b in itertools.pairwise(cuts):
         part = _pass1(n, units, a, b)
         _observe_all(part, maps, a, b, 3)
         parts.append([st.state() for st in part])
