@@ -84,6 +84,39 @@ def _warm() -> None:
     import app.engine.extract  # noqa: F401
 
 
+def shard_fixed_cost(project: Path, layers: list[str], batch_size: int, t_in: float, n_images: int) -> float:
+    """Seconds a shard costs beyond its images: a one-batch shard run directly (no Ray), less one batch's share of
+    the in-process run. What remains is loading the model and opening the dataset on the worker."""
+    from app.engine.distributed import ShardTask, run_shard
+    from app.engine.extract import ExtractOptions
+    from app.project.store import Project
+
+    with Project.open(project) as p:
+        model_row = p.model()
+        ds_row = p.dataset()
+        layer_rows = [p.layer(model_row["id"], n) for n in layers]
+    opts = ExtractOptions(layers=layers, batch_size=batch_size, device="cpu", num_workers=0)
+    task = ShardTask(shard=0, start=0, stop=batch_size, stage=1, model_row=model_row, ds_row=ds_row,
+                     layer_rows=layer_rows, options=opts, n_images=n_images, mask_size=0)
+    run_shard(task)  # warm caches (file system, lazy imports), as a worker that ran a shard before
+    t = time.perf_counter()
+    run_shard(task)
+    return time.perf_counter() - t - t_in * batch_size / n_images
+
+
+def ray_round_trip(ray) -> float:
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        noop = ray.remote(_warm).options(num_cpus=1)
+        ray.get(noop.remote())
+        t = time.perf_counter()
+        for _ in range(20):
+            ray.get(noop.remote())
+        return (time.perf_counter() - t) / 20
+    finally:
+        ray.shutdown()
+
+
 def merge_costs() -> None:
     import torch
 
@@ -143,8 +176,10 @@ def main() -> None:
         s = args.shards
         print(f"overhead Ray(1 slot, {s} shards) / in process: {one[s] / t_in:.3f}")
         print(f"speed-up Ray 2 slots / 1 slot ({s} shards): {one[s] / two[s]:.3f}  (ideal 2 on 2 free cores)")
-        print(f"per-shard overhead: {(one[s] - one[1]) / max(1, s - 1):.2f} s "
-              f"(Ray 1 slot, {s} shards against 1 shard)")
+        print(f"per-shard overhead, Ray 1 slot {s} shards against 1 shard: {(one[s] - one[1]) / max(1, s - 1):.2f} s")
+        fixed = shard_fixed_cost(template, layers, args.batch_size, t_in, args.images)
+        print(f"per-shard fixed cost, measured directly (model load, dataset open): {fixed:.2f} s; "
+              f"Ray task round trip: {ray_round_trip(ray) * 1000:.1f} ms")
     if not args.skip_merge:
         merge_costs()
     print(f"load average at end: {os.getloadavg()}")

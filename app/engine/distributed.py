@@ -30,6 +30,7 @@ from app.engine.extract import (
     ExtractOptions,
     LayerState,
     MapRunner,
+    PassesDone,
     layer_info,
     load_project_model,
     make_loader,
@@ -163,7 +164,7 @@ class RayExtractJob(ExtractJob):
 
     def _passes(self, project: Project, run_id: int, run_dir: Path, model: Any, reader: Any, ds_row: dict[str, Any],
                 layers: dict[str, LayerState], n_images: int, with_masks: bool, mask_size: int, device: torch.device,
-                progress: JobProgress) -> tuple[dict[int, str], dict[int, str], int, int]:
+                progress: JobProgress) -> PassesDone:
         coordinator = RayCoordinator(self, project, run_id, run_dir, reader, layers, n_images, with_masks, mask_size,
                                      device, progress, project.model(self.model_ref), ds_row)
         return coordinator.run()
@@ -194,6 +195,7 @@ class RayCoordinator:
         self.problems: dict[int, str] = {}
         self.mask_problems: dict[int, str] = {}
         self.decode_workers = 0
+        self.devices: set[str] = set()
 
     # ---- checkpoint ----------------------------------------------------------------------------------------
     def _checkpoint(self, stage: int, plan: list[tuple[int, int]], merged: set[int]) -> None:
@@ -241,7 +243,7 @@ class RayCoordinator:
         return stage, [(int(a), int(b)) for a, b in meta["plan"]], merged
 
     # ---- the passes ----------------------------------------------------------------------------------------
-    def run(self) -> tuple[dict[int, str], dict[int, str], int, int]:
+    def run(self) -> PassesDone:
         ray, started = connect(self.job.address)
         try:
             return self._run(ray)
@@ -249,7 +251,7 @@ class RayCoordinator:
             if started:
                 ray.shutdown()
 
-    def _run(self, ray: Any) -> tuple[dict[int, str], dict[int, str], int, int]:
+    def _run(self, ray: Any) -> PassesDone:
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0)) if self.opts.device != "cpu" else 0
         slots = gpus or max(1, int(resources.get("CPU", 1)))
@@ -275,7 +277,9 @@ class RayCoordinator:
         if self.with_masks:
             self._stage(ray, remote, 2, plan, merged)
             self.job.write_pass2(self.layers, self.reader)
-        return self.problems, self.mask_problems, done_at_start, self.micro
+        where = ", ".join(sorted(self.devices)) or "workers"
+        return PassesDone(self.problems, self.mask_problems, done_at_start, self.micro,
+                          f"Ray, {len(plan)} shards on {where}")
 
     def _stage(self, ray: Any, remote: Any, stage: int, plan: list[tuple[int, int]], merged: set[int]) -> None:
         from ray.exceptions import RayError
@@ -341,4 +345,5 @@ class RayCoordinator:
                 st.merge(state)
         (self.problems if stage == 1 else self.mask_problems).update(out["problems"])
         self.micro = min(self.micro, int(out["micro"]))
+        self.devices.add(out["device"])
 

@@ -381,6 +381,17 @@ def new_mask_counts(layer: LayerState, reader: Any, thresholds: torch.Tensor, ma
 
 
 @dataclass
+class PassesDone:
+    """What the passes leave for the commit, whichever way they ran."""
+
+    problems: dict[int, str]  # image index -> why it was skipped
+    mask_problems: dict[int, str]  # image index -> why its masks were left out
+    done_at_start: int  # work units already done when this session began (a resumed run)
+    micro: int  # the batch size the model ran with
+    device: str  # where, in words
+
+
+@dataclass
 class ExtractReport:
     images: int
     skipped: int
@@ -494,10 +505,9 @@ class ExtractJob:
         run_dir.mkdir(parents=True, exist_ok=True)
         layers = new_layer_states(layer_rows, run_dir, n_images, opts, device)
         t_first = time.monotonic()
-        problems, mask_problems, done_at_start, micro = self._passes(
+        done = self._passes(
             project, run_id, run_dir, model, reader, ds_row, layers, n_images, with_masks, mask_size, device, progress)
-        return self._commit(project, run_id, reader, layers, n_images, with_masks, mask_size, problems,
-                            mask_problems, done_at_start, micro, t_first, device)
+        return self._commit(project, run_id, reader, layers, n_images, with_masks, mask_size, done, t_first)
 
     def write_pass1(self, layers: dict[str, LayerState]) -> None:
         """Quantiles and exemplars are final after pass 1: write them, and set the Network Dissection thresholds."""
@@ -532,9 +542,9 @@ class ExtractJob:
 
     def _passes(self, project: Project, run_id: int, run_dir: Path, model: Any, reader: Any, ds_row: dict[str, Any],
                 layers: dict[str, LayerState], n_images: int, with_masks: bool, mask_size: int, device: torch.device,
-                progress: JobProgress) -> tuple[dict[int, str], dict[int, str], int, int]:
+                progress: JobProgress) -> PassesDone:
         """Both passes in this process (`distributed.RayExtractJob` runs them as shards on Ray instead).
-        Returns (image problems, mask problems, work done before this session, the micro-batch used)."""
+        """
         opts = self.options
         state_path = run_dir / STATE_FILE
         infos = {ls.info["name"]: layer_info(ls.info) for ls in layers.values()}
@@ -609,13 +619,13 @@ class ExtractJob:
             tally(loader(next_index, masks=True), runner, {n: [ls.counts] for n, ls in layers.items()},
                   mask_problems, after_batch(2, msg), mask_size=mask_size)
             self.write_pass2(layers, reader)
-        return problems, mask_problems, done_at_start, runner.micro
+        return PassesDone(problems, mask_problems, done_at_start, runner.micro, describe(device))
 
     def _commit(self, project: Project, run_id: int, reader: Any, layers: dict[str, LayerState], n_images: int,
-                with_masks: bool, mask_size: int, problems: dict[int, str], mask_problems: dict[int, str],
-                done_at_start: int, micro: int, t_first: float, device: torch.device) -> ExtractReport:
+                with_masks: bool, mask_size: int, done: PassesDone, t_first: float) -> ExtractReport:
         """The layer statistics become visible together with the run's 'done'."""
         opts = self.options
+        problems, mask_problems, done_at_start = done.problems, done.mask_problems, done.done_at_start
         passes = 2 if with_masks else 1
         total = n_images * passes
         exact = all((ls.dir / "meta.json").exists() and json.loads((ls.dir / "meta.json").read_text())["exact"]
@@ -644,7 +654,7 @@ class ExtractJob:
         return ExtractReport(
             images=n_images - skipped, skipped=skipped, seconds=elapsed,
             images_per_second=work / elapsed if elapsed > 0 and work > 0 else math.nan,
-            device=describe(device), batch_size=micro, quantile_exact=exact, layers=list(layers),
+            device=done.device, batch_size=done.micro, quantile_exact=exact, layers=list(layers),
             mask_counts=with_masks, masks_skipped=len(mask_problems), problems=listed[:MAX_LISTED],
             resumed=done_at_start > 0,
         )
