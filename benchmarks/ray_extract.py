@@ -84,24 +84,23 @@ def _warm() -> None:
     import app.engine.extract  # noqa: F401
 
 
-def shard_fixed_cost(project: Path, layers: list[str], batch_size: int, t_in: float, n_images: int) -> float:
-    """Seconds a shard costs beyond its images: a one-batch shard run directly (no Ray), less one batch's share of
-    the in-process run. What remains is loading the model and opening the dataset on the worker."""
-    from app.engine.distributed import ShardTask, run_shard
-    from app.engine.extract import ExtractOptions
+def shard_fixed_cost(project: Path, reps: int = 3) -> float:
+    """Seconds a shard spends before its first image: loading (and checksumming) the model and opening the
+    dataset, as `distributed.run_shard` does on the worker."""
+    import torch
+
+    from app.engine.extract import load_project_model, open_project_dataset
     from app.project.store import Project
 
     with Project.open(project) as p:
         model_row = p.model()
         ds_row = p.dataset()
-        layer_rows = [p.layer(model_row["id"], n) for n in layers]
-    opts = ExtractOptions(layers=layers, batch_size=batch_size, device="cpu", num_workers=0)
-    task = ShardTask(shard=0, start=0, stop=batch_size, stage=1, model_row=model_row, ds_row=ds_row,
-                     layer_rows=layer_rows, options=opts, n_images=n_images, mask_size=0)
-    run_shard(task)  # warm caches (file system, lazy imports), as a worker that ran a shard before
+    load_project_model(model_row, torch.device("cpu"))  # warm: a worker that ran a shard before
     t = time.perf_counter()
-    run_shard(task)
-    return time.perf_counter() - t - t_in * batch_size / n_images
+    for _ in range(reps):
+        load_project_model(model_row, torch.device("cpu"))
+        open_project_dataset(ds_row)
+    return (time.perf_counter() - t) / reps
 
 
 def ray_round_trip(ray) -> float:
@@ -115,6 +114,11 @@ def ray_round_trip(ray) -> float:
         return (time.perf_counter() - t) / 20
     finally:
         ray.shutdown()
+
+
+def print_fixed_costs(ray, template: Path) -> None:
+    print(f"per-shard fixed cost (model load and checksum, dataset open): {shard_fixed_cost(template):.2f} s; "
+          f"Ray task round trip: {ray_round_trip(ray) * 1000:.1f} ms")
 
 
 def merge_costs() -> None:
@@ -156,6 +160,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--skip-merge", action="store_true")
+    ap.add_argument("--costs-only", action="store_true", help="only the per-shard fixed cost and Ray's round trip")
     args = ap.parse_args()
     import ray
     import torch
@@ -169,6 +174,9 @@ def main() -> None:
         layers = layer_names(model)
         print(f"model {model}, layers {layers}, {args.images} images of {args.size}px, batch {args.batch_size}, "
               f"CPU")
+        if args.costs_only:
+            print_fixed_costs(ray, template)
+            return
         t_in, reference = timed_extract(fresh_project(tmp, template, "inproc"), layers, args.batch_size, None)
         print(f"in process (1 thread): {t_in:7.2f} s  ({args.images / t_in:.1f} images/s)")
         one = ray_runs(ray, template, tmp, layers, args, 1, [1, args.shards], reference)
@@ -177,9 +185,7 @@ def main() -> None:
         print(f"overhead Ray(1 slot, {s} shards) / in process: {one[s] / t_in:.3f}")
         print(f"speed-up Ray 2 slots / 1 slot ({s} shards): {one[s] / two[s]:.3f}  (ideal 2 on 2 free cores)")
         print(f"per-shard overhead, Ray 1 slot {s} shards against 1 shard: {(one[s] - one[1]) / max(1, s - 1):.2f} s")
-        fixed = shard_fixed_cost(template, layers, args.batch_size, t_in, args.images)
-        print(f"per-shard fixed cost, measured directly (model load, dataset open): {fixed:.2f} s; "
-              f"Ray task round trip: {ray_round_trip(ray) * 1000:.1f} ms")
+        print_fixed_costs(ray, template)
     if not args.skip_merge:
         merge_costs()
     print(f"load average at end: {os.getloadavg()}")
