@@ -174,6 +174,12 @@ def cmd_label(args: argparse.Namespace) -> int:
         for method in methods:
             job = LabelJob(args.project, method, layer, params, model=args.model, clip_model=args.clip,
                            device=args.device)
+            if args.ray:
+                from app.engine.distributed import RayLabelJob, import_ray
+
+                import_ray()
+                job = RayLabelJob(args.project, method, layer, params, model=args.model, clip_model=args.clip,
+                                  device=args.device, address=args.ray)
             try:
                 rep = run_with_bar(job, args.quiet)
             except lb.MissingInputError as exc:
@@ -373,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--param", action="append", default=[], help="NAME=VALUE, repeatable")
     sp.add_argument("--clip", help="local CLIP model folder (transformers format) for clip_dissect")
     sp.add_argument("--device", default="auto")
+    sp.add_argument("--ray", metavar="auto|local|ADDRESS", default=None,
+                    help="split the units of compexp over Ray workers (same labels; needs the 'ray' extra)")
 
     sp = add("export", "write labels, concept sets, reports and activations", cmd_export)
     sp.epilog = _export_formats_help()

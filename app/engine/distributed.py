@@ -16,11 +16,13 @@ Ray is an optional extra, imported only here and only when a job asks for it.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from app.engine.device import describe, pick_device
@@ -41,6 +43,7 @@ from app.engine.extract import (
     shard_plan,
     tally,
 )
+from app.engine.labeling import LabelJob, LabelSources
 from app.errors import JobError, NeuronStudioError
 from app.jobs import Cancelled, JobProgress
 from app.project import arrays
@@ -347,3 +350,99 @@ class RayCoordinator:
         self.micro = min(self.micro, int(out["micro"]))
         self.devices.add(out["device"])
 
+
+
+# ---- labeling: the units of a slow labeler split over Ray workers -----------------------------------------------
+
+UNIT_SPLIT_METHODS = ("compexp",)  # per-unit searches over mask batches: each unit's labels depend on that unit only
+
+
+@dataclass
+class LabelTask:
+    """One group of units for a worker: the job and the rows its inputs come from, never the project."""
+
+    job: LabelJob  # its batch size, decoding workers and device preference
+    method: str
+    params: dict[str, Any]
+    units: list[int]
+    concepts: list[Any]
+    sources: LabelSources
+
+
+def run_label_units(task: LabelTask) -> Any:
+    """A labeler over some units on a worker: the mask batches are read again from the model and the dataset, and
+    only these units' maps are kept; the labels come back numbered as in the whole layer."""
+    import labelers.base as lb
+
+    src = task.sources
+    device = pick_device(task.job.device)
+    reader = open_project_dataset(src.ds_row)
+    model = load_project_model(src.model_row, device)
+    rows = np.nonzero(src.results.valid)[0]
+    every = task.job._mask_iter(reader, rows, model, src.layer_row, src.results, device)
+    keep = torch.tensor(task.units, dtype=torch.int64)
+
+    def batches() -> Any:
+        for b in every():
+            yield dataclasses.replace(b, unit_masks=b.unit_masks[:, keep.to(b.unit_masks.device)])
+
+    inputs = lb.LabelerInputs(layer=src.layer_row["name"], num_units=len(task.units), device=device,
+                              concepts=task.concepts, mask_batches=batches)
+    out = lb.get(task.method)(inputs, task.params, JobProgress())
+    for label in out.labels:
+        label.unit = task.units[label.unit]
+    return out
+
+
+def _unit_groups(units: int, groups: int) -> list[list[int]]:
+    groups = max(1, min(groups, units))
+    return [list(range(units))[round(i * units / groups):round((i + 1) * units / groups)] for i in range(groups)]
+
+
+class RayLabelJob(LabelJob):
+    """A labeling job whose units are split over Ray workers (for the methods in `UNIT_SPLIT_METHODS`; the
+    others, already fast, run in this process). Labels equal the single-process run's."""
+
+    def __init__(self, *args: Any, address: str = "auto", groups: int | None = None, **kw: Any):
+        super().__init__(*args, **kw)
+        self.address = address
+        self.groups = groups
+        self.title += " on Ray"
+
+    def _run_labeler(self, labeler: Any, inputs: Any, params: dict[str, Any], progress: JobProgress,
+                     sources: Any) -> Any:
+        if labeler.name not in UNIT_SPLIT_METHODS:
+            return labeler(inputs, params, progress)
+        import labelers.base as lb
+
+        ray, started = connect(self.address)
+        try:
+            slots = max(1, int(ray.cluster_resources().get("CPU", 1)))
+            groups = _unit_groups(inputs.num_units, self.groups or slots)
+            plain = LabelJob(self.project_path, self.method, self.layer, self.params, model=self.model_ref,
+                             device=self.device, batch_size=self.batch_size, num_workers=self.num_workers or 0,
+                             extraction_run=self.extraction_run)
+            remote = ray.remote(run_label_units).options(max_retries=TASK_RETRIES, num_cpus=1)
+            pending = [remote.remote(LabelTask(plain, labeler.name, params, g, inputs.concepts, sources))
+                       for g in groups]
+            parts: list[Any] = []
+            try:
+                left = list(pending)
+                while left:
+                    ready, left = ray.wait(left, num_returns=1, timeout=0.5)
+                    parts += [RayCoordinator._get(ray, r) for r in ready]
+                    progress.update(len(parts), len(groups), f"{len(parts)} of {len(groups)} unit groups")
+            except BaseException:
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                raise
+        finally:
+            if started:
+                ray.shutdown()
+        labels = sorted((lab for part in parts for lab in part.labels), key=lambda lab: (lab.unit, lab.rank))
+        summary = dict(parts[0].summary)
+        for key in ("units", "units_labeled"):
+            if all(key in part.summary for part in parts):
+                summary[key] = sum(part.summary[key] for part in parts)
+        summary["ray_unit_groups"] = len(groups)
+        return lb.LabelingResult(labels, summary)

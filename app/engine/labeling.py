@@ -17,7 +17,13 @@ import torch
 import labelers.base as lb
 from app.engine.claims import claim_or_wait
 from app.engine.device import pick_device
-from app.engine.extract import MapRunner, layer_info, load_project_model, make_loader, open_project_dataset
+from app.engine.extract import (
+    MapRunner,
+    layer_info,
+    load_project_model,
+    make_loader,
+    open_project_dataset,
+)
 from app.engine.results import LayerResults
 from app.errors import JobError
 from app.jobs import Cancelled, JobProgress
@@ -34,6 +40,16 @@ class LabelReport:
     labels: int
     seconds: float
     summary: dict[str, Any]
+
+
+@dataclasses.dataclass
+class LabelSources:
+    """The project rows a labeling job read its inputs from (plain data: what a worker needs to read them again)."""
+
+    model_row: dict[str, Any]
+    ds_row: dict[str, Any]
+    layer_row: dict[str, Any]
+    results: LayerResults
 
 
 class LabelJob:
@@ -89,7 +105,8 @@ class LabelJob:
             return LabelReport(**{f.name: finished.report[f.name] for f in dataclasses.fields(LabelReport)})
         t0 = time.monotonic()
         try:
-            out = labeler(inputs, params, progress)
+            out = self._run_labeler(labeler, inputs, params, progress,
+                                    LabelSources(model_row, ds_row, layer_row, results))
             n = project.replace_labels(run_id, layer_row["id"], self.method, out.labels)
         except (Cancelled, KeyboardInterrupt):  # Ctrl+C in the CLI is a cancel, as it reports
             project.finish_run(run_id, "cancelled", seconds=time.monotonic() - t0)
@@ -102,6 +119,11 @@ class LabelJob:
         project.finish_run(run_id, "done", report=dataclasses.asdict(report), seconds=seconds,
                            message=f"{n} labels for {layer_row['units']} units")
         return report
+
+    def _run_labeler(self, labeler: lb.Labeler, inputs: lb.LabelerInputs, params: dict[str, Any],
+                     progress: JobProgress, sources: LabelSources) -> lb.LabelingResult:
+        """In this process; `distributed.RayLabelJob` splits the units over Ray workers instead."""
+        return labeler(inputs, params, progress)
 
     # ---- inputs --------------------------------------------------------------------------------------------
     def _inputs(self, project: Project, labeler: lb.Labeler, results: LayerResults, layer_row: dict[str, Any],

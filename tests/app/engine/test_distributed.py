@@ -84,7 +84,7 @@ def fresh(tmp_path_factory):
     ref = base / "ref"
     shutil.copytree(proj.parent, ref)
     _run(ref / "p.nstudio")
-    return proj, data, _arrays(ref / "p.nstudio")
+    return proj, data, _arrays(ref / "p.nstudio"), ref
 
 
 def _run(proj: Path, shards: int | None = None) -> ExtractJob:
@@ -128,7 +128,7 @@ class CancelAfterFirstMerge(JobProgress):
 @pytest.mark.slow
 @pytest.mark.parametrize("shards", [1, 2, 4])
 def test_sharded_extraction_equals_one_process(local_ray, fresh, tmp_path, shards):
-    proj, _, want = fresh
+    proj, _, want, _ = fresh
     shutil.copytree(proj.parent, tmp_path / "run")
     proj = tmp_path / "run" / "p.nstudio"
     if shards == 4:  # and the coordinator stops after one merge, then resumes from the merged shards
@@ -165,7 +165,7 @@ def test_without_ray_the_option_says_how_to_get_it(monkeypatch):
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_shard_is_retried_and_the_result_is_identical(local_ray, fresh, tmp_path):
-    _, data, want = fresh
+    _, data, want, _ = fresh
     marker = tmp_path / "crashed"
     proj = _project(tmp_path / "crash", data, marker=str(marker))
     _run(proj, shards=2)
@@ -194,3 +194,28 @@ def test_cli_says_what_ray_options_need(tiny_project, monkeypatch, capsys, tmp_p
         for h in list(logging.getLogger().handlers):
             logging.getLogger().removeHandler(h)
             h.close()
+
+
+@pytest.mark.slow
+def test_compexp_over_two_workers_equals_one_process(local_ray, fresh, tmp_path):
+    from app.engine.distributed import RayLabelJob
+    from app.engine.labeling import LabelJob
+
+    ref = fresh[3]
+    params = {"max_length": 2, "beam_size": 3}
+    got = {}
+    for name in ("one", "ray"):
+        shutil.copytree(ref, tmp_path / name)
+        proj = tmp_path / name / "p.nstudio"
+        if name == "one":
+            job = LabelJob(proj, "compexp", "conv2", params, device="cpu", num_workers=0, batch_size=4)
+        else:
+            job = RayLabelJob(proj, "compexp", "conv2", params, device="cpu", num_workers=0, batch_size=4,
+                              address="auto", groups=2)
+        report = job.execute(JobProgress())
+        with Project.open(proj) as p:
+            got[name] = sorted((r["unit"], r["rank"], r["label"], r["formula"], r["score"])
+                               for r in p.labels(method="compexp"))
+    assert report.summary["ray_unit_groups"] == 2
+    assert len({u for u, *_ in got["one"]}) >= 3  # units of both groups got labels
+    assert got["ray"] == got["one"]
