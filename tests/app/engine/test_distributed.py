@@ -152,17 +152,6 @@ def test_sharded_extraction_equals_one_process(local_ray, fresh, tmp_path, shard
         assert p.integrity_check() == "ok"
 
 
-def test_without_ray_the_option_says_how_to_get_it(monkeypatch):
-    import sys
-
-    from app.engine.distributed import import_ray
-    from app.errors import JobError
-
-    monkeypatch.setitem(sys.modules, "ray", None)
-    with pytest.raises(JobError, match=r"neuron-studio\[ray\]"):
-        import_ray()
-
-
 @pytest.mark.slow
 def test_a_worker_killed_mid_shard_is_retried_and_the_result_is_identical(local_ray, fresh, tmp_path):
     _, data, want, _ = fresh
@@ -171,29 +160,6 @@ def test_a_worker_killed_mid_shard_is_retried_and_the_result_is_identical(local_
     _run(proj, shards=2)
     assert marker.exists()  # a worker really died
     _assert_identical(_arrays(proj), want)
-
-
-def test_cli_says_what_ray_options_need(tiny_project, monkeypatch, capsys, tmp_path):
-    import logging
-    import sys
-
-    from app import cli
-
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    try:
-        assert cli.main(["extract", str(tiny_project), "--layers", "conv1", "--shards", "2"]) != 0
-        assert "--shards needs --ray" in capsys.readouterr().err
-        monkeypatch.setitem(sys.modules, "ray", None)
-        assert cli.main(["extract", str(tiny_project), "--layers", "conv1", "--ray", "local"]) != 0
-        err = capsys.readouterr().err
-        assert "Ray is not installed" in err and "neuron-studio[ray]" in err
-        with Project.open(tiny_project) as p:
-            assert p.runs("extract") == []  # nothing started
-    finally:
-        logging.captureWarnings(False)
-        for h in list(logging.getLogger().handlers):
-            logging.getLogger().removeHandler(h)
-            h.close()
 
 
 @pytest.mark.slow
