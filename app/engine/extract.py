@@ -7,6 +7,9 @@ Pass 2, only when the dataset has per-pixel masks: unit maps upsampled to the ma
 Network Dissection quantile, counted against every concept present in the batch (intersection, active area per
 annotated category, concept area): the `MaskCounts` of Network Dissection.
 
+Every statistic follows the merge protocol of `stats` and is fed by one loop, `tally`, which a single process runs
+over the whole dataset and a Ray worker over its shard (`distributed.RayExtractJob`: same arrays, bit for bit).
+
 Resume: every few seconds the streaming state goes to a safetensors checkpoint (atomic rename) after the
 memory-mapped rows before it were flushed; a killed or cancelled run continues from its last checkpoint.
 """

@@ -17,13 +17,7 @@ import torch
 import labelers.base as lb
 from app.engine.claims import claim_or_wait
 from app.engine.device import pick_device
-from app.engine.extract import (
-    MapRunner,
-    layer_info,
-    load_project_model,
-    make_loader,
-    open_project_dataset,
-)
+from app.engine.extract import MapRunner, layer_info, load_project_model, make_loader, open_project_dataset
 from app.engine.results import LayerResults
 from app.errors import JobError
 from app.jobs import Cancelled, JobProgress
