@@ -130,7 +130,15 @@ def cmd_extract(args: argparse.Namespace) -> int:
     opts = ExtractOptions(layers=layers, batch_size=args.batch_size, device=args.device, num_workers=args.workers,
                           topk=args.topk, mask_size=args.mask_size, mask_stats=not args.no_masks,
                           amp=not args.no_amp, max_images=args.max_images)
+    if args.shards is not None and (not args.ray or args.shards < 1):
+        raise NeuronStudioError("--shards needs --ray and a count of at least 1", fix="e.g. --ray auto --shards 8")
     job = ExtractJob(args.project, opts, model=args.model, dataset=args.dataset)
+    if args.ray:
+        from app.engine.distributed import RayExtractJob, import_ray
+
+        import_ray()  # says how to install it before any work starts
+        job = RayExtractJob(args.project, opts, address=args.ray, shards=args.shards, model=args.model,
+                            dataset=args.dataset)
     rep = run_with_bar(job, args.quiet)
     _print_extract_report(rep, job.run_id)
     return 0
@@ -183,6 +191,13 @@ def cmd_label(args: argparse.Namespace) -> int:
                 continue
             job = LabelJob(args.project, method, layer, params, model=args.model, clip_model=args.clip,
                            device=args.device, captioner=args.captioner, causal_lm=args.lm)
+            if args.ray:
+                from app.engine.distributed import RayLabelJob, import_ray
+
+                import_ray()
+                job = RayLabelJob(args.project, method, layer, params, model=args.model, clip_model=args.clip,
+                                  device=args.device, captioner=args.captioner, causal_lm=args.lm,
+                                  address=args.ray)
             try:
                 rep = run_with_bar(job, args.quiet)
             except lb.MissingInputError as exc:
@@ -446,6 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-masks", action="store_true", help="skip the mask-overlap pass")
     sp.add_argument("--no-amp", action="store_true", help="full precision on CUDA")
     sp.add_argument("--max-images", type=int, default=None, help="only the first N images")
+    sp.add_argument("--ray", metavar="auto|local|ADDRESS", default=None,
+                    help="run shards on Ray workers: auto (this machine's cluster, else a local Ray), local, or a "
+                         "cluster address; results equal a single-process run (needs the 'ray' extra)")
+    sp.add_argument("--shards", type=int, default=None,
+                    help="with --ray: shards of whole batches (default: 4 per GPU, or per CPU without GPUs)")
 
     sp = add("label", "label units with an automatic method", cmd_label)
     sp.add_argument("project")
@@ -458,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--captioner", help="local captioner folder (transformers VisionEncoderDecoder) for milan")
     sp.add_argument("--lm", help="local causal language model folder (transformers) for milan's prior p(d)")
     sp.add_argument("--device", default="auto")
+    sp.add_argument("--ray", metavar="auto|local|ADDRESS", default=None,
+                    help="split the units of compexp over Ray workers (same labels; needs the 'ray' extra)")
 
     sp = add("export", "write labels, concept sets, reports and activations", cmd_export)
     sp.epilog = _export_formats_help()

@@ -7,6 +7,9 @@ Pass 2, only when the dataset has per-pixel masks: unit maps upsampled to the ma
 Network Dissection quantile, counted against every concept present in the batch (intersection, active area per
 annotated category, concept area): the `MaskCounts` of Network Dissection.
 
+Every statistic follows the merge protocol of `stats` and is fed by one loop, `tally`, which a single process runs
+over the whole dataset and a Ray worker over its shard (`distributed.RayExtractJob`: same arrays, bit for bit).
+
 Resume: every few seconds the streaming state goes to a safetensors checkpoint (atomic rename) after the
 memory-mapped rows before it were flushed; a killed or cancelled run continues from its last checkpoint.
 """
@@ -14,12 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
 import os
 import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +35,15 @@ import torch
 from app.engine import hooks
 from app.engine.claims import claim_or_wait
 from app.engine.device import describe, pick_device
-from app.engine.stats import TopKExemplars, TopQuantiles
+from app.engine.stats import (
+    LayerBatch,
+    MaskBatch,
+    MaskCounts,
+    PooledRows,
+    Statistic,
+    TopKExemplars,
+    TopQuantiles,
+)
 from app.engine.summary import MAX_LISTED
 from app.errors import DatasetError, JobError, ModelLoadError
 from app.jobs import Cancelled, JobProgress
@@ -40,6 +53,7 @@ from app.project.store import MASKS_LEFT_OUT, Project
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.safetensors"
+RAY_STATE_FILE = "ray-state.safetensors"  # the Ray coordinator's: merged shards and their merged state
 
 
 @dataclass
@@ -274,14 +288,110 @@ class MapRunner:
 class LayerState:
     info: dict[str, Any]  # the layers row of the project
     dir: Path
-    pooled_max: np.memmap
-    pooled_mean: np.memmap
+    pooled: PooledRows
     quant: TopQuantiles
     topk: TopKExemplars
-    thresholds: torch.Tensor | None = None
-    inter: torch.Tensor | None = None
-    unit_area: torch.Tensor | None = None
-    concept_area: torch.Tensor | None = None
+    counts: MaskCounts | None = None
+
+    def pass1(self) -> list[Statistic]:
+        return [self.pooled, self.quant, self.topk]
+
+
+def batch_masks(batch: dict[str, Any], keep: list[int], mask_size: int, device: torch.device) -> MaskBatch:
+    """The masks of a collated batch's valid images, dense over the concepts present in the batch."""
+    present = torch.unique(torch.cat([batch["concepts"][i] for i in keep]))
+    dense = torch.zeros((len(keep), len(present), mask_size, mask_size), dtype=torch.bool)
+    if present.numel():
+        col = {int(c): j for j, c in enumerate(present.tolist())}
+        for row, i in enumerate(keep):
+            cols = [col[int(c)] for c in batch["concepts"][i].tolist()]
+            if cols:
+                dense[row, cols] = batch["masks"][i]
+    return MaskBatch(dense.to(device), present.to(device), batch["annotated"][keep].to(device))
+
+
+def tally(batches: Iterable[dict[str, Any]], runner: MapRunner, stats: dict[str, list[Statistic]],
+          problems: dict[int, str], on_batch: Callable[[int], None], mask_size: int | None = None) -> None:
+    """The one loop of extraction, in a single process and in every shard: run the model on each batch of valid
+    images and let each layer's statistics observe its maps. `problems` collects per-image errors (decoding in a
+    pass without masks, masks in a pass with them); `on_batch(next_index)` reports progress and checkpoints."""
+    err_key = "error" if mask_size is None else "mask_error"
+    for batch in batches:
+        ok = batch["ok"]
+        for i, err in zip(batch["index"].tolist(), batch[err_key]):
+            if err:
+                problems[i] = err
+        if ok.any():
+            maps_all = runner.maps(batch["x"][ok])
+            idx = batch["index"][ok]
+            masks = None
+            if mask_size is not None:
+                masks = batch_masks(batch, ok.nonzero().flatten().tolist(), mask_size, runner.device)
+            for name, maps in maps_all.items():
+                lb = LayerBatch(idx, maps, masks)
+                for st in stats[name]:
+                    st.observe(lb)
+        on_batch(int(batch["index"][-1]) + 1)
+
+
+def shard_plan(n_images: int, shards: int, batch_size: int) -> list[tuple[int, int]]:
+    """Contiguous ranges of whole batches: every image then meets the same batch neighbours as in one process, so
+    its maps, and everything computed from them, are the same bit for bit."""
+    batches = max(1, math.ceil(n_images / batch_size))
+    shards = max(1, min(shards, batches))
+    bounds = [round(i * batches / shards) * batch_size for i in range(shards + 1)]
+    bounds[-1] = n_images
+    return [(a, min(b, n_images)) for a, b in itertools.pairwise(bounds) if a < min(b, n_images)]
+
+
+def new_layer_states(layer_rows: list[dict[str, Any]], run_dir: Path | None, n_images: int, opts: ExtractOptions,
+                     device: torch.device, start: int = 0, stop: int | None = None,
+                     seed: int = 0) -> dict[str, LayerState]:
+    """Pass-1 statistics of every layer: over the run's memory-mapped files when `run_dir` is given, else in
+    memory for the images start..stop-1 (a shard). The quantile buffers are sized by the whole dataset, so that a
+    shard keeps every value the whole could need."""
+    stop = n_images if stop is None else stop
+    budget = opts.memory_budget_mb * 2**20
+    layers: dict[str, LayerState] = {}
+    for r in layer_rows:
+        grid = tuple(r["grid"] or (1, 1))
+        per_unit = n_images * int(np.prod(grid))
+        rows_max = rows_mean = None
+        d = Path()
+        if run_dir is not None:
+            d = run_dir / safe_name(r["name"])
+            d.mkdir(exist_ok=True)
+            rows_max = arrays.open_rows(d / "pooled_max.npy", (n_images, r["units"]), np.float32)
+            rows_mean = arrays.open_rows(d / "pooled_mean.npy", (n_images, r["units"]), np.float32)
+        layers[r["name"]] = LayerState(
+            info=r, dir=d,
+            pooled=PooledRows(start, stop - start, r["units"], rows_max, rows_mean),
+            quant=TopQuantiles(r["units"], per_unit, list(opts.quantiles), device, budget_bytes=budget, seed=seed),
+            topk=TopKExemplars(r["units"], opts.topk, grid, device),
+        )
+    return layers
+
+
+def concept_categories(reader: Any, device: torch.device) -> torch.Tensor:
+    cat_index = {c: i for i, c in enumerate(reader.categories)}
+    return torch.tensor([cat_index[c.category] for c in reader.concepts], dtype=torch.int64, device=device)
+
+
+def new_mask_counts(layer: LayerState, reader: Any, thresholds: torch.Tensor, mask_size: int,
+                    device: torch.device) -> MaskCounts:
+    return MaskCounts(layer.info["units"], len(reader.concepts), len(reader.categories), thresholds,
+                      concept_categories(reader, device), mask_size, device)
+
+
+@dataclass
+class PassesDone:
+    """What the passes leave for the commit, whichever way they ran."""
+
+    problems: dict[int, str]  # image index -> why it was skipped
+    mask_problems: dict[int, str]  # image index -> why its masks were left out
+    done_at_start: int  # work units already done when this session began (a resumed run)
+    micro: int  # the batch size the model ran with
+    device: str  # where, in words
 
 
 @dataclass
@@ -392,30 +502,59 @@ class ExtractJob:
                  layer_rows: list[dict[str, Any]], device: torch.device, progress: JobProgress) -> ExtractReport:
         opts = self.options
         n_images = len(reader.images) if opts.max_images is None else min(opts.max_images, len(reader.images))
-        crop = int(model.preprocess.crop)
         with_masks = bool(opts.mask_stats and reader.has_masks and reader.concepts)
-        mask_size = opts.mask_size or min(112, crop)
+        mask_size = opts.mask_size or min(112, int(model.preprocess.crop))
         run_dir = project.arrays_dir / f"run-{run_id}"
         run_dir.mkdir(parents=True, exist_ok=True)
-        state_path = run_dir / STATE_FILE
+        layers = new_layer_states(layer_rows, run_dir, n_images, opts, device)
+        t_first = time.monotonic()
+        done = self._passes(
+            project, run_id, run_dir, model, reader, ds_row, layers, n_images, with_masks, mask_size, device, progress)
+        return self._commit(project, run_id, reader, layers, n_images, with_masks, mask_size, done, t_first)
 
-        infos = {r["name"]: layer_info(r) for r in layer_rows}
-        budget = opts.memory_budget_mb * 2**20
-        layers: dict[str, LayerState] = {}
-        for r in layer_rows:
-            d = run_dir / safe_name(r["name"])
-            d.mkdir(exist_ok=True)
-            grid = tuple(r["grid"] or (1, 1))
-            per_unit = n_images * int(np.prod(grid))
-            layers[r["name"]] = LayerState(
-                info=r, dir=d,
-                pooled_max=arrays.open_rows(d / "pooled_max.npy", (n_images, r["units"]), np.float32),
-                pooled_mean=arrays.open_rows(d / "pooled_mean.npy", (n_images, r["units"]), np.float32),
-                quant=TopQuantiles(r["units"], per_unit, list(opts.quantiles), device, budget_bytes=budget),
-                topk=TopKExemplars(r["units"], opts.topk, grid, device),
-            )
+    def write_pass1(self, layers: dict[str, LayerState]) -> None:
+        """Quantiles and exemplars are final after pass 1: write them, and set the Network Dissection thresholds."""
+        opts = self.options
+        for name, ls in layers.items():
+            qres = ls.quant.result()
+            top = ls.topk.result()
+            arrays.save_npy(ls.dir / "quantiles.npy", qres.values)
+            arrays.save_npy(ls.dir / "topk_index.npy", top["index"])
+            arrays.save_npy(ls.dir / "topk_scores.npy", top["scores"])
+            arrays.save_npy(ls.dir / "topk_maps.npy", top["maps"])
+            (ls.dir / "meta.json").write_text(json.dumps({
+                "layer": name, "quantiles": qres.quantiles, "exact": qres.exact, "sample_rate": qres.sample_rate,
+                "expected_relative_error": qres.expected_relative_error, "topk": opts.topk,
+                "iou_quantile": opts.iou_quantile,
+            }, indent=1))
+
+    def thresholds(self, layer: LayerState) -> torch.Tensor:
+        opts = self.options
+        row = list(opts.quantiles).index(opts.iou_quantile) if opts.iou_quantile in opts.quantiles else -1
+        return layer.quant.result().values[row]
+
+    @staticmethod
+    def write_pass2(layers: dict[str, LayerState], reader: Any) -> None:
+        for ls in layers.values():
+            assert ls.counts is not None
+            counts = ls.counts.result()
+            arrays.save_npy(ls.dir / "mask_intersection.npy", counts["inter"])
+            arrays.save_npy(ls.dir / "mask_unit_area.npy", counts["unit_area"])
+            arrays.save_npy(ls.dir / "mask_concept_area.npy", counts["concept_area"])
+            arrays.save_npy(ls.dir / "concept_category.npy", concept_categories(reader, torch.device("cpu")))
+
+    def _passes(self, project: Project, run_id: int, run_dir: Path, model: Any, reader: Any, ds_row: dict[str, Any],
+                layers: dict[str, LayerState], n_images: int, with_masks: bool, mask_size: int, device: torch.device,
+                progress: JobProgress) -> PassesDone:
+        """Both passes in this process (`distributed.RayExtractJob` runs them as shards on Ray instead).
+        """
+        opts = self.options
+        state_path = run_dir / STATE_FILE
+        infos = {ls.info["name"]: layer_info(ls.info) for ls in layers.values()}
         # Resume point: the checkpoint, not the database, says which rows are valid and what the state was.
-        stage, next_index, problems, mask_problems = 1, 0, {}, {}
+        stage, next_index = 1, 0
+        problems: dict[int, str] = {}
+        mask_problems: dict[int, str] = {}
         if state_path.exists():
             tensors, meta = arrays.load_state(state_path)
             stage, next_index = int(meta["stage"]), int(meta["next_index"])
@@ -426,10 +565,8 @@ class ExtractJob:
                 ls.quant.load_state({k[len(p) + 2:]: v for k, v in tensors.items() if k.startswith(p + "q/")})
                 ls.topk.load_state({k[len(p) + 2:]: v for k, v in tensors.items() if k.startswith(p + "k/")})
                 if stage == 2 and with_masks:
-                    ls.thresholds = tensors[p + "thresholds"].to(device)
-                    ls.inter = tensors[p + "inter"].to(device)
-                    ls.unit_area = tensors[p + "unit_area"].to(device)
-                    ls.concept_area = tensors[p + "concept_area"].to(device)
+                    ls.counts = new_mask_counts(ls, reader, tensors[p + "thresholds"], mask_size, device)
+                    ls.counts.load_state({k: tensors[p + k] for k in ("inter", "unit_area", "concept_area")})
             log.info("resuming run %d at stage %d, image %d", run_id, stage, next_index)
 
         passes = 2 if with_masks else 1
@@ -437,20 +574,18 @@ class ExtractJob:
         done_at_start = (stage - 1) * n_images + next_index if with_masks or stage == 1 else total
         runner = MapRunner(model, infos, device, amp=opts.amp, batch_size=opts.batch_size)
         last_ckpt = [time.monotonic()]
-        t_first = time.monotonic()
 
         def checkpoint(stage_now: int, next_idx: int) -> None:
             for ls in layers.values():
-                ls.pooled_max.flush()
-                ls.pooled_mean.flush()
+                ls.pooled.flush()  # the pooled rows' state is their file
             tensors: dict[str, torch.Tensor] = {}
             for name, ls in layers.items():
                 p = safe_name(name) + "/"
                 tensors.update({p + "q/" + k: v for k, v in ls.quant.state().items()})
                 tensors.update({p + "k/" + k: v for k, v in ls.topk.state().items()})
-                if stage_now == 2 and with_masks:
-                    tensors.update({p + "thresholds": ls.thresholds, p + "inter": ls.inter,
-                                    p + "unit_area": ls.unit_area, p + "concept_area": ls.concept_area})
+                if stage_now == 2 and ls.counts is not None:
+                    tensors[p + "thresholds"] = ls.counts.thresholds
+                    tensors.update({p + k: v for k, v in ls.counts.state().items()})
             arrays.save_state(state_path, tensors, {"stage": stage_now, "next_index": next_idx,
                                                     "problems": {str(k): v for k, v in problems.items()},
                                                     "mask_problems": {str(k): v for k, v in mask_problems.items()}})
@@ -462,113 +597,40 @@ class ExtractJob:
             return make_loader(reader, model.preprocess, list(range(start, n_images)), opts.batch_size,
                                opts.num_workers, device, mask_size if masks else None)
 
-        # -- pass 1 --
-        if stage == 1:
-            progress.begin_stage("pass 1: activations, quantiles, exemplars", next_index)
-            for batch in loader(next_index, masks=False):
-                ok = batch["ok"]
-                for i, err in zip(batch["index"].tolist(), batch["error"]):
-                    if err:
-                        problems[i] = err
-                if ok.any():
-                    maps_all = runner.maps(batch["x"][ok])
-                    idx = batch["index"][ok]
-                    for name, maps in maps_all.items():
-                        ls = layers[name]
-                        b, u = maps.shape[:2]
-                        flat = maps.reshape(b, u, -1)
-                        mx = flat.amax(dim=2)
-                        ls.pooled_max[idx.numpy()] = mx.cpu().numpy()
-                        ls.pooled_mean[idx.numpy()] = flat.mean(dim=2).cpu().numpy()
-                        ls.quant.update(flat.transpose(0, 1).reshape(u, -1))
-                        ls.topk.update(mx, idx, maps)
-                next_index = int(batch["index"][-1]) + 1
-                progress.update(next_index, total, "pass 1: activations, quantiles, exemplars")
+        def after_batch(stage_now: int, message: str) -> Callable[[int], None]:
+            def on_batch(next_idx: int) -> None:
+                progress.update((stage_now - 1) * n_images + next_idx, total, message)
                 if time.monotonic() - last_ckpt[0] >= opts.checkpoint_seconds:
-                    checkpoint(1, next_index)
-            # quantiles and exemplars are final: write them and move to pass 2
-            for name, ls in layers.items():
-                qres = ls.quant.result()
-                arrays.save_npy(ls.dir / "quantiles.npy", qres.values)
-                arrays.save_npy(ls.dir / "topk_index.npy", ls.topk.index)
-                arrays.save_npy(ls.dir / "topk_scores.npy", ls.topk.scores)
-                arrays.save_npy(ls.dir / "topk_maps.npy", ls.topk.maps)
-                ls.thresholds = qres.values[list(opts.quantiles).index(opts.iou_quantile)
-                                            if opts.iou_quantile in opts.quantiles else -1].to(device)
-                (ls.dir / "meta.json").write_text(json.dumps({
-                    "layer": name, "quantiles": qres.quantiles, "exact": qres.exact, "sample_rate": qres.sample_rate,
-                    "expected_relative_error": qres.expected_relative_error, "topk": opts.topk,
-                    "iou_quantile": opts.iou_quantile,
-                }, indent=1))
+                    checkpoint(stage_now, next_idx)
+            return on_batch
+
+        if stage == 1:
+            msg = "pass 1: activations, quantiles, exemplars"
+            progress.begin_stage(msg, next_index)
+            tally(loader(next_index, masks=False), runner, {n: ls.pass1() for n, ls in layers.items()}, problems,
+                  after_batch(1, msg))
+            self.write_pass1(layers)
             stage, next_index = 2, 0
             if with_masks:
-                n_concepts = len(reader.concepts)
-                n_cat = len(reader.categories)
                 for ls in layers.values():
-                    u = ls.info["units"]
-                    ls.inter = torch.zeros((u, n_concepts), dtype=torch.float64, device=device)
-                    ls.unit_area = torch.zeros((u, n_cat), dtype=torch.float64, device=device)
-                    ls.concept_area = torch.zeros(n_concepts, dtype=torch.float64, device=device)
+                    ls.counts = new_mask_counts(ls, reader, self.thresholds(ls), mask_size, device)
             checkpoint(2, 0)
 
-        # -- pass 2: mask counts --
         if with_masks:
-            from labelers.netdissect import iou_counts, threshold_and_upsample
+            msg = "pass 2: mask overlap counts"
+            progress.begin_stage(msg, n_images + next_index)
+            tally(loader(next_index, masks=True), runner, {n: [ls.counts] for n, ls in layers.items()},
+                  mask_problems, after_batch(2, msg), mask_size=mask_size)
+            self.write_pass2(layers, reader)
+        return PassesDone(problems, mask_problems, done_at_start, runner.micro, describe(device))
 
-            cat_index = {c: i for i, c in enumerate(reader.categories)}
-            concept_category = torch.tensor([cat_index[c.category] for c in reader.concepts], dtype=torch.int64,
-                                            device=device)
-            progress.begin_stage("pass 2: mask overlap counts", n_images + next_index)
-            for batch in loader(next_index, masks=True):
-                ok = batch["ok"]
-                for i, err in zip(batch["index"].tolist(), batch["mask_error"]):
-                    if err:
-                        mask_problems[i] = err
-                if ok.any():
-                    keep = ok.nonzero().flatten().tolist()
-                    maps_all = runner.maps(batch["x"][ok])
-                    present = torch.unique(torch.cat([batch["concepts"][i] for i in keep]))
-                    if present.numel():
-                        col = {int(c): j for j, c in enumerate(present.tolist())}
-                        dense = torch.zeros((len(keep), len(present), mask_size, mask_size), dtype=torch.bool)
-                        for row, i in enumerate(keep):
-                            cols = [col[int(c)] for c in batch["concepts"][i].tolist()]
-                            if cols:
-                                dense[row, cols] = batch["masks"][i]
-                        dense = dense.to(device)
-                        present = present.to(device)
-                    annotated = batch["annotated"][ok].to(device)
-                    for name, maps in maps_all.items():
-                        ls = layers[name]
-                        u_total = maps.shape[1]
-                        # Chunk units so the upsampled masks stay within ~256 MB.
-                        per_unit = maps.shape[0] * mask_size * mask_size * 5
-                        chunk = max(1, min(u_total, (256 * 2**20) // max(per_unit, 1)))
-                        for s in range(0, u_total, chunk):
-                            sl = slice(s, min(s + chunk, u_total))
-                            active = threshold_and_upsample(maps[:, sl], ls.thresholds[sl], (mask_size, mask_size))
-                            if present.numel():
-                                inter, area, c_area = iou_counts(active, dense, annotated, concept_category[present])
-                                ls.inter[sl].index_add_(1, present, inter.to(ls.inter))
-                                if s == 0:
-                                    ls.concept_area.index_add_(0, present, c_area.to(ls.concept_area))
-                            else:
-                                empty = torch.zeros((len(keep), 0, mask_size, mask_size), dtype=torch.bool,
-                                                    device=device)
-                                _, area, _ = iou_counts(active, empty, annotated,
-                                                        torch.zeros(0, dtype=torch.int64, device=device))
-                            ls.unit_area[sl] += area.to(ls.unit_area)
-                next_index = int(batch["index"][-1]) + 1
-                progress.update(n_images + next_index, total, "pass 2: mask overlap counts")
-                if time.monotonic() - last_ckpt[0] >= opts.checkpoint_seconds:
-                    checkpoint(2, next_index)
-            for ls in layers.values():
-                arrays.save_npy(ls.dir / "mask_intersection.npy", ls.inter)
-                arrays.save_npy(ls.dir / "mask_unit_area.npy", ls.unit_area)
-                arrays.save_npy(ls.dir / "mask_concept_area.npy", ls.concept_area)
-                arrays.save_npy(ls.dir / "concept_category.npy", concept_category)
-
-        # -- commit: the layer statistics become visible together with the run's 'done' --
+    def _commit(self, project: Project, run_id: int, reader: Any, layers: dict[str, LayerState], n_images: int,
+                with_masks: bool, mask_size: int, done: PassesDone, t_first: float) -> ExtractReport:
+        """The layer statistics become visible together with the run's 'done'."""
+        opts = self.options
+        problems, mask_problems, done_at_start = done.problems, done.mask_problems, done.done_at_start
+        passes = 2 if with_masks else 1
+        total = n_images * passes
         exact = all((ls.dir / "meta.json").exists() and json.loads((ls.dir / "meta.json").read_text())["exact"]
                     for ls in layers.values())
         skipped = len(problems)
@@ -578,15 +640,16 @@ class ExtractJob:
         if problems or mask_problems:
             project.record_image_problems(
                 run_id, sorted({**{k: f"{MASKS_LEFT_OUT}{v}" for k, v in mask_problems.items()}, **problems}.items()))
-        for name, ls in layers.items():
-            ls.pooled_max.flush()
-            ls.pooled_mean.flush()
+        for ls in layers.values():
+            ls.pooled.flush()
             project.add_layer_stats(
                 run_id=run_id, layer_id=ls.info["id"], array_dir=str(ls.dir.relative_to(project.path)),
                 quantiles=list(opts.quantiles), quantile_method="exact" if exact else "sampled",
                 has_mask_counts=with_masks, mask_size=(mask_size, mask_size) if with_masks else None,
             )
-        state_path.unlink(missing_ok=True)
+        run_dir = project.arrays_dir / f"run-{run_id}"
+        for name in (STATE_FILE, RAY_STATE_FILE):
+            (run_dir / name).unlink(missing_ok=True)
         elapsed = time.monotonic() - t_first
         # Images per second over what this session computed, both passes counted as one image each time: a run
         # resumed in its second pass reports that pass's speed, not 0.
@@ -594,7 +657,7 @@ class ExtractJob:
         return ExtractReport(
             images=n_images - skipped, skipped=skipped, seconds=elapsed,
             images_per_second=work / elapsed if elapsed > 0 and work > 0 else math.nan,
-            device=describe(device), batch_size=runner.micro, quantile_exact=exact, layers=list(layers),
+            device=done.device, batch_size=done.micro, quantile_exact=exact, layers=list(layers),
             mask_counts=with_masks, masks_skipped=len(mask_problems), problems=listed[:MAX_LISTED],
             resumed=done_at_start > 0,
         )

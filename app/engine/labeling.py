@@ -34,6 +34,16 @@ class LabelReport:
     summary: dict[str, Any]
 
 
+@dataclasses.dataclass
+class LabelSources:
+    """The project rows a labeling job read its inputs from (plain data: what a worker needs to read them again)."""
+
+    model_row: dict[str, Any]
+    ds_row: dict[str, Any]
+    layer_row: dict[str, Any]
+    results: LayerResults
+
+
 class LabelJob:
     kind = "label"
 
@@ -98,7 +108,8 @@ class LabelJob:
             return LabelReport(**{f.name: finished.report[f.name] for f in dataclasses.fields(LabelReport)})
         t0 = time.monotonic()
         try:
-            out = labeler(inputs, params, progress)
+            out = self._run_labeler(labeler, inputs, params, progress,
+                                    LabelSources(model_row, ds_row, layer_row, results))
             n = project.replace_labels(run_id, layer_row["id"], self.method, out.labels)
         except (Cancelled, KeyboardInterrupt):  # Ctrl+C in the CLI is a cancel, as it reports
             project.finish_run(run_id, "cancelled", seconds=time.monotonic() - t0)
@@ -111,6 +122,11 @@ class LabelJob:
         project.finish_run(run_id, "done", report=dataclasses.asdict(report), seconds=seconds,
                            message=f"{n} labels for {layer_row['units']} units")
         return report
+
+    def _run_labeler(self, labeler: lb.Labeler, inputs: lb.LabelerInputs, params: dict[str, Any],
+                     progress: JobProgress, sources: LabelSources) -> lb.LabelingResult:
+        """In this process; `distributed.RayLabelJob` splits the units over Ray workers instead."""
+        return labeler(inputs, params, progress)
 
     # ---- inputs --------------------------------------------------------------------------------------------
     def _inputs(self, project: Project, labeler: lb.Labeler, results: LayerResults, layer_row: dict[str, Any],

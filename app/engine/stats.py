@@ -9,13 +9,62 @@ grow with the number of batches beyond a fixed budget.
   from the sample; the realised top fraction then has a relative standard error of about 1/sqrt(k), k being the
   number of sampled values above the quantile (reported as `expected_relative_error`).
 - `TopKExemplars`: each unit's k images with the highest spatial maximum, and their activation maps.
+- `PooledRows`: per-image spatial max and mean of every unit, for a contiguous range of images.
+- `MaskCounts`: Network Dissection's overlap counts of thresholded unit maps with concept masks.
+
+All of them follow one protocol (`Statistic`): `observe` a batch, `state` / `load_state` for checkpoints, `merge`
+another instance's state, `result`. Merging is exact: the states of shards of a dataset, merged in any order, give
+bit for bit what one pass over the whole dataset gives. That holds because each statistic is a function of the
+multiset of what it saw, never of the order: the quantile buffer is the multiset of the m largest values, the
+exemplars are the top k under a total order (score descending, then image index ascending, so ties break the same
+way whatever the split), pooled rows are disjoint, and mask counts are integer sums held in float64 (exact up to
+2^53 pixels). The sampled quantile fallback is the one exception: shards draw their own samples, so the merged
+sample is as good as one process's but not the same draw.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Protocol
 
+import numpy as np
 import torch
+
+
+@dataclass
+class MaskBatch:
+    """The concept masks of a batch's valid images, densified over the concepts present in the batch."""
+
+    dense: torch.Tensor  # [B, P, H, W] bool, P concepts present in the batch
+    present: torch.Tensor  # [P] int64 concept indices
+    annotated: torch.Tensor  # [B, K] bool, which categories each image annotates
+
+
+@dataclass
+class LayerBatch:
+    """What the tally loop hands every statistic of one layer for one batch."""
+
+    index: torch.Tensor  # [B] dataset indices of the valid images
+    maps: torch.Tensor  # [B, U, h, w] float32 unit maps
+    masks: MaskBatch | None = None
+
+    @property
+    def flat(self) -> torch.Tensor:
+        return self.maps.reshape(self.maps.shape[0], self.maps.shape[1], -1)
+
+
+class Statistic(Protocol):
+    """A streaming statistic whose states merge exactly (see the module docstring)."""
+
+    def observe(self, batch: LayerBatch) -> None: ...
+
+    def state(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def merge(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def result(self) -> Any: ...
 
 
 def _interpolated_quantile(desc: torch.Tensor, n: torch.Tensor, q: float) -> torch.Tensor:
@@ -72,6 +121,10 @@ class TopQuantiles:
     def exact(self) -> bool:
         return self.rate >= 1.0
 
+    def observe(self, batch: LayerBatch) -> None:
+        flat = batch.flat
+        self.update(flat.transpose(0, 1).reshape(flat.shape[1], -1))
+
     def update(self, values: torch.Tensor) -> None:
         """`values` [U, n] float32 activations of one batch (all positions of all images, flattened)."""
         if self.rate < 1.0:
@@ -113,6 +166,21 @@ class TopQuantiles:
         if self.generator is not None and "rng" in state:
             self.generator.set_state(state["rng"].cpu())
 
+    def merge(self, state: dict[str, torch.Tensor]) -> None:
+        """The m largest of the union are among the m largest of each part: exact, whatever the split."""
+        merged = torch.cat([self.buffer, state["buffer"].to(self.device, torch.float32)], dim=1)
+        self.buffer = merged.topk(min(self.m, merged.shape[1]), dim=1).values
+        self.count = self.count + state["count"].to(self.device)
+
+
+def _rank(scores: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of each row's k best candidates under a total order: score descending, then image index
+    ascending. `topk` leaves the order of ties unspecified, and a tie broken one way in one process and another way
+    across shards would make the merged exemplars differ from one process's."""
+    by_index = index.argsort(dim=1, stable=True)
+    by_score = scores.gather(1, by_index).argsort(dim=1, descending=True, stable=True)
+    return by_index.gather(1, by_score[:, :k])
+
 
 class TopKExemplars:
     """Streaming top-k images per unit by spatial maximum, keeping their maps (float16, [U, k, h, w])."""
@@ -124,26 +192,29 @@ class TopKExemplars:
         self.maps = torch.zeros((units, 0, *grid), dtype=torch.float16, device=device)
         self.device = device
 
+    def observe(self, batch: LayerBatch) -> None:
+        self.update(batch.flat.amax(dim=2), batch.index, batch.maps)
+
     def update(self, scores: torch.Tensor, image_index: torch.Tensor, maps: torch.Tensor) -> None:
         """scores [B, U] spatial maxima; image_index [B] dataset indices; maps [B, U, h, w]."""
         s = torch.cat([self.scores, scores.T.float()], dim=1)
         idx = torch.cat([self.index, image_index[None, :].expand(s.shape[0], -1).to(self.index.device)], dim=1)
-        kk = min(self.k, s.shape[1])
-        top = s.topk(kk, dim=1)
+        win = _rank(s, idx, min(self.k, s.shape[1]))
+        kk = win.shape[1]
         # Gather maps only for the winners: [U, kk, h, w] from old maps and the batch's maps.
         old = self.maps.shape[1]
-        from_old = top.indices < old
+        from_old = win < old
         new_maps = torch.empty((s.shape[0], kk, *self.maps.shape[2:]), dtype=torch.float16, device=self.device)
         if old:
-            src = top.indices.clamp(max=old - 1)
+            src = win.clamp(max=old - 1)
             gathered = self.maps.gather(1, src[:, :, None, None].expand(-1, -1, *self.maps.shape[2:]))
             new_maps[from_old] = gathered[from_old]
         if (~from_old).any():
             u, j = torch.nonzero(~from_old, as_tuple=True)
-            b = top.indices[u, j] - old
-            new_maps[u, j] = maps[b, u].to(torch.float16)
-        self.scores = top.values
-        self.index = idx.gather(1, top.indices)
+            b = win[u, j] - old
+            new_maps[u, j] = maps[b, u].to(self.device, torch.float16)
+        self.scores = s.gather(1, win)
+        self.index = idx.gather(1, win)
         self.maps = new_maps
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -153,3 +224,125 @@ class TopKExemplars:
         self.scores = state["scores"].to(self.device)
         self.index = state["index"].to(self.device)
         self.maps = state["maps"].to(self.device)
+
+    def merge(self, state: dict[str, torch.Tensor]) -> None:
+        s = torch.cat([self.scores, state["scores"].to(self.device, torch.float32)], dim=1)
+        idx = torch.cat([self.index, state["index"].to(self.device)], dim=1)
+        maps = torch.cat([self.maps, state["maps"].to(self.device, torch.float16)], dim=1)
+        win = _rank(s, idx, min(self.k, s.shape[1]))
+        self.scores = s.gather(1, win)
+        self.index = idx.gather(1, win)
+        self.maps = maps.gather(1, win[:, :, None, None].expand(-1, -1, *maps.shape[2:]))
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {"index": self.index, "scores": self.scores, "maps": self.maps}
+
+
+class PooledRows:
+    """Per-image spatial max and mean [n, U] of the images start..start+n-1 (NaN where an image was skipped).
+
+    Rows go straight into the given arrays (the run's memory-mapped files in the coordinator or a single process,
+    so memory does not grow with the dataset), or into in-memory arrays for a shard. Its state is the rows
+    themselves: a shard's is small, and a single process checkpoints by flushing its files instead.
+    """
+
+    def __init__(self, start: int, n: int, units: int, rows_max: np.ndarray | None = None,
+                 rows_mean: np.ndarray | None = None):
+        self.start = start
+        self.n = n
+        self.max = rows_max if rows_max is not None else np.full((n, units), np.nan, np.float32)
+        self.mean = rows_mean if rows_mean is not None else np.full((n, units), np.nan, np.float32)
+
+    def observe(self, batch: LayerBatch) -> None:
+        flat = batch.flat
+        self.update(batch.index, flat.amax(dim=2), flat.mean(dim=2))
+
+    def update(self, image_index: torch.Tensor, mx: torch.Tensor, mean: torch.Tensor) -> None:
+        rows = image_index.cpu().numpy() - self.start
+        self.max[rows] = mx.cpu().numpy()
+        self.mean[rows] = mean.cpu().numpy()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"start": torch.tensor([self.start], dtype=torch.int64),
+                "max": torch.from_numpy(np.asarray(self.max)), "mean": torch.from_numpy(np.asarray(self.mean))}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.merge(state)
+
+    def merge(self, state: dict[str, torch.Tensor]) -> None:
+        """Another range's rows into their place (ranges are disjoint: nothing to combine)."""
+        lo = int(state["start"][0]) - self.start
+        hi = lo + state["max"].shape[0]
+        if lo < 0 or hi > self.n:
+            raise ValueError(f"rows {lo + self.start}..{hi + self.start} lie outside {self.start}..{self.start + self.n}")
+        self.max[lo:hi] = state["max"].numpy()
+        self.mean[lo:hi] = state["mean"].numpy()
+
+    def flush(self) -> None:
+        for a in (self.max, self.mean):
+            if isinstance(a, np.memmap):
+                a.flush()
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.max, self.mean
+
+
+class MaskCounts:
+    """Network Dissection's counts over a dataset with masks: for every unit, its map upsampled to the mask grid and
+    thresholded, then per concept the intersection with the concept's masks, per category the active area over
+    the images that annotate it, and per concept its total area. Integer counts in float64: sums are exact."""
+
+    def __init__(self, units: int, n_concepts: int, n_categories: int, thresholds: torch.Tensor,
+                 concept_category: torch.Tensor, mask_size: int, device: torch.device):
+        self.thresholds = thresholds.to(device)
+        self.concept_category = concept_category.to(device)
+        self.mask_size = mask_size
+        self.device = device
+        self.inter = torch.zeros((units, n_concepts), dtype=torch.float64, device=device)
+        self.unit_area = torch.zeros((units, n_categories), dtype=torch.float64, device=device)
+        self.concept_area = torch.zeros(n_concepts, dtype=torch.float64, device=device)
+
+    def observe(self, batch: LayerBatch) -> None:
+        if batch.masks is None:
+            raise ValueError("mask counts need the batch's masks")
+        self.update(batch.maps, batch.masks)
+
+    def update(self, maps: torch.Tensor, masks: MaskBatch) -> None:
+        from labelers.netdissect import iou_counts, threshold_and_upsample
+
+        size = (self.mask_size, self.mask_size)
+        present = masks.present.to(self.device)
+        annotated = masks.annotated.to(self.device)
+        u_total = maps.shape[1]
+        # Chunk units so the upsampled masks stay within ~256 MB.
+        per_unit = maps.shape[0] * self.mask_size * self.mask_size * 5
+        chunk = max(1, min(u_total, (256 * 2**20) // max(per_unit, 1)))
+        for s in range(0, u_total, chunk):
+            sl = slice(s, min(s + chunk, u_total))
+            active = threshold_and_upsample(maps[:, sl], self.thresholds[sl], size)
+            if present.numel():
+                inter, area, c_area = iou_counts(active, masks.dense.to(self.device), annotated,
+                                                 self.concept_category[present])
+                self.inter[sl].index_add_(1, present, inter.to(self.inter))
+                if s == 0:
+                    self.concept_area.index_add_(0, present, c_area.to(self.concept_area))
+            else:
+                empty = torch.zeros((maps.shape[0], 0, *size), dtype=torch.bool, device=self.device)
+                _, area, _ = iou_counts(active, empty, annotated, torch.zeros(0, dtype=torch.int64, device=self.device))
+            self.unit_area[sl] += area.to(self.unit_area)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"inter": self.inter, "unit_area": self.unit_area, "concept_area": self.concept_area}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.inter = state["inter"].to(self.device, torch.float64)
+        self.unit_area = state["unit_area"].to(self.device, torch.float64)
+        self.concept_area = state["concept_area"].to(self.device, torch.float64)
+
+    def merge(self, state: dict[str, torch.Tensor]) -> None:
+        self.inter += state["inter"].to(self.device, torch.float64)
+        self.unit_area += state["unit_area"].to(self.device, torch.float64)
+        self.concept_area += state["concept_area"].to(self.device, torch.float64)
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return self.state()

@@ -778,11 +778,14 @@ class MainWindow(QMainWindow):
         if not datasets:
             self.report_error("No dataset", "Add a dataset to run the model on first (Project > Add dataset).")
             return None
+        ray_address: str | None = None  # where the shards run; None: this machine
+        shards: int | None = None
         if options is None:
             dlg = ExtractDialog(layers, datasets, self.prefs, self)
             if dlg.exec() != ExtractDialog.DialogCode.Accepted:
                 return None
             options, dataset_id, then_label = dlg.options(), dlg.dataset_id(), dlg.then_label.isChecked()
+            ray_address, shards = dlg.ray_address(), dlg.shard_count()
             self.prefs.batch_size, self.prefs.device = options.batch_size, options.device
             self.prefs.num_workers = options.num_workers
             self.prefs.save()
@@ -790,6 +793,11 @@ class MainWindow(QMainWindow):
 
         job = ExtractJob(self.project_path, options, model=self.model_id,
                          dataset=dataset_id if dataset_id is not None else datasets[0]["id"])
+        if ray_address:
+            from app.engine.distributed import RayExtractJob
+
+            job = RayExtractJob(self.project_path, options, address=ray_address, shards=shards, model=self.model_id,
+                                dataset=dataset_id if dataset_id is not None else datasets[0]["id"])
         handle = self.submit(job)
         if handle is not None and then_label:
             handle.on_done = lambda h, layers=list(options.layers): self._label_after_extraction(h, layers)

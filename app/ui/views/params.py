@@ -197,6 +197,22 @@ class ExtractDialog(QDialog):
         self.max_images.setRange(0, 2**31 - 1)
         self.max_images.setSpecialValueText("all")
         form.addRow("Images", self.max_images)
+        self.run_on = QComboBox()
+        self.run_on.setEditable(True)
+        self.run_on.addItems(["this machine", "Ray: auto", "Ray: local"])
+        import importlib.util
+
+        ray_note = "" if importlib.util.find_spec("ray") else (
+            " Ray is not installed here: pip install 'neuron-studio[ray]'.")
+        self.run_on.setToolTip("Ray: shards on a Ray cluster's workers, results identical to this machine's. auto: "
+                               "the cluster this machine belongs to, else a local Ray; or type 'Ray: ADDRESS'. "
+                               "Workers need the same package, model file and dataset paths." + ray_note)
+        form.addRow("Run on", self.run_on)
+        self.shards = QSpinBox()
+        self.shards.setRange(0, 100_000)
+        self.shards.setSpecialValueText("auto")
+        self.shards.setToolTip("With Ray: shards of whole batches (auto: 4 per GPU, or per CPU without GPUs)")
+        form.addRow("Ray shards", self.shards)
         self.then_label = QCheckBox("then label these layers with every method the dataset has inputs for")
         self.then_label.setChecked(True)
         form.addRow("", self.then_label)
@@ -220,6 +236,16 @@ class ExtractDialog(QDialog):
 
     def dataset_id(self) -> int | None:
         return self.dataset.currentData()
+
+    def ray_address(self) -> str | None:
+        """None to run on this machine, else the Ray address ('auto', 'local' or a cluster's)."""
+        text = self.run_on.currentText().strip()
+        if not text.lower().startswith("ray"):
+            return None
+        return text[3:].lstrip(":").strip() or "auto"
+
+    def shard_count(self) -> int | None:
+        return self.shards.value() or None
 
 
 class MethodPage(QWidget):

@@ -1,4 +1,4 @@
-import math
+import itertools
 
 import numpy as np
 import pytest
@@ -102,3 +102,90 @@ def test_masks_follow_the_models_resize_and_centre_crop():
     assert (got != want).mean() < 0.04  # nearest-neighbour rounding at region edges only
     assert got[2].all()
     assert got[0].sum() < masks[0].mean() * 256  # the left strip is partly cropped away
+
+
+# ---- merging: shard states merged in any order equal one pass over everything ----------------------------------
+
+def _tied_maps(n: int, units: int, seed: int) -> torch.Tensor:
+    """Maps with many tied maxima (rounded, ReLU-like), so that tie order is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.round(torch.randn(n, units, 3, 3, generator=g) * 2) / 2).clamp(min=0)
+
+
+def _observe_all(stats, maps: torch.Tensor, start: int, stop: int, batch: int) -> None:
+    from app.engine.stats import LayerBatch
+
+    for s in range(start, stop, batch):
+        e = min(s + batch, stop)
+        lb = LayerBatch(torch.arange(s, e), maps[s:e])
+        for st in stats:
+            st.observe(lb)
+
+
+def _pass1(n: int, units: int, start: int = 0, stop: int | None = None, seed: int = 0):
+    from app.engine.stats import PooledRows
+
+    stop = n if stop is None else stop
+    return [PooledRows(start, stop - start, units), TopQuantiles(units, n * 9, [0.9, 0.99], torch.device("cpu")),
+            TopKExemplars(units, 6, (3, 3), torch.device("cpu"))]
+
+
+@pytest.mark.parametrize("cuts", [[0, 40], [0, 13, 40], [0, 5, 6, 27, 40]])
+def test_merged_shards_equal_one_pass_exactly(cuts):
+    n, units = 40, 5
+    maps = _tied_maps(n, units, seed=4)
+    whole = _pass1(n, units)
+    _observe_all(whole, maps, 0, n, 7)
+    coordinator = _pass1(n, units)
+    parts = []
+    for a, b in itertools.pairwise(cuts):
+        part = _pass1(n, units, a, b)
+        _observe_all(part, maps, a, b, 3)
+        parts.append([st.state() for st in part])
+    for states in reversed(parts):  # any order
+        for st, state in zip(coordinator, states):
+            st.merge({k: v.clone() for k, v in state.items()})
+    (pm, pmean), q, top = (st.result() for st in coordinator)
+    (wm, wmean), wq, wtop = (st.result() for st in whole)
+    np.testing.assert_array_equal(pm, wm)
+    np.testing.assert_array_equal(pmean, wmean)
+    assert torch.equal(q.values, wq.values) and q.exact
+    expected = torch.quantile(maps.transpose(0, 1).reshape(units, -1).double(),
+                              torch.tensor([0.9, 0.99], dtype=torch.float64), dim=1).float()
+    torch.testing.assert_close(q.values, expected, rtol=0, atol=1e-6)
+    for key in ("index", "scores", "maps"):
+        assert torch.equal(top[key], wtop[key]), key
+    # ties among maxima are broken by image index, ascending
+    s, i = top["scores"], top["index"]
+    assert bool(((s[:, :-1] > s[:, 1:]) | ((s[:, :-1] == s[:, 1:]) & (i[:, :-1] < i[:, 1:]))).all())
+    assert bool((s[:, :-1] == s[:, 1:]).any())  # the data really has ties
+
+
+def test_mask_counts_merge_exactly():
+    from app.engine.stats import LayerBatch, MaskBatch, MaskCounts
+
+    g = torch.Generator().manual_seed(5)
+    n, units, concepts = 12, 3, 4
+    maps = torch.rand(n, units, 2, 2, generator=g)
+    dense = torch.rand(n, concepts, 4, 4, generator=g) > 0.6
+    annotated = torch.ones(n, 2, dtype=torch.bool)
+    cat = torch.tensor([0, 0, 1, 1])
+
+    def counts():
+        return MaskCounts(units, concepts, 2, torch.full((units,), 0.5), cat, 4, torch.device("cpu"))
+
+    def feed(mc, a, b):
+        mc.observe(LayerBatch(torch.arange(a, b), maps[a:b],
+                              MaskBatch(dense[a:b], torch.arange(concepts), annotated[a:b])))
+
+    whole = counts()
+    for a in range(0, n, 4):
+        feed(whole, a, a + 4)
+    merged, left, right = counts(), counts(), counts()
+    feed(left, 0, 5)
+    feed(right, 5, 12)
+    merged.merge(right.state())
+    merged.merge(left.state())
+    for k, v in whole.result().items():
+        assert torch.equal(merged.result()[k], v), k
+    assert float(whole.result()["inter"].sum()) > 0

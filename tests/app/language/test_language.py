@@ -157,7 +157,7 @@ def test_brought_folders_of_each_kind_are_added_provided_and_used(extracted, tmp
             info = add_folder(p, make(tmp_path / f"brought-{kind}"), kind)
             assert info.source == "added" and info.in_use and info.path.is_absolute()
         assert {m.kind for m in list_models(p)} == set(MAKERS)
-        assert missing_inputs(p, layer, tuple(lb.Input)) .keys() <= {lb.Input.EXEMPLARS}
+        assert missing_inputs(p, layer, tuple(lb.Input)).keys() <= {lb.Input.TRANSLATOR}  # TExplain trains it
         assert "clip_dissect" not in unavailable_methods(p, p.model()["id"])["conv1"]
 
     # CLIP-Dissect with the brought dual encoder, through the provider (no --clip)
