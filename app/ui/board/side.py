@@ -158,7 +158,10 @@ class UnitPanel(QWidget):
             log.info("no exemplars for unit %s: %s", unit, exc)
             self.exemplars = []
         self.title.setText(f"Unit {unit} of {layer['name']}: its top {len(self.exemplars)} images")
-        self.ex_model.set_items(list(range(len(self.exemplars))))
+        # The rows are ranks 0..k-1 for every unit: an unchanged row list must still repaint, or the grid keeps
+        # showing the previous unit's pictures under this unit's title.
+        if not self.ex_model.set_items(list(range(len(self.exemplars)))):
+            self.ex_model.repaint_all()
         self._set_enabled(True)
         self.refresh()
 

@@ -29,6 +29,8 @@ STYLE = """
 QFrame#groupPanel, QFrame#unclearPanel, QFrame#suggestionCard {
     border: 1px solid rgba(128, 128, 128, 90); border-radius: 6px; background: rgba(128, 128, 128, 18); }
 QFrame#unclearPanel { background: rgba(200, 120, 40, 28); border-style: dashed; }
+QFrame#groupPanel[groupSelected="true"], QFrame#unclearPanel[groupSelected="true"] {
+    border: 2px solid #f0a020; background: rgba(240, 160, 32, 40); }
 QFrame#groupPanel[dropHover="true"], QFrame#unclearPanel[dropHover="true"], QFrame#newGroupZone[dropHover="true"] {
     border: 2px solid #3d8bfd; }
 QFrame#newGroupZone { border: 2px dashed rgba(128, 128, 128, 120); border-radius: 6px; color: gray; }

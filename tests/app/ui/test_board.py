@@ -116,8 +116,8 @@ def test_groups_by_drag_and_drop(qtbot, open_window, project_path):
     concept = snap["groups"][1]
     assert concept["name"] == "Concept 1" and sorted(concept["members"]) == sorted(first)
     panel = b._panels[concept["id"]]
-    # the new group's name is ready to type over
-    panel.name.selectAll()
+    # a double-click on the name opens it for typing
+    qtbot.mouseDClick(panel.name, Qt.MouseButton.LeftButton)
     qtbot.keyClicks(panel.name, "red squares")
     qtbot.keyClick(panel.name, Qt.Key.Key_Return)
     assert saved(project_path, "ann")["groups"][1]["name"] == "red squares"
