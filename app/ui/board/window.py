@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import getpass
+import html
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QAction, QCloseEvent, QKeySequence, QUndoGroup
 from PySide6.QtWidgets import (
-    QComboBox, QDialog, QDockWidget, QInputDialog, QLabel, QMainWindow, QProgressBar, QPushButton, QSlider,
+    QComboBox, QDialog, QDockWidget, QFrame, QHBoxLayout, QInputDialog, QLabel, QMainWindow, QProgressBar, QPushButton, QSlider,
     QStackedWidget, QTabWidget, QToolBar, QVBoxLayout, QWidget,
 )
 
@@ -39,8 +40,59 @@ QFrame#unclearPanel QLabel#groupNumber { background: #c77c2c; }
 QLineEdit#groupName { font-weight: bold; background: transparent; }
 QLabel#groupCount { color: gray; }
 QLabel#poolTitle, QLabel#unitTitle { font-weight: bold; }
+QFrame#annotatorBanner { background: #fff3cd; border-bottom: 1px solid #e0b040; }
+QFrame#annotatorBanner QLabel { color: #4a3800; font-size: 14px; }
 QLabel#keysHelp { color: gray; font-size: 11px; padding: 2px 6px; }
 """
+
+
+class AnnotatorBanner(QFrame):
+    """Who is annotating, asked in plain sight when the board resumed as the last annotator: one click confirms,
+    one click switches to another annotator, or names a new one."""
+
+    def __init__(self, window: "BoardWindow"):
+        super().__init__(window)
+        self.window_ = window
+        self.setObjectName("annotatorBanner")
+        self.text = QLabel()
+        self.text.setTextFormat(Qt.TextFormat.RichText)
+        self.me_button = QPushButton()
+        self.me_button.clicked.connect(self.hide)
+        self.others = QHBoxLayout()
+        self.other_button = QPushButton("Someone else…")
+        self.other_button.clicked.connect(self._someone_else)
+        lay = QHBoxLayout(self)
+        lay.setContentsMargins(10, 6, 10, 6)
+        lay.addWidget(self.text)
+        lay.addWidget(self.me_button)
+        lay.addLayout(self.others)
+        lay.addWidget(self.other_button)
+        lay.addStretch(1)
+        self.switch_buttons: list[QPushButton] = []
+        self.hide()
+
+    def ask(self, current: str) -> None:
+        self.text.setText(f"Annotating as <b>{html.escape(current)}</b>, who named on this board last. Is that you?")
+        self.me_button.setText(f"Yes, I am {current}")
+        for b in self.switch_buttons:
+            b.deleteLater()
+        self.switch_buttons = []
+        names = [r["name"] for r in naming.annotators(self.window_.project) if r["name"] != current]
+        for name in names[:4]:
+            b = QPushButton(f"I am {name}")
+            b.clicked.connect(lambda _c=False, n=name: self._switch(n))
+            self.others.addWidget(b)
+            self.switch_buttons.append(b)
+        self.show()
+
+    def _switch(self, name: str) -> None:
+        self.window_.set_annotator(name)
+        self.hide()
+
+    def _someone_else(self) -> None:
+        name, ok = QInputDialog.getText(self, "Who is annotating?", "Your name:")
+        if ok and name.strip():
+            self._switch(name.strip())
 
 
 class BoardWindow(QMainWindow):
@@ -84,7 +136,14 @@ class BoardWindow(QMainWindow):
         self.central = QStackedWidget()
         self.central.addWidget(self.empty)
         self.central.addWidget(self.board)
-        self.setCentralWidget(self.central)
+        self.who = AnnotatorBanner(self)
+        host = QWidget()
+        host_lay = QVBoxLayout(host)
+        host_lay.setContentsMargins(0, 0, 0, 0)
+        host_lay.setSpacing(0)
+        host_lay.addWidget(self.who)
+        host_lay.addWidget(self.central, 1)
+        self.setCentralWidget(host)
         self._build_toolbar()
         self.saved = QLabel()
         self.progress = QProgressBar()
@@ -111,6 +170,9 @@ class BoardWindow(QMainWindow):
         if ann is None:
             ann = self.project.annotator(getpass.getuser() or "annotator")
         self.refresh_annotators(ann)
+        if annotator is None:
+            # Resumed as whoever named last: maybe someone else at this computer. Ask in plain sight.
+            self.who.ask(self.annotator_combo.currentText())
         self.refresh_pools(pool_id if pool_id is not None else naming.latest_pool(self.project, ann))
         self._open_current()
         self.resize(1600, 1000)
@@ -207,6 +269,7 @@ class BoardWindow(QMainWindow):
         self.pool_combo.blockSignals(False)
 
     def _annotator_chosen(self, index: int) -> None:
+        self.who.hide()
         if self.annotator_combo.itemData(index) == -1:
             name, ok = QInputDialog.getText(self, "New annotator", "Name of the annotator:")
             if ok and name.strip():

@@ -117,3 +117,17 @@ def test_rename_by_double_click_and_escape_undoes_the_edit(qtbot, open_window, p
     qtbot.keyClicks(panel.name, "warm colours")
     qtbot.keyClick(panel.name, Qt.Key.Key_Return)
     assert saved(project_path, "ann")["groups"][1]["name"] == "warm colours" and panel.name.isReadOnly()
+
+
+def test_resuming_asks_who_is_annotating(qtbot, open_window, project_path):
+    w = open_window(project_path, annotator="ann")
+    assert w.who.isHidden()  # named explicitly: nothing to ask
+    w.set_annotator("bob")
+    w.close()
+    w = open_window(project_path)  # resumes as the last annotator (bob): asked in plain sight
+    assert w.board.state.annotator == "bob" and w.who.isVisible()
+    assert "bob" in w.who.text.text()
+    switch = next(b for b in w.who.switch_buttons if b.text() == "I am ann")
+    qtbot.mouseClick(switch, Qt.MouseButton.LeftButton)  # one click to switch
+    assert w.board.state.annotator == "ann" and w.who.isHidden()
+    assert w.annotator_combo.currentText() == "ann"
