@@ -214,7 +214,8 @@ class UnitsTableModel(QAbstractTableModel):
 
 
 class UnitsProxy(QSortFilterProxyModel):
-    """Filters by a text search across every label of every method and the unit's name (all words must match).
+    """Filters by a text search across every label of every method and the unit's name (all words must match, as
+    words: see `UnitTable.matching`).
     Sorting is handed to the source model, where numpy does it."""
 
     def __init__(self, parent: QWidget | None = None):
@@ -226,14 +227,12 @@ class UnitsProxy(QSortFilterProxyModel):
         return self.sourceModel()  # type: ignore[return-value]
 
     def set_search(self, text: str) -> None:
-        search = text.strip().lower()
+        search = text.strip()
         table = self.src().table
         if not search or table is None:
             accept = None
         else:
-            words = search.split()
-            hay = table.haystack
-            accept = np.fromiter((all(w in h for w in words) for h in hay), dtype=bool, count=len(hay))
+            accept = table.matching(search)
         if hasattr(self, "beginFilterChange"):  # Qt >= 6.9: the filter changes between begin and end
             self.beginFilterChange()
             self.search, self._accept = search, accept
@@ -267,7 +266,10 @@ class UnitsBrowser(QWidget):
         self.layer_combo.setMinimumWidth(160)
         self.layer_combo.currentIndexChanged.connect(self._on_layer)
         self.search = QLineEdit()
-        self.search.setPlaceholderText("Search labels and names (all words must match)")
+        self.search.setPlaceholderText("Search labels and names (whole words, all must match)")
+        self.search.setToolTip("Words match whole words of any label or name, plurals included (circles finds "
+                               "circle). A formula's negated atoms match only NOT word (or -word): star does "
+                               "not find 'circle AND NOT star'.")
         self.search.setClearButtonEnabled(True)
         self.search.addAction(icon("search"), QLineEdit.ActionPosition.LeadingPosition)
         self._debounce = QTimer(self)
