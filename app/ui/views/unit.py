@@ -451,7 +451,7 @@ class UnitView(QWidget):
                     tip.append(f"category: {lab['category']}")
                 tip.append(f"score: {lab['score']:.6g}")
                 if lab["p_value"] is not None:
-                    tip.append(f"p-value: {lab['p_value']:.3g}")
+                    tip.append(f"p-value: {format_p(lab['p_value'])}")
                 for k, v in sorted(lab["extra"].items()):
                     tip.append(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
                 item.setToolTip("\n".join(tip))

@@ -29,6 +29,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.formatting import format_p
 from app.ui.data import UnitTable
 from app.ui.theme import STATE_COLORS, icon
 
@@ -55,8 +56,6 @@ def format_score(v: float) -> str:
     return f"{v:.3f}"
 
 
-def format_p(v: float) -> str:
-    return "" if not math.isfinite(v) else (f"{v:.1e}" if v < 1e-3 else f"{v:.3f}")
 
 
 class UnitsTableModel(QAbstractTableModel):

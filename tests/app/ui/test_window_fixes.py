@@ -31,3 +31,11 @@ def test_search_matches_words_and_respects_negation():
     assert hits("moon") == [] and hits("not moon") == [4]
     assert hits("sky watcher") == [5] and hits("red star") == [5]
     assert hits("sta") == []
+
+
+def test_p_values_read_as_floors_not_subnormal_digits():
+    from app.formatting import format_p
+
+    assert format_p(3.5e-318) == "< 1e-300" and format_p(0.0) == "< 1e-300"
+    assert format_p(2.345e-7) == "2.3e-7" and format_p(0.0123) == "0.012"
+    assert format_p(0.5) == "0.500" and format_p(None) == "" and format_p(float("nan")) == ""
