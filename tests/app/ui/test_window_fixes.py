@@ -39,3 +39,32 @@ def test_p_values_read_as_floors_not_subnormal_digits():
     assert format_p(3.5e-318) == "< 1e-300" and format_p(0.0) == "< 1e-300"
     assert format_p(2.345e-7) == "2.3e-7" and format_p(0.0123) == "0.012"
     assert format_p(0.5) == "0.500" and format_p(None) == "" and format_p(float("nan")) == ""
+
+
+def test_label_dialog_does_not_tick_what_cannot_run_and_clears_its_error(qtbot, tmp_path):
+    from PySide6.QtCore import Qt
+
+    import labelers.base as lb
+    from app.ui.views.params import LabelDialog
+
+    methods = lb.available()
+    if "clip_dissect" not in methods:
+        pytest.skip("no CLIP-Dissect in this build")
+    why = {"layer1": {"netdissect": "Needs mask counts, which comes from a dataset with masks."}}
+    dlg = LabelDialog(methods, ["layer1"], "layer1", why)
+    qtbot.addWidget(dlg)
+    item = {dlg.method_list.item(i).data(Qt.ItemDataRole.UserRole): dlg.method_list.item(i)
+            for i in range(dlg.method_list.count())}
+    assert item["clip_dissect"].checkState() == Qt.CheckState.Unchecked  # no CLIP folder chosen yet
+    assert "CLIP model folder" in dlg.page_of["clip_dissect"].warning.text()
+    assert not item["netdissect"].flags() & Qt.ItemFlag.ItemIsUserCheckable  # cannot be ticked at all
+    assert all(r["method"] != "clip_dissect" for r in dlg.requests())  # the first Queue does not fail
+    # ticked by hand without a folder: Queue says why; unticking clears the message
+    item["clip_dissect"].setCheckState(Qt.CheckState.Checked)
+    dlg._accept()
+    assert "CLIP model folder" in dlg.error.text()
+    item["clip_dissect"].setCheckState(Qt.CheckState.Unchecked)
+    assert dlg.error.text() == ""
+    # choosing a folder ticks it
+    dlg.page_of["clip_dissect"].clip.setText(str(tmp_path))
+    assert item["clip_dissect"].checkState() == Qt.CheckState.Checked
