@@ -365,7 +365,7 @@ def test_layer_overview_chart_stacks_interpretable_units_by_category(qtbot):
     w = LayerOverview()
     qtbot.addWidget(w)
     w.set_data(data)
-    labels = [label.text for _sample, label in w.legend.items]
+    labels = list(w.legend_colours)
     assert len(labels) == len(set(labels)) == len(w.bars)  # one legend entry per stacked category
     assert labels[-1].startswith("no single category") and NO_CATEGORY in data.categories
     tops = np.zeros(len(data.methods))

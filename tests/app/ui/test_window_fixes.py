@@ -68,3 +68,22 @@ def test_label_dialog_does_not_tick_what_cannot_run_and_clears_its_error(qtbot, 
     # choosing a folder ticks it
     dlg.page_of["clip_dissect"].clip.setText(str(tmp_path))
     assert item["clip_dissect"].checkState() == Qt.CheckState.Checked
+
+
+def test_layer_overview_colours_are_one_per_category_across_layers(qtbot):
+    from app.ui.data import LayerOverviewData, MethodOverview
+    from app.ui.views.overview import LayerOverview
+
+    def data(layer, cats):
+        m = MethodOverview("netdissect", "interpretable", "IoU", 10, len(cats), {c: k + 1 for k, c in enumerate(cats)})
+        return LayerOverviewData(layer, 10, [m], list(cats))
+
+    w = LayerOverview()
+    qtbot.addWidget(w)
+    w.set_data(data("block1", ["scene", "object", "texture"]))
+    first = dict(w.legend_colours)
+    w.set_data(data("block4", ["object", "color", "scene", "my own"]))
+    second = dict(w.legend_colours)
+    assert first["scene"] == second["scene"] and first["object"] == second["object"]
+    assert len(set(second.values())) == len(second)  # distinct within a chart
+    assert "■" in w.legend.text() and w.legend.parent() is w  # drawn beside the plot, never over its bars
