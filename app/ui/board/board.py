@@ -50,8 +50,8 @@ class Board(QWidget):
         self.annotator_id = 0
         self.state: naming.BoardState | None = None
         self.pictures: naming.MapPictures | None = None
-        self.mode = "heat"
-        self.zoom = 96
+        self.mode = "outline"  # the image's own colours: a heat map hides what the region shows
+        self.zoom = 120
         self.page = 0
         self.page_size = 40
         self.blind = True

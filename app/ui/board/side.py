@@ -22,7 +22,7 @@ from app.ui.board.views import MapListView
 
 log = logging.getLogger(__name__)
 
-EXEMPLAR_SIZE = 64
+EXEMPLAR_SIZE = 96
 
 
 def _fmt(x: float, pct: bool = False) -> str:

@@ -191,7 +191,8 @@ class BoardWindow(QMainWindow):
         self.annotator_combo.setMinimumContentsLength(10)
         self.annotator_combo.activated.connect(self._annotator_chosen)
         self.mode_combo = QComboBox()
-        for mode, label in (("heat", "heat map"), ("region", "region"), ("crop", "crop of region")):
+        for mode, label in (("outline", "outline (own colours)"), ("heat", "heat map"), ("region", "region"),
+                            ("crop", "crop of region")):
             self.mode_combo.addItem(label, mode)
         self.mode_combo.currentIndexChanged.connect(lambda _i: self._mode_changed())
         self.zoom_slider = QSlider(Qt.Orientation.Horizontal)

@@ -36,6 +36,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app import imaging as maps
 from app.ui import imaging
 from app.ui.data import Exemplar, Histogram, LayerView
 from app.ui.theme import icon, style_plot
@@ -44,7 +45,7 @@ from app.ui.workers import call_in_pool
 
 log = logging.getLogger(__name__)
 
-OVERLAYS = (("heat", "Heat map"), ("region", "Thresholded region"), ("concept", "Concept mask"))
+OVERLAYS = (("outline", "Region outline"), ("heat", "Heat map"), ("region", "Thresholded region"), ("concept", "Concept mask"))
 CACHE_ITEMS = 400
 
 
@@ -171,8 +172,12 @@ def render_exemplar(view: LayerView, ex: Exemplar, size: int, vmin: float, vmax:
     base = np.asarray(imaging.model_view(img, view.preprocess, max_side=size))
     side = base.shape[0]
     up = imaging.upsample(ex.map, side)
+    if not maps.has_extent(ex.map):  # 1x1: a frame and a bar, never a tint over the whole picture
+        feature = maps.feature_rgba(side, float(np.asarray(ex.map).ravel()[0]), threshold, vmin, vmax)
+        return {"base": base, "heat": feature, "region": feature, "outline": feature}
     return {"base": base, "heat": imaging.heat_rgba(up, vmin, vmax, lut),
-            "region": imaging.region_rgba(up, threshold) if math.isfinite(threshold) else None}
+            "region": imaging.region_rgba(up, threshold) if math.isfinite(threshold) else None,
+            "outline": maps.contour_rgba(up, threshold) if math.isfinite(threshold) else None}
 
 
 def render_concept(view: LayerView, ex: Exemplar, concept: int, side: int) -> np.ndarray:
@@ -191,7 +196,7 @@ class UnitView(QWidget):
     step_requested = Signal(int)  # -1 previous, +1 next
     overlay_changed = Signal(str, float)  # mode, opacity (for the preferences)
 
-    def __init__(self, thumb_size: int = 150, overlay_mode: str = "heat", opacity: float = 0.6,
+    def __init__(self, thumb_size: int = 150, overlay_mode: str = "outline", opacity: float = 0.6,
                  parent: QWidget | None = None):
         super().__init__(parent)
         self.thumb_size = thumb_size
@@ -356,6 +361,9 @@ class UnitView(QWidget):
             f"{layer} ({view.layer['type']}), {view.units} units; exemplars from {view.dataset['name']}, "
             f"extraction run {view.run_id}; threshold = top {100 * (1 - view.threshold_quantile):.2g}% of map values")
         exemplars = view.exemplars(unit)
+        if exemplars and not maps.has_extent(exemplars[0].map):
+            self.subtitle.setText(self.subtitle.text() + ". This layer's maps are 1×1, without spatial extent: a "
+                                  "frame marks an activation above the threshold, the bar shows its strength")
         self.model.set_exemplars(exemplars)
         self._fill_labels(labels)
         self._pick_concept(labels)
@@ -402,6 +410,7 @@ class UnitView(QWidget):
         t.base = to_qimage(out["base"])
         t.overlays["heat"] = to_qimage(out["heat"])
         t.overlays["region"] = to_qimage(out["region"]) if out.get("region") is not None else None
+        t.overlays["outline"] = to_qimage(out["outline"]) if out.get("outline") is not None else None
         self.model.thumb_changed(row)
 
     def _set_error(self, row: int, token: int, exc: BaseException) -> None:

@@ -87,3 +87,14 @@ def test_layer_overview_colours_are_one_per_category_across_layers(qtbot):
     assert first["scene"] == second["scene"] and first["object"] == second["object"]
     assert len(set(second.values())) == len(second)  # distinct within a chart
     assert "■" in w.legend.text() and w.legend.parent() is w  # drawn beside the plot, never over its bars
+
+
+def test_board_and_unit_view_default_to_the_same_legible_overlay(tmp_path):
+    from app import imaging
+    from app.ui.board.board import Board
+    from app.ui.settings import Preferences
+    from app.ui.views.unit import OVERLAYS
+
+    assert imaging.RENDER_MODES[0] == "outline" == OVERLAYS[0][0]
+    assert Preferences(path=tmp_path / "p.json").overlay_mode == "outline"
+    assert Board.__init__.__code__.co_consts and "outline" in Board.__init__.__code__.co_consts
