@@ -462,6 +462,12 @@ class SuggestionsPanel(QWidget):
 
 
 # ==== what the study measured ==================================================================================
+AGREEMENT_HELP = (
+    "ARI (adjusted Rand index): 1 = the same grouping, 0 = what random groupings of the same group sizes give "
+    "(the chance baseline), below 0 = worse than chance. Above about 0.6 two people see much the same concepts; "
+    "0.2–0.6 is partial agreement; near 0 they group differently. Pairs agree: the share of map pairs both put "
+    "together or both apart; read it against 'by chance', what independent groupings with these group sizes "
+    "reach (many small groups make both high). Matched: concepts paired one to one by their shared maps.")
 class StudyPanel(QWidget):
     """Adequacy per annotator, the concept-by-unit table of this annotator, and agreement between annotators
     (and with automatic labels) on this pool."""
@@ -481,13 +487,18 @@ class StudyPanel(QWidget):
         self.concepts = _table(["concept", "maps", "top share", "eff. units", "carried by", "units (maps)"])
         self.concepts.setToolTip("top share: the share of a concept's maps from its most frequent unit; eff. "
                                  "units: exp(entropy) of its maps over units (1 = a single unit)")
-        self.agreement = _table(["annotators", "maps", "ARI", "pairs", "matched"])
+        self.agreement = _table(["annotators", "maps", "ARI", "pairs agree", "by chance", "matched"])
         self.agreement.setToolTip("over the maps both placed: adjusted Rand index, the share of map pairs on "
                                   "which both agree (same group or not), and concepts matched by overlap")
         self.agreement.itemSelectionChanged.connect(self._show_matches)
         self.matches = _table(["concept", "matches", "Jaccard", "shared"])
         self.summary = QLabel()
         self.summary.setWordWrap(True)
+        self.agreement_title = QLabel("Agreement on this pool")
+        self.explain = QLabel(AGREEMENT_HELP)
+        self.explain.setObjectName("studyHelp")
+        self.explain.setWordWrap(True)
+        self.explain.setStyleSheet("color: gray; font-size: 11px;")
         lay = QVBoxLayout(self)
         lay.addWidget(self.unclear)
         lay.addWidget(QLabel("Adequacy: maps that received a concept"))
@@ -495,8 +506,9 @@ class StudyPanel(QWidget):
         self.concepts_title = QLabel("Concepts and units")
         lay.addWidget(self.concepts_title)
         lay.addWidget(self.concepts, 3)
-        lay.addWidget(QLabel("Agreement on this pool"))
-        lay.addWidget(self.agreement, 2)
+        lay.addWidget(self.agreement_title)
+        lay.addWidget(self.agreement, 3)
+        lay.addWidget(self.explain)
         lay.addWidget(self.matches, 2)
         lay.addWidget(self.summary)
         self._timer = QTimer(self)
@@ -536,8 +548,13 @@ class StudyPanel(QWidget):
         _fill(self.concepts, rows)
         _fill(self.agreement, [
             [f"{c.a} – {c.b}", c.maps, _fmt(c.adjusted_rand), _fmt(c.pairs.agreement, True),
-             len(c.matching.matches)] for c in rep.comparisons])
+             _fmt(c.pairs.chance_agreement, True), len(c.matching.matches)] for c in rep.comparisons])
         humans = len(rep.adequacy)
+        with_auto = sum(1 for c in rep.comparisons if c.b.startswith("auto: "))
+        self.agreement_title.setText(
+            f"Agreement on this pool: {len(rep.comparisons) - with_auto} between annotators, "
+            + (f"{with_auto} with automatic labels (auto: rows)" if not board.blind else
+               "automatic labels hidden in blind mode"))
         if humans >= 2:
             sub = rep.adjusted_rand[:humans, :humans]
             mean = sub[np.triu_indices(humans, 1)].mean()
