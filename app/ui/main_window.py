@@ -437,8 +437,19 @@ class MainWindow(QMainWindow):
         QMessageBox.warning(self, title, text)
 
     def _about(self) -> None:
-        QMessageBox.about(self, "Neuron Studio", "Neuron Studio: label the units of vision models, offline.\n"
-                                                 "Icons: Material Design Icons via qtawesome.")
+        QMessageBox.about(self, "About Neuron Studio", self.about_text())
+
+    def about_text(self) -> str:
+        import platform
+
+        from PySide6 import __version__ as pyside_version
+
+        from app import version
+
+        return (f"Neuron Studio {version()}\n"
+                "Label the units of vision models, offline.\n\n"
+                f"Python {platform.python_version()} · PySide6 {pyside_version}\n"
+                "Icons: Material Design Icons via qtawesome.")
 
     # ---- projects ------------------------------------------------------------------------------------------
     def new_project(self, path: str | Path | None = None) -> bool:

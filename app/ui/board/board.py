@@ -55,6 +55,7 @@ class Board(QWidget):
         self.page = 0
         self.page_size = 40
         self.blind = True
+        self.last_edit = ""  # what the last edit (or undo) did, in words, for the status bar
         self._stacks: dict[tuple[int, int], QUndoStack] = {}
         self._group_alias: dict[int, int] = {}
         self._annotation_alias: dict[int, int] = {}
@@ -306,6 +307,7 @@ class Board(QWidget):
         return True
 
     def after_edit(self, command: cmd.BoardCommand) -> None:
+        self.last_edit = ("Undone: " if command.undone else "") + command.text()
         self.reload()
         self.edited.emit()
 

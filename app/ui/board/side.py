@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Hashable
 from typing import Any
 
@@ -301,8 +302,9 @@ class SuggestionCard(QFrame):
         self.suggestion = suggestion
         self.setObjectName("suggestionCard")
         self.setFrameShape(QFrame.Shape.StyledPanel)
-        self.name = QLineEdit(suggestion.name)
+        self.name = QLineEdit(self.content_name())
         self.name.setObjectName("groupName")
+        self._auto_name = self.name.text()  # replaced when blind mode changes, unless the annotator typed one
         self.info = QLabel()
         self.info.setObjectName("groupCount")
         self.model = ThumbListModel(board, self, pool_id=board.pool_id)
@@ -334,7 +336,25 @@ class SuggestionCard(QFrame):
         self.set_members(suggestion.map_ids)
 
     def members(self) -> list[int]:
-        return self.model.items()
+        return self.model.items() if hasattr(self, "model") else list(self.suggestion.map_ids)
+
+    def content_name(self) -> str:
+        """A name from what the suggestion holds: its commonest automatic label (not in blind mode, where labels
+        must not anchor), else the units most of its maps come from."""
+        if not self.board.blind and self.suggestion.hint:
+            return self.suggestion.hint
+        by_id = getattr(self.board, "_by_id", {})
+        units = Counter(by_id[m].unit for m in self.members() if m in by_id)
+        if not units:
+            return self.suggestion.name
+        top = [f"u{u}" for u, _n in units.most_common(3)]
+        more = len(units) - len(top)
+        return "maps of " + ", ".join(top) + (f" +{more} units" if more > 0 else "")
+
+    def rename_from_content(self) -> None:
+        if self.name.text() == self._auto_name:
+            self._auto_name = self.content_name()
+            self.name.setText(self._auto_name)
 
     def set_members(self, ids: list[int]) -> None:
         self.model.set_items(ids, self.board.pool_id)
@@ -459,6 +479,7 @@ class SuggestionsPanel(QWidget):
     def refresh_hints(self) -> None:
         for card in self.cards:
             card.set_members(card.members())
+            card.rename_from_content()
 
 
 # ==== what the study measured ==================================================================================

@@ -337,7 +337,11 @@ class BoardWindow(QMainWindow):
         self.saved.setText("All edits are saved as you make them")
 
     def _on_edited(self) -> None:
-        self.saved.setText(f"Saved {_dt.datetime.now().strftime('%H:%M:%S')}")
+        state = self.board.state
+        named = sum(len(g.members) for g in state.concepts) if state else 0
+        total = len(state.maps) if state else 0
+        self.saved.setText(f"{self.board.last_edit} · saved {_dt.datetime.now().strftime('%H:%M:%S')} · "
+                           f"{named} of {total} maps named · Ctrl+Z undoes")
         self.unit_panel.refresh()
         self.suggestions.prune()
         self.study.schedule()

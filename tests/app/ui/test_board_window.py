@@ -131,3 +131,29 @@ def test_resuming_asks_who_is_annotating(qtbot, open_window, project_path):
     qtbot.mouseClick(switch, Qt.MouseButton.LeftButton)  # one click to switch
     assert w.board.state.annotator == "ann" and w.who.isHidden()
     assert w.annotator_combo.currentText() == "ann"
+
+
+def test_suggestions_are_named_from_their_content_and_edits_say_what_was_saved(qtbot, open_window, project_path):
+    from app import naming
+    from app.ui.board.side import SuggestionCard
+
+    w = open_window(project_path, annotator="ann")
+    b = w.board
+    ids = saved(project_path, "ann")["unassigned"][:5]
+    units = [b.state.map_by_id[m].unit for m in ids]
+    card = SuggestionCard(b, naming.Suggestion(name="Suggestion 2", map_ids=ids, coherence=0.8, hint="red"))
+    qtbot.addWidget(card)
+    assert card.name.text().startswith("maps of u") and f"u{units[0]}" in card.name.text()  # blind: no labels
+    b.set_blind(False)
+    card.rename_from_content()
+    assert card.name.text() == "red"
+    card.name.setText("my own name")  # typed by the annotator: kept
+    b.set_blind(True)
+    card.rename_from_content()
+    assert card.name.text() == "my own name"
+    # after an edit the status bar says what was saved, and after an undo what was undone
+    b.new_group(ids[:2], "warm")
+    assert "Create" in w.saved.text() or "warm" in w.saved.text()
+    assert "saved" in w.saved.text() and "2 of" in w.saved.text()
+    w.undo_action.trigger()
+    assert w.saved.text().startswith("Undone: ")

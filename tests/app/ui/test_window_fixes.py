@@ -98,3 +98,9 @@ def test_board_and_unit_view_default_to_the_same_legible_overlay(tmp_path):
     assert imaging.RENDER_MODES[0] == "outline" == OVERLAYS[0][0]
     assert Preferences(path=tmp_path / "p.json").overlay_mode == "outline"
     assert Board.__init__.__code__.co_consts and "outline" in Board.__init__.__code__.co_consts
+
+
+def test_about_names_the_version(window):
+    from app import version
+
+    assert version() and f"Neuron Studio {version()}" in window.about_text()
