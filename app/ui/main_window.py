@@ -249,7 +249,14 @@ class MainWindow(QMainWindow):
         self.jobs.resume_requested.connect(self.resume_run)
         self.jobs_dock = QDockWidget("Runs", self)
         self.jobs_dock.setObjectName("dock_jobs")
-        self.jobs_dock.setWidget(self.jobs)
+        from app.ui.views.runs import RunHistory
+
+        self.run_history = RunHistory()
+        self.runs_tabs = QTabWidget()
+        self.runs_tabs.setDocumentMode(True)
+        self.runs_tabs.addTab(self.jobs, "This session")
+        self.runs_tabs.addTab(self.run_history, "History")
+        self.jobs_dock.setWidget(self.runs_tabs)
         self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.jobs_dock)
         self.resizeDocks([self.side_dock], [380], Qt.Orientation.Horizontal)
         self.resizeDocks([self.jobs_dock], [130], Qt.Orientation.Vertical)
@@ -548,6 +555,7 @@ class MainWindow(QMainWindow):
         self.unit_view.set_layer(None)
         self.overview.set_data(None)
         self.compare_view.set_project(None)
+        self.run_history.set_runs([], {})
         self.layer_tree.set_layers([], set())
         self.model_combo.clear()
         self.setWindowTitle("Neuron Studio")
@@ -603,7 +611,9 @@ class MainWindow(QMainWindow):
         else:
             self.datasets_label.setText("No dataset yet: Project > Add dataset, or drop an image folder here.")
         self._refresh_layers()
-        self.jobs.set_resumable([r for r in p.stopped_runs() if not self._run_is_active(r.id)])
+        layer_names = {r["id"]: r["name"] for m in p.models() for r in p.layers(m["id"])}
+        self.jobs.set_resumable([r for r in p.stopped_runs() if not self._run_is_active(r.id)], layer_names)
+        self.run_history.set_runs(p.runs(), layer_names)
         self._update_run_buttons()
 
     def _run_is_active(self, run_id: int) -> bool:

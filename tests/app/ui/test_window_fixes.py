@@ -104,3 +104,41 @@ def test_about_names_the_version(window):
     from app import version
 
     assert version() and f"Neuron Studio {version()}" in window.about_text()
+
+
+def _project_with_runs(path):
+    from app.project.store import Project
+    from tests.app.ui.test_views import FakeLayer
+
+    with Project.create(path) as p:
+        mid = p.add_model(name="m", spec="builtin:x", kind="builtin", weights_path=None, fingerprint="f",
+                          preprocess={"crop": 8}, class_names=None, layers=[FakeLayer("block4", 4)])
+        lid = p.layer(mid, "block4")["id"]
+        for k, (method, status) in enumerate([("netdissect", "done"), ("invert", "failed"), ("compexp", "cancelled"),
+                                              ("textsum", "done")]):
+            run = p.create_run(kind="label", key=f"k{k}", params={}, model_id=mid, layer_id=lid, method=method)
+            p.update_run(run, done=3, total=10)  # stopped runs resume only after progress
+            p.finish_run(run, status, seconds=75.0 if status == "done" else 2.0,
+                         error="boom" if status == "failed" else None)
+    return path
+
+
+def test_runs_history_lists_every_run_with_its_layer_and_filters(window, tmp_path):
+    path = _project_with_runs(tmp_path / "runs.nstudio")
+    assert window.open_project(path)
+    h = window.run_history
+    assert h.table.rowCount() == 4 and h.count.text() == "4 of 4 runs"
+    cols = {name: i for i, name in enumerate(("run", "kind", "method", "layer", "status", "started", "duration"))}
+    rows = [[h.table.item(r, c).text() for c in range(7)] for r in range(4)]
+    assert [r[cols["method"]] for r in rows] == ["textsum", "compexp", "invert", "netdissect"]  # newest first
+    assert all(r[cols["layer"]] == "block4" for r in rows)
+    assert rows[0][cols["duration"]] == "1 min 15 s"
+    h.set_filter("finished")
+    assert [r.method for r in h.shown()] == ["textsum", "netdissect"]
+    h.set_filter("failed")
+    assert [r.method for r in h.shown()] == ["invert"]
+    h.set_filter("stopped")
+    assert [r.method for r in h.shown()] == ["compexp"] and h.table.rowCount() == 1
+    # the stopped run names its layer in the session tab too
+    stopped = [r.label.text() for r in window.jobs.resumable_rows]
+    assert any("(compexp) on block4" in t for t in stopped)
