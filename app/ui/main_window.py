@@ -300,6 +300,8 @@ class MainWindow(QMainWindow):
         self.act_find = self._action("&Find units", "search", self._focus_search, QKeySequence.StandardKey.Find,
                                      needs_project=True)
         self.act_about = self._action("&About Neuron Studio", "about", self._about)
+        self.act_export = self._action("&Export...", "export", self.export_dialog, "Ctrl+Shift+E",
+                                       needs_project=True)
         for a in (self.act_next, self.act_prev, self.act_find):
             a.setShortcutContext(Qt.ShortcutContext.WindowShortcut)
             self.addAction(a)
@@ -312,6 +314,8 @@ class MainWindow(QMainWindow):
         self.recent_menu.aboutToShow.connect(self._fill_recent_menu)
         m.addAction(self.act_demo)
         m.addAction(self.act_close)
+        m.addSeparator()
+        m.addAction(self.act_export)
         m.addSeparator()
         m.addAction(self.act_quit)
         m = bar.addMenu("&Project")
@@ -445,6 +449,25 @@ class MainWindow(QMainWindow):
 
     def _about(self) -> None:
         QMessageBox.about(self, "About Neuron Studio", self.about_text())
+
+    def export_dialog(self) -> Any:
+        """File > Export: a format and its options, then the CLI's export job in the Runs panel."""
+        if self.project_path is None:
+            return None
+        from app.ui.views.export_dialog import ExportDialog
+
+        dlg = ExportDialog(Path(self.project_path).parent / "exports", self)
+        if dlg.exec() != ExportDialog.DialogCode.Accepted:
+            return None
+        fmt, path, options = dlg.request()
+        return self.submit_export(fmt, path, options)
+
+    def submit_export(self, fmt: str, path: str | Path, options: dict[str, Any] | None = None) -> JobHandle | None:
+        from app.export.base import ExportJob
+
+        if self.project_path is None:
+            return None
+        return self.manager.submit(ExportJob(self.project_path, fmt, path, options or {}))
 
     def about_text(self) -> str:
         import platform

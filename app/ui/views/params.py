@@ -67,6 +67,10 @@ class ParamForm(QWidget):
             return w
         if p.type is bool:
             return QCheckBox()
+        if p.type in (int, float) and p.default is None:  # "not set" is a value of its own: a spin box has none
+            w = QLineEdit()
+            w.setPlaceholderText("empty: the default (see the tooltip)")
+            return w
         if p.type is int:
             w = QSpinBox()
             w.setRange(int(p.minimum) if p.minimum is not None else -INT_LIMIT,
@@ -116,6 +120,8 @@ class ParamForm(QWidget):
                 out[p.name] = w.value()
             elif isinstance(w, QDoubleSpinBox):
                 out[p.name] = w.value()
+            elif not w.text().strip() and p.default is None:
+                out[p.name] = None
             else:
                 out[p.name] = p.coerce(w.text()) if p.type is not str else w.text()
         return out

@@ -142,3 +142,28 @@ def test_runs_history_lists_every_run_with_its_layer_and_filters(window, tmp_pat
     # the stopped run names its layer in the session tab too
     stopped = [r.label.text() for r in window.jobs.resumable_rows]
     assert any("(compexp) on block4" in t for t in stopped)
+
+
+def test_export_dialog_offers_the_cli_formats_and_runs_the_export_as_a_job(window, tmp_path, qtbot):
+    from app.export.base import list_formats
+    from app.ui.views.export_dialog import ExportDialog
+    from app.ui.workers import JobState
+
+    path = _project_with_runs(tmp_path / "runs.nstudio")
+    assert window.open_project(path)
+    dlg = ExportDialog(tmp_path / "exports")
+    qtbot.addWidget(dlg)
+    assert [dlg.list.item(i).data(256) for i in range(dlg.list.count())] == [e.name for e in list_formats()]
+    page = dlg.choose("labels-csv")
+    assert page.output.text().endswith("labels-csv.csv")
+    page.output.setText("")
+    dlg._accept()
+    assert "Write to" in dlg.error.text() and dlg.result() == 0  # said why, did not close
+    out = tmp_path / "exports" / "labels.csv"
+    page.output.setText(str(out))
+    fmt, where, options = dlg.request()
+    handle = window.submit_export(fmt, where, options)
+    qtbot.waitUntil(lambda: handle.state in (JobState.DONE, JobState.FAILED), timeout=60000)
+    assert handle.state is JobState.DONE, handle.error
+    assert out.exists() and out.read_text().splitlines()[0].startswith("model,layer,unit")
+    assert "export" in window.act_export.text().lower()
