@@ -141,10 +141,13 @@ def load_unit_table(project: Project, layer_id: int) -> UnitTable:
     units = np.fromiter((r[1] for r in unit_rows), dtype=np.int64, count=n)
     pos = {int(i): k for k, i in enumerate(units)}
     names = [""] * n
-    # Several annotators may name a unit: the most recent name is shown.
-    for idx, text in label_store.unit_names(project, layer_id):
+    # Several annotators may name a unit: every name is shown with its author, none hides another.
+    by_unit: dict[int, list[str]] = {}
+    for idx, annotator, text in label_store.unit_names_by_annotator(project, layer_id):
         if idx in pos:
-            names[pos[idx]] = text
+            by_unit.setdefault(pos[idx], []).append(f"{text} ({annotator})")
+    for k, shown in by_unit.items():
+        names[k] = " · ".join(shown)
     runs = latest_label_runs(project, layer_id)
     methods = [_method_column(project, method, run_id, pos, n) for method, run_id in runs.items()]
     haystack = [nm.lower() for nm in names]
@@ -158,6 +161,11 @@ def load_unit_table(project: Project, layer_id: int) -> UnitTable:
     # here, on the loading thread, not on the first keystroke
     table._terms = [search_terms(r.split(" | ")) for r in raw]
     return table
+
+
+def unit_notes(project: Project, layer_id: int, unit: int) -> list[dict[str, Any]]:
+    """Every annotator's name and descriptions of a unit, for the unit view."""
+    return label_store.unit_notes(project, layer_id, unit)
 
 
 def _method_column(project: Project, method: str, run_id: int, pos: dict[int, int], n: int) -> MethodColumn:

@@ -976,6 +976,7 @@ class MainWindow(QMainWindow):
         k = int(unit)
         name = self.table.names[k] if 0 <= k < len(self.table.names) and self.table.units[k] == unit else ""
         self.unit_view.show_unit(unit, labels, name)
+        self.unit_view.set_notes(uidata.unit_notes(self.project, self.layer_id, unit))
 
     def step_unit(self, delta: int) -> None:
         self.units.step(delta)

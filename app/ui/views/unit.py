@@ -7,6 +7,7 @@ delegate that blends the overlay at the slider's opacity, so moving the slider o
 """
 from __future__ import annotations
 
+import html
 import logging
 import math
 from collections import OrderedDict
@@ -298,6 +299,14 @@ class UnitView(QWidget):
         self.subtitle = QLabel("")
         self.subtitle.setStyleSheet("color: gray;")
         tl.addWidget(self.subtitle)
+        # What people wrote about the unit on the naming board: every annotator's name and descriptions.
+        self.notes = QLabel("")
+        self.notes.setObjectName("unitNotes")
+        self.notes.setWordWrap(True)
+        self.notes.setTextFormat(Qt.TextFormat.RichText)
+        self.notes.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.notes.setVisible(False)
+        tl.addWidget(self.notes)
         tl.addWidget(self.grid, 1)
         bottom = QSplitter(Qt.Orientation.Horizontal)
         bottom.addWidget(self.plot)
@@ -340,12 +349,24 @@ class UnitView(QWidget):
         self.unit = None
         self.title.setText("No unit selected")
         self.subtitle.setText("")
+        self.notes.setText("")
+        self.notes.setVisible(False)
         self.model.set_exemplars([])
         self.bars.setData([], [])
         self.exemplar_ticks.setData([], [])
         self.labels_table.clear()
         self.labels_table.setRowCount(0)
         self.labels_table.setColumnCount(0)
+
+    def set_notes(self, rows: list[dict[str, Any]]) -> None:
+        """Names and descriptions by annotator (rows of `app.ui.data.unit_notes`), or nothing when there are none."""
+        by: dict[str, list[str]] = {}
+        for r in rows:
+            text = html.escape(r["text"])
+            by.setdefault(r["annotator"], []).append(f"<b>{text}</b>" if r["kind"] == "name" else f"“{text}”")
+        self.notes.setText("<br>".join(f"<span style='color:gray'>{html.escape(a)}:</span> {' · '.join(v)}"
+                                       for a, v in by.items()))
+        self.notes.setVisible(bool(by))
 
     def show_unit(self, unit: int, labels: dict[str, list[dict[str, Any]]], name: str = "") -> None:
         view = self.view

@@ -258,6 +258,22 @@ def test_naming_board_opens_from_the_window_and_its_names_reach_the_units_table(
     assert board.board.set_unit_name(first.unit_id, first.unit, "red corner")
     board.close()
     qtbot.waitUntil(lambda: window.board is None, timeout=LONG)
-    qtbot.waitUntil(lambda: window.table is not None and window.table.names[first.unit] == "red corner",
+    qtbot.waitUntil(lambda: window.table is not None and window.table.names[first.unit] == "red corner (ann)",
                     timeout=LONG)
+    # a second annotator's name shows beside the first, each with its author; the unit view shows both
+    from app.project.store import Project
+
+    with Project.open(built["project"]) as p:
+        p.set_annotation(annotator_id=p.annotator("bob"), unit_id=first.unit_id, kind="name", text="corner")
+        p.set_annotation(annotator_id=p.annotator("bob"), unit_id=first.unit_id, kind="description",
+                         text="the top-left corner of red squares")
+    window.show_layer(built["layer_id"], keep_unit=first.unit)
+    qtbot.waitUntil(lambda: window.table is not None and "corner (bob)" in window.table.names[first.unit],
+                    timeout=LONG)
+    assert window.table.names[first.unit] == "red corner (ann) · corner (bob)"
+    window.units.select_unit(first.unit)
+    window._on_unit(first.unit)
+    notes = window.unit_view.notes.text()
+    assert window.unit_view.notes.isVisible() or not window.isVisible()
+    assert "ann:" in notes and "bob:" in notes and "the top-left corner of red squares" in notes
     assert window.errors == []
