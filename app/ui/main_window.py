@@ -199,7 +199,7 @@ class MainWindow(QMainWindow):
         self.split.addWidget(self.unit_view)
         self.split.setStretchFactor(0, 2)
         self.split.setStretchFactor(1, 3)
-        self.split.setSizes([560, 840])
+        self.split.setSizes([700, 760])  # the units table needs room for whole labels of two methods
         self.overview = LayerOverview()
         self.tabs = QTabWidget()
         self.tabs.setDocumentMode(True)
@@ -654,7 +654,10 @@ class MainWindow(QMainWindow):
         self.layer_tree.set_checked(checked)
         self.units.set_layers([(r["id"], r["name"], r["units"]) for r in extracted], self.layer_id)
         if extracted and (self.layer_id is None or self.layer_id not in {r["id"] for r in extracted}):
-            self.show_layer(extracted[0]["id"])
+            # the layer this project showed last time, when it is still extracted
+            remembered = self.settings.value(self._layer_key()) if self.project_path is not None else None
+            names = {r["name"]: r["id"] for r in extracted}
+            self.show_layer(names.get(str(remembered), extracted[0]["id"]))
         elif not extracted:
             self.layer_id = None
             self.units.set_table(None)
@@ -908,10 +911,20 @@ class MainWindow(QMainWindow):
         return self.submit(job)
 
     # ---- browsing ------------------------------------------------------------------------------------------
+    def _layer_key(self) -> str:
+        import hashlib
+
+        digest = hashlib.sha1(str(Path(self.project_path or "").resolve()).encode()).hexdigest()[:16]
+        return f"projects/{digest}/layer"
+
     def show_layer(self, layer_id: int, keep_unit: int | None = None) -> None:
         """Load a layer's unit table and extraction on the pool, then show them."""
         if self.reader is None:
             return
+        if self.project is not None and self.project_path is not None:
+            row = self.project.layer_by_id(layer_id)
+            if row is not None:
+                self.settings.setValue(self._layer_key(), row["name"])
         self._layer_token += 1
         token = self._layer_token
         self.layer_id = layer_id

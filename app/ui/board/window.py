@@ -175,7 +175,10 @@ class BoardWindow(QMainWindow):
             self.who.ask(self.annotator_combo.currentText())
         self.refresh_pools(pool_id if pool_id is not None else naming.latest_pool(self.project, ann))
         self._open_current()
-        self.resize(1600, 1000)
+        # within the screen, frame and task bar included: a 1000 px tall screen shows the whole board
+        avail = self.screen().availableGeometry() if self.screen() is not None else None
+        self.resize(min(1600, int(avail.width() * 0.95)) if avail else 1600,
+                    min(900, int(avail.height() * 0.9)) if avail else 900)
 
     # ---- toolbar -------------------------------------------------------------------------------------------
     def _build_toolbar(self) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PySide6.QtCore import QAbstractListModel, QModelIndex, QRect, QSize, Qt, Signal
+from PySide6.QtCore import QAbstractListModel, QEvent, QModelIndex, QRect, QSize, Qt, Signal
 from PySide6.QtGui import QColor, QImage, QPainter, QPalette
 from PySide6.QtWidgets import (
     QAbstractItemView,
@@ -200,7 +200,8 @@ class UnitView(QWidget):
     def __init__(self, thumb_size: int = 150, overlay_mode: str = "outline", opacity: float = 0.6,
                  parent: QWidget | None = None):
         super().__init__(parent)
-        self.thumb_size = thumb_size
+        self.thumb_size = thumb_size  # shown size: grows so the columns fill the grid's width
+        self.base_thumb_size = thumb_size  # the preferred size, which sets how many columns fit
         self.overlay_mode = overlay_mode
         self.opacity = opacity
         self.view: LayerView | None = None
@@ -256,6 +257,7 @@ class UnitView(QWidget):
         self.grid.setSpacing(4)
         self.grid.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.grid.setItemDelegate(ExemplarDelegate(self))
+        self.grid.viewport().installEventFilter(self)
 
         import pyqtgraph as pg
 
@@ -277,7 +279,8 @@ class UnitView(QWidget):
 
         self.labels_table = QTableWidget()
         self.labels_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.labels_table.setWordWrap(True)
+        self.labels_table.setWordWrap(False)  # one line per label; the whole text is in the cell's tooltip
+        self.labels_table.setTextElideMode(Qt.TextElideMode.ElideRight)
         self.labels_table.verticalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.labels_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
 
@@ -358,6 +361,24 @@ class UnitView(QWidget):
         self.labels_table.setRowCount(0)
         self.labels_table.setColumnCount(0)
 
+    def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802
+        if obj is self.grid.viewport() and event.type() == QEvent.Type.Resize:
+            self.fit_columns()
+        return super().eventFilter(obj, event)
+
+    def fit_columns(self) -> None:
+        """As many columns as the preferred size allows, each widened so the row fills the grid (no empty third
+        on the right)."""
+        spacing = self.grid.spacing()
+        width = self.grid.viewport().width() - spacing
+        cell = self.base_thumb_size + 8 + 2 * spacing
+        cols = max(1, width // cell)
+        size = max(self.base_thumb_size, width // cols - 8 - 2 * spacing)
+        if size != self.thumb_size:
+            self.thumb_size = size
+            self.grid.doItemsLayout()
+            self.grid.viewport().update()
+
     def set_notes(self, rows: list[dict[str, Any]]) -> None:
         """Names and descriptions by annotator (rows of `app.ui.data.unit_notes`), or nothing when there are none."""
         by: dict[str, list[str]] = {}
@@ -418,7 +439,8 @@ class UnitView(QWidget):
 
     def _render_size(self) -> int:
         # draw at twice the display size (at most the crop), so the delegate's scaling stays sharp
-        return int(min(self.view.preprocess.get("crop") or 224, 2 * self.thumb_size)) if self.view else self.thumb_size
+        base = self.base_thumb_size
+        return int(min(self.view.preprocess.get("crop") or 224, 2 * base)) if self.view else base
 
     def _set_render(self, row: int, token: int, out: dict[str, Any] | None, key: Any, cache: bool = True) -> None:
         if out is None:
@@ -472,7 +494,7 @@ class UnitView(QWidget):
         self.labels_table.setVerticalHeaderLabels([str(i + 1) for i in range(depth)])
         for c, m in enumerate(methods):
             for r, lab in enumerate(labels[m]):
-                text = f"{lab['text']}\n{format_score(lab['score'])}"
+                text = f"{lab['text']}  ·  {format_score(lab['score'])}"
                 if lab["p_value"] is not None:
                     text += f"  p {format_p(lab['p_value'])}"
                 item = QTableWidgetItem(text)

@@ -126,6 +126,8 @@ class UnitsTableModel(QAbstractTableModel):
         col = self.columns[index.column()]
         if role == UNIT_ROLE:
             return int(t.units[k])
+        if role == Qt.ItemDataRole.ToolTipRole and col.kind == "name" and t.names[k]:
+            return t.names[k]  # every annotator's name, whole, with its author
         if role == Qt.ItemDataRole.DisplayRole:
             if col.kind == "unit":
                 return str(int(t.units[k]))
@@ -327,7 +329,7 @@ class UnitsBrowser(QWidget):
         self.model.set_table(table)
         self.proxy.refresh_search()
         header = self.view.horizontalHeader()
-        widths = {"unit": 52, "name": 100, "label": 130, "score": 66, "p": 64}
+        widths = {"unit": 52, "name": 130, "label": 170, "score": 66, "p": 64}
         for c, col in enumerate(self.model.columns):
             header.resizeSection(c, widths[col.kind])
         # the Name column only when someone named a unit of this layer
