@@ -223,6 +223,7 @@ def test_rubber_band_selection(qtbot, open_window, project_path):
     w = open_window(project_path, annotator="ann")
     b = w.board
     b.page_size = 8
+    b.set_zoom(96)  # the whole grid in view, with empty space below it to start the band from
     b.reload()
     v = b.pool_view
     vp = v.viewport()
