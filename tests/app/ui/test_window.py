@@ -131,7 +131,7 @@ def test_first_session_from_empty_project_to_labeled_unit(qtbot, window, tmp_pat
     for c, method in enumerate(heads):
         ranked = [x for x in all_labels if x["method"] == method and x["unit"] == unit]
         for rank, lab in enumerate(ranked):
-            assert uv.labels_table.item(rank, c).text().split("\n")[0] == lab["label"]
+            assert uv.labels_table.item(rank, c).text().split("  ·  ")[0] == lab["label"]
 
     # overlays: the opacity slider only repaints; the concept mask mode draws the chosen concept
     uv.opacity_slider.setValue(25)
