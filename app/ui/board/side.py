@@ -76,7 +76,7 @@ class UnitPanel(QWidget):
         self.ex_view.setModel(self.ex_model)
         self.ex_view.setDragEnabled(False)
         self.ex_view.set_icon_size(EXEMPLAR_SIZE)
-        self.ex_view.setFixedHeight(2 * (EXEMPLAR_SIZE + 22) + 8)
+        self.ex_view.setFixedHeight(3 * (EXEMPLAR_SIZE + 22) + 8)  # all 8 exemplars, three to a row
         self.auto = QLabel()
         self.auto.setObjectName("autoLabels")
         self.auto.setWordWrap(True)

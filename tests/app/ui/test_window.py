@@ -238,6 +238,13 @@ def test_extract_then_label_queues_every_method_the_inputs_allow(qtbot, window, 
     window.manager.cancel_all()  # running them all is the labelers' tests' business
     for h in queued:
         qtbot.waitUntil(lambda h=h: h.state.finished, timeout=LONG)
+    # the layer shown last is shown again when the project is opened again
+    with Project.open(proj) as p:
+        second = p.find_layer(p.models()[0]["id"], "features.3")["id"]
+    window.show_layer(second)
+    window.close_project()
+    assert window.open_project(proj)
+    assert window.layer_id == second
 
 
 def test_naming_board_opens_from_the_window_and_its_names_reach_the_units_table(qtbot, window, tmp_path):
