@@ -227,7 +227,7 @@ def contour_rgba(values: np.ndarray, threshold: float, *, tint: float = 0.22,
     border = _thick(outline(active), width) & (active | _thick(active, width))
     out = np.zeros((*v.shape, 4), dtype=np.uint8)
     out[active, :3] = rgb
-    out[active, 3] = int(round(255 * tint))
+    out[active, 3] = round(255 * tint)
     out[border, :3] = rgb
     out[border, 3] = 255
     return out
@@ -255,8 +255,8 @@ def feature_rgba(side: int, value: float, threshold: float, vmin: float | None =
     t = float(np.clip((value - lo) / (hi - lo), 0.0, 1.0)) if hi > lo else 1.0
     bar = max(3, side // 14)
     out[side - bar:, :, 3] = 160
-    out[side - bar:, : max(1, int(round(t * side))), :3] = colormap(max(t, 0.15))
-    out[side - bar:, : max(1, int(round(t * side))), 3] = 255
+    out[side - bar:, : max(1, round(t * side)), :3] = colormap(max(t, 0.15))
+    out[side - bar:, : max(1, round(t * side)), 3] = 255
     if value > threshold:
         width = max(2, side // 48)
         for sl in ((slice(0, width), slice(None)), (slice(None), slice(0, width)), (slice(None), slice(-width, None)),

@@ -11,8 +11,8 @@ from typing import Any
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QAction, QCloseEvent, QKeySequence, QUndoGroup
 from PySide6.QtWidgets import (
-    QComboBox, QDialog, QDockWidget, QFrame, QHBoxLayout, QInputDialog, QLabel, QMainWindow, QProgressBar, QPushButton, QSlider,
-    QStackedWidget, QTabWidget, QToolBar, QVBoxLayout, QWidget,
+    QComboBox, QDialog, QDockWidget, QFrame, QHBoxLayout, QInputDialog, QLabel, QMainWindow, QProgressBar,
+    QPushButton, QSlider, QStackedWidget, QTabWidget, QToolBar, QVBoxLayout, QWidget,
 )
 
 from app import naming
@@ -50,7 +50,7 @@ class AnnotatorBanner(QFrame):
     """Who is annotating, asked in plain sight when the board resumed as the last annotator: one click confirms,
     one click switches to another annotator, or names a new one."""
 
-    def __init__(self, window: "BoardWindow"):
+    def __init__(self, window: BoardWindow):
         super().__init__(window)
         self.window_ = window
         self.setObjectName("annotatorBanner")

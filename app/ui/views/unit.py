@@ -361,7 +361,7 @@ class UnitView(QWidget):
         self.labels_table.setRowCount(0)
         self.labels_table.setColumnCount(0)
 
-    def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802
+    def eventFilter(self, obj: Any, event: Any) -> bool:
         if obj is self.grid.viewport() and event.type() == QEvent.Type.Resize:
             self.fit_columns()
         return super().eventFilter(obj, event)
