@@ -336,6 +336,8 @@ class UnitView(QWidget):
 
     # ---- content -------------------------------------------------------------------------------------------
     def set_layer(self, view: LayerView | None) -> None:
+        self._token += 1  # pictures and a histogram still on their way belong to the previous layer
+        self.histogram = None
         self.view = view
         self.unit = None
         self.concept.clear()
@@ -395,6 +397,7 @@ class UnitView(QWidget):
             return
         self._token += 1
         token = self._token
+        self.histogram = None  # until this unit's arrives
         self.unit = unit
         self.labels = labels
         layer = view.layer["name"]
