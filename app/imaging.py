@@ -25,10 +25,13 @@ from PIL import Image
 
 __all__ = [
     "colormap", "model_view_box", "model_view", "upsample_map", "map_on_image", "region", "outline", "bbox",
-    "heat_overlay", "masked_image", "crop_region", "exemplar_picture", "png_bytes", "data_uri", "RENDER_MODES",
+    "heat_overlay", "contour_rgba", "contour_overlay", "feature_rgba", "has_extent", "masked_image", "crop_region", "exemplar_picture", "png_bytes", "data_uri", "RENDER_MODES",
 ]
 
-RENDER_MODES = ("heat", "region", "crop")
+# "outline" first: the default picture keeps the image's own colours (a contour of the thresholded region and a
+# light tint inside it), so a group named "circle" is not really purple rings under a heat map.
+RENDER_MODES = ("outline", "heat", "region", "crop")
+CONTOUR_RGB = (255, 214, 0)
 
 # Inferno, sampled at nine stops (matplotlib's values, rounded): dark for silence, bright yellow for the peak.
 _STOPS = np.array([
@@ -196,6 +199,73 @@ def heat_overlay(image: Image.Image, values: np.ndarray, *, vmin: float | None =
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))
 
 
+def has_extent(amap: np.ndarray) -> bool:
+    """Whether a unit's map has a spatial extent to draw (a 1x1 map, a linear feature, has none)."""
+    return np.asarray(amap).size > 1
+
+
+def _thick(mask: np.ndarray, width: int) -> np.ndarray:
+    """`mask` grown by width-1 pixels (4-neighbour steps): a contour thick enough to see at thumbnail size."""
+    out = np.asarray(mask, dtype=bool).copy()
+    for _ in range(max(0, width - 1)):
+        grown = out.copy()
+        grown[1:, :] |= out[:-1, :]
+        grown[:-1, :] |= out[1:, :]
+        grown[:, 1:] |= out[:, :-1]
+        grown[:, :-1] |= out[:, 1:]
+        out = grown
+    return out
+
+
+def contour_rgba(values: np.ndarray, threshold: float, *, tint: float = 0.22,
+                 rgb: tuple[int, int, int] = CONTOUR_RGB, width: int | None = None) -> np.ndarray:
+    """An RGBA layer over an image of the same size: the thresholded region lightly tinted, its contour opaque
+    (about 1/64 of the side thick), everything else transparent, so the image keeps its colours."""
+    v = np.asarray(values, dtype=np.float32)
+    active = region(v, threshold)
+    width = width if width is not None else max(1, round(max(v.shape) / 64))
+    border = _thick(outline(active), width) & (active | _thick(active, width))
+    out = np.zeros((*v.shape, 4), dtype=np.uint8)
+    out[active, :3] = rgb
+    out[active, 3] = round(255 * tint)
+    out[border, :3] = rgb
+    out[border, 3] = 255
+    return out
+
+
+def _composite(image: Image.Image, rgba: np.ndarray) -> Image.Image:
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    a = rgba[..., 3:4].astype(np.float32) / 255.0
+    out = base * (1 - a) + rgba[..., :3].astype(np.float32) * a
+    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
+
+
+def contour_overlay(image: Image.Image, values: np.ndarray, threshold: float, **kw: Any) -> Image.Image:
+    """The image in its own colours with the region's contour and a light tint (see `contour_rgba`)."""
+    return _composite(image, contour_rgba(values, threshold, **kw))
+
+
+def feature_rgba(side: int, value: float, threshold: float, vmin: float | None = None,
+                 vmax: float | None = None, rgb: tuple[int, int, int] = CONTOUR_RGB) -> np.ndarray:
+    """The overlay of a map without spatial extent (1x1): a frame when the activation is above the threshold and
+    a bar along the bottom as long as the activation, never a tint of the whole picture."""
+    out = np.zeros((side, side, 4), dtype=np.uint8)
+    lo = 0.0 if vmin is None else float(vmin)
+    hi = value if vmax is None else float(vmax)
+    t = float(np.clip((value - lo) / (hi - lo), 0.0, 1.0)) if hi > lo else 1.0
+    bar = max(3, side // 14)
+    out[side - bar:, :, 3] = 160
+    out[side - bar:, : max(1, round(t * side)), :3] = colormap(max(t, 0.15))
+    out[side - bar:, : max(1, round(t * side)), 3] = 255
+    if value > threshold:
+        width = max(2, side // 48)
+        for sl in ((slice(0, width), slice(None)), (slice(None), slice(0, width)), (slice(None), slice(-width, None)),
+                   (slice(side - bar - width, side - bar), slice(None))):
+            out[sl[0], sl[1], :3] = rgb
+            out[sl[0], sl[1], 3] = 255
+    return out
+
+
 def masked_image(image: Image.Image, mask: np.ndarray, dim: float = 0.25) -> Image.Image:
     """MILAN's exemplar picture: the region as it is, everything else darkened to `dim` of its brightness."""
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
@@ -220,8 +290,10 @@ def crop_region(image: Image.Image, mask: np.ndarray,
 def exemplar_picture(image: Image.Image, amap: np.ndarray, threshold: float, preprocess: Mapping[str, Any],
                      mode: str = "heat", size: int = 128, vmin: float | None = None,
                      vmax: float | None = None) -> Image.Image:
-    """One exemplar as the model saw it, size x size: 'heat' (heat map and region border over the image),
-    'region' (outside the region darkened) or 'crop' (the region's bounding box, enlarged to size x size)."""
+    """One exemplar as the model saw it, size x size: 'outline' (the image's colours, the region's contour and a
+    light tint), 'heat' (heat map and region border over the image), 'region' (outside the region darkened) or
+    'crop' (the region's bounding box, enlarged to size x size). A map without spatial extent (1x1) is drawn as
+    a frame and a bar in every mode but crop, never as a tint of the whole picture."""
     if mode not in RENDER_MODES:
         raise ValueError(f"mode must be one of {', '.join(RENDER_MODES)}, not {mode!r}")
     if mode == "crop":
@@ -233,32 +305,21 @@ def exemplar_picture(image: Image.Image, amap: np.ndarray, threshold: float, pre
             return view.resize((size, size), Image.Resampling.BILINEAR)
         return got[0].resize((size, size), Image.Resampling.BILINEAR)
     view = model_view(image, preprocess, size)
-    if np.asarray(amap).size == 1 and mode == "heat":
+    if not has_extent(amap):
         return _feature_picture(view, float(np.asarray(amap, dtype=np.float32).ravel()[0]), threshold, vmin, vmax)
     values = upsample_map(amap, size)
+    if mode == "outline":
+        return contour_overlay(view, values, threshold)
     if mode == "region":
         return masked_image(view, region(values, threshold))
     return heat_overlay(view, values, vmin=vmin, vmax=vmax, threshold=threshold)
 
 
 def _feature_picture(view: Image.Image, value: float, threshold: float, vmin: float | None,
-                     vmax: float | None, outline_rgb: tuple[int, int, int] = (80, 220, 255)) -> Image.Image:
-    """A unit without a spatial map (a linear feature): the image untouched, a bar along the bottom as long and as
-    bright as the activation, and a frame when it is above the threshold. A heat map of one value would only
-    tint the whole picture."""
-    out = np.asarray(view, dtype=np.uint8).copy()
-    side = out.shape[0]
-    lo = 0.0 if vmin is None else float(vmin)
-    hi = value if vmax is None else float(vmax)
-    t = float(np.clip((value - lo) / (hi - lo), 0.0, 1.0)) if hi > lo else 1.0
-    bar = max(3, side // 14)
-    out[side - bar:, :] = (out[side - bar:, :] * 0.3).astype(np.uint8)
-    out[side - bar:, : max(1, int(round(t * out.shape[1])))] = colormap(max(t, 0.15))
-    if value > threshold:
-        width = max(2, side // 48)
-        out[:width, :] = out[:, :width] = out[:, -width:] = outline_rgb
-        out[side - bar - width:side - bar, :] = outline_rgb
-    return Image.fromarray(out)
+                     vmax: float | None) -> Image.Image:
+    """A unit without a spatial map (a linear feature): the image untouched but for `feature_rgba`'s frame and bar.
+    A heat map of one value would only tint the whole picture."""
+    return _composite(view, feature_rgba(view.width, value, threshold, vmin, vmax))
 
 
 def png_bytes(image: Image.Image, colors: int | None = None, optimize: bool = True) -> bytes:

@@ -203,6 +203,17 @@ class PairCounts:
         return (self.both_same + self.both_different) / self.pairs if self.pairs else math.nan
 
     @property
+    def chance_agreement(self) -> float:
+        """The agreement two independent groupings with these same-group rates would reach: p_a p_b +
+        (1 - p_a)(1 - p_b), p being the share of pairs each puts together. Many small groups make it high (most
+        pairs are apart for both), which is why `agreement` alone flatters."""
+        if not self.pairs:
+            return math.nan
+        pa = (self.both_same + self.only_a_same) / self.pairs
+        pb = (self.both_same + self.only_b_same) / self.pairs
+        return pa * pb + (1 - pa) * (1 - pb)
+
+    @property
     def positive_agreement(self) -> float:
         """Of the pairs either put together, the fraction both put together: not inflated by the many pairs that
         are trivially apart when there are many groups."""

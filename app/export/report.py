@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from app import imaging
+from app.formatting import format_p
 from app.export.base import ExportContext, exporter, split_names
 from app.export.common import LAYERS, MODEL, QUANTILE, Exemplars, Images, LayerRef, group_rows, layer_refs
 from labelers.base import Param
@@ -437,8 +438,8 @@ def _card(li: int, ref: LayerRef, unit: int, res: Any, exemplars: Exemplars, ima
         labs = sorted(labels[method], key=lambda r: r["rank"])
         best = labs[0]
         pv = best["p_value"]
-        # p-values below the smallest double print as 0: say what is known
-        p = "" if pv is None else (" · p&lt;1e-300" if pv == 0 else f" · p={_fmt(pv)}")
+        shown = format_p(pv)
+        p = "" if not shown else " · p " + _e(shown if shown.startswith("<") else "= " + shown)
         alts = "".join(f' <span class="alt">· {_e(r["label"])} ({_fmt(r["score"])}{_parts(r)})</span>'
                        for r in labs[1:])
         p += _parts(best)

@@ -42,6 +42,23 @@ def unit_names(project: Project, layer_id: int) -> list[tuple[int, str]]:
         " ORDER BY a.updated_at, a.id", (layer_id,))]
 
 
+def unit_names_by_annotator(project: Project, layer_id: int) -> list[tuple[int, str, str]]:
+    """(unit index, annotator, name) of every name given to a unit of the layer, by unit, then annotator."""
+    return [(int(i), a, t) for i, a, t in project.conn.execute(
+        "SELECT u.idx, an.name, a.text FROM annotations a JOIN units u ON u.id=a.unit_id"
+        " JOIN annotators an ON an.id=a.annotator_id WHERE u.layer_id=? AND a.kind='name'"
+        " ORDER BY u.idx, an.name, a.updated_at", (layer_id,))]
+
+
+def unit_notes(project: Project, layer_id: int, unit: int) -> list[dict[str, Any]]:
+    """Every annotator's name and descriptions of one unit (annotator, kind, text, updated_at), by annotator and
+    then oldest first."""
+    return project.all(
+        "SELECT an.name AS annotator, a.kind, a.text, a.updated_at FROM annotations a"
+        " JOIN units u ON u.id=a.unit_id JOIN annotators an ON an.id=a.annotator_id"
+        " WHERE u.layer_id=? AND u.idx=? ORDER BY an.name, a.kind DESC, a.created_at, a.id", (layer_id, int(unit)))
+
+
 def unit_indices(project: Project, layer_id: int) -> list[tuple[int, int]]:
     """(unit id, unit index) of a layer's units, by index."""
     return [(int(i), int(x)) for i, x in project.conn.execute(

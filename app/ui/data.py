@@ -6,6 +6,7 @@ filtering 10,000 units in the table never loops over units in Python.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import Counter
@@ -60,12 +61,74 @@ class UnitTable:
     names: list[str]  # human name per unit ('' when none)
     methods: list[MethodColumn]
     haystack: list[str]  # lower-case text searched by the filter: every label of every method, and the name
+    _terms: list[tuple[frozenset[str], frozenset[str]]] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.units)
 
+    def terms(self) -> list[tuple[frozenset[str], frozenset[str]]]:
+        """Per unit, the words its labels and names assert and the words they negate (read once, then kept)."""
+        if self._terms is None:
+            self._terms = [search_terms(h.split(" | ")) for h in self.haystack]
+        return self._terms
+
+    def matching(self, query: str) -> np.ndarray:
+        """Which units match a search: every query word must be a word of a label or name, and a word written
+        `NOT word` or `-word` must be a negated atom of a formula. A negated atom never matches a plain word, so
+        "star" does not find "NOT star"; plurals match singulars ("circles" finds "circle")."""
+        want, avoid = search_query(query)
+        terms = self.terms()
+        return np.fromiter((want <= pos and avoid <= neg for pos, neg in terms), dtype=bool, count=len(terms))
+
     def method(self, name: str) -> MethodColumn | None:
         return next((m for m in self.methods if m.method == name), None)
+
+
+def search_terms(texts: list[str]) -> tuple[frozenset[str], frozenset[str]]:
+    """(asserted words, negated words) of label texts: a formula's atoms under an odd number of NOTs are negated;
+    any other text asserts all its words. Words are normalised the way the comparison of labels normalises them."""
+    pos: set[str] = set()
+    neg: set[str] = set()
+    for text in texts:
+        p, n = _text_terms(text)
+        pos |= p
+        neg |= n
+    return frozenset(pos), frozenset(neg)
+
+
+@functools.lru_cache(maxsize=65536)
+def _text_terms(text: str) -> tuple[frozenset[str], frozenset[str]]:
+    # cached: the same label text recurs over many units and methods
+    from labelers.compare import formula_atoms, normalise
+
+    if not text.strip():
+        return frozenset(), frozenset()
+    atoms = formula_atoms(text)
+    if atoms is None:
+        return frozenset(normalise(text).split()), frozenset()
+    pos: set[str] = set()
+    neg: set[str] = set()
+    for atom, positive in atoms:
+        (pos if positive else neg).update(normalise(atom).split())
+    return frozenset(pos), frozenset(neg)
+
+
+def search_query(query: str) -> tuple[frozenset[str], frozenset[str]]:
+    """(wanted words, wanted negated words) of a search box text: `NOT x` or `-x` asks for a negated atom."""
+    from labelers.compare import normalise
+
+    want: set[str] = set()
+    avoid: set[str] = set()
+    negate = False
+    for raw in query.split():
+        if raw.upper() == "NOT":
+            negate = True
+            continue
+        neg = negate or raw.startswith("-")
+        words = normalise(raw.lstrip("-")).split()
+        (avoid if neg else want).update(words)
+        negate = False
+    return frozenset(want), frozenset(avoid)
 
 
 def load_unit_table(project: Project, layer_id: int) -> UnitTable:
@@ -78,18 +141,31 @@ def load_unit_table(project: Project, layer_id: int) -> UnitTable:
     units = np.fromiter((r[1] for r in unit_rows), dtype=np.int64, count=n)
     pos = {int(i): k for k, i in enumerate(units)}
     names = [""] * n
-    # Several annotators may name a unit: the most recent name is shown.
-    for idx, text in label_store.unit_names(project, layer_id):
+    # Several annotators may name a unit: every name is shown with its author, none hides another.
+    by_unit: dict[int, list[str]] = {}
+    for idx, annotator, text in label_store.unit_names_by_annotator(project, layer_id):
         if idx in pos:
-            names[pos[idx]] = text
+            by_unit.setdefault(pos[idx], []).append(f"{text} ({annotator})")
+    for k, shown in by_unit.items():
+        names[k] = " · ".join(shown)
     runs = latest_label_runs(project, layer_id)
     methods = [_method_column(project, method, run_id, pos, n) for method, run_id in runs.items()]
     haystack = [nm.lower() for nm in names]
+    raw = list(names)  # formulas keep their upper-case AND / OR / NOT for the word search
     for idx, texts in label_store.label_texts(project, list(runs.values())):
         k = pos.get(idx)
         if k is not None and texts:
             haystack[k] = f"{haystack[k]} | {texts.lower()}"
-    return UnitTable(layer_id, layer["name"], units, unit_ids, names, methods, haystack)
+            raw[k] = f"{raw[k]} | {texts}"
+    table = UnitTable(layer_id, layer["name"], units, unit_ids, names, methods, haystack)
+    # here, on the loading thread, not on the first keystroke
+    table._terms = [search_terms(r.split(" | ")) for r in raw]
+    return table
+
+
+def unit_notes(project: Project, layer_id: int, unit: int) -> list[dict[str, Any]]:
+    """Every annotator's name and descriptions of a unit, for the unit view."""
+    return label_store.unit_notes(project, layer_id, unit)
 
 
 def _method_column(project: Project, method: str, run_id: int, pos: dict[int, int], n: int) -> MethodColumn:

@@ -201,7 +201,7 @@ class MainWindow(QMainWindow):
         self.split.addWidget(self.unit_view)
         self.split.setStretchFactor(0, 2)
         self.split.setStretchFactor(1, 3)
-        self.split.setSizes([560, 840])
+        self.split.setSizes([700, 760])  # the units table needs room for whole labels of two methods
         self.overview = LayerOverview()
         self.tabs = QTabWidget()
         self.tabs.setDocumentMode(True)
@@ -253,7 +253,14 @@ class MainWindow(QMainWindow):
         self.jobs.resume_requested.connect(self.resume_run)
         self.jobs_dock = QDockWidget("Runs", self)
         self.jobs_dock.setObjectName("dock_jobs")
-        self.jobs_dock.setWidget(self.jobs)
+        from app.ui.views.runs import RunHistory
+
+        self.run_history = RunHistory()
+        self.runs_tabs = QTabWidget()
+        self.runs_tabs.setDocumentMode(True)
+        self.runs_tabs.addTab(self.jobs, "This session")
+        self.runs_tabs.addTab(self.run_history, "History")
+        self.jobs_dock.setWidget(self.runs_tabs)
         self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.jobs_dock)
         self.resizeDocks([self.side_dock], [380], Qt.Orientation.Horizontal)
         self.resizeDocks([self.jobs_dock], [130], Qt.Orientation.Vertical)
@@ -311,6 +318,8 @@ class MainWindow(QMainWindow):
         self.act_find = self._action("&Find units", "search", self._focus_search, QKeySequence.StandardKey.Find,
                                      needs_project=True)
         self.act_about = self._action("&About Neuron Studio", "about", self._about)
+        self.act_export = self._action("&Export...", "export", self.export_dialog, "Ctrl+Shift+E",
+                                       needs_project=True)
         for a in (self.act_next, self.act_prev, self.act_find):
             a.setShortcutContext(Qt.ShortcutContext.WindowShortcut)
             self.addAction(a)
@@ -323,6 +332,8 @@ class MainWindow(QMainWindow):
         self.recent_menu.aboutToShow.connect(self._fill_recent_menu)
         m.addAction(self.act_demo)
         m.addAction(self.act_close)
+        m.addSeparator()
+        m.addAction(self.act_export)
         m.addSeparator()
         m.addAction(self.act_quit)
         m = bar.addMenu("&Project")
@@ -458,8 +469,38 @@ class MainWindow(QMainWindow):
         QMessageBox.warning(self, title, text)
 
     def _about(self) -> None:
-        QMessageBox.about(self, "Neuron Studio", "Neuron Studio: label the units of vision models, offline.\n"
-                                                 "Icons: Material Design Icons via qtawesome.")
+        QMessageBox.about(self, "About Neuron Studio", self.about_text())
+
+    def export_dialog(self) -> Any:
+        """File > Export: a format and its options, then the CLI's export job in the Runs panel."""
+        if self.project_path is None:
+            return None
+        from app.ui.views.export_dialog import ExportDialog
+
+        dlg = ExportDialog(Path(self.project_path).parent / "exports", self)
+        if dlg.exec() != ExportDialog.DialogCode.Accepted:
+            return None
+        fmt, path, options = dlg.request()
+        return self.submit_export(fmt, path, options)
+
+    def submit_export(self, fmt: str, path: str | Path, options: dict[str, Any] | None = None) -> JobHandle | None:
+        from app.export.base import ExportJob
+
+        if self.project_path is None:
+            return None
+        return self.manager.submit(ExportJob(self.project_path, fmt, path, options or {}))
+
+    def about_text(self) -> str:
+        import platform
+
+        from PySide6 import __version__ as pyside_version
+
+        from app import version
+
+        return (f"Neuron Studio {version()}\n"
+                "Label the units of vision models, offline.\n\n"
+                f"Python {platform.python_version()} · PySide6 {pyside_version}\n"
+                "Icons: Material Design Icons via qtawesome.")
 
     # ---- projects ------------------------------------------------------------------------------------------
     def new_project(self, path: str | Path | None = None) -> bool:
@@ -559,6 +600,7 @@ class MainWindow(QMainWindow):
         self.overview.set_data(None)
         self.compare_view.set_project(None)
         self.texplain_view.set_data(None)
+        self.run_history.set_runs([], {})
         self.layer_tree.set_layers([], set())
         self.model_combo.clear()
         self.setWindowTitle("Neuron Studio")
@@ -614,7 +656,9 @@ class MainWindow(QMainWindow):
         else:
             self.datasets_label.setText("No dataset yet: Project > Add dataset, or drop an image folder here.")
         self._refresh_layers()
-        self.jobs.set_resumable([r for r in p.stopped_runs() if not self._run_is_active(r.id)])
+        layer_names = {r["id"]: r["name"] for m in p.models() for r in p.layers(m["id"])}
+        self.jobs.set_resumable([r for r in p.stopped_runs() if not self._run_is_active(r.id)], layer_names)
+        self.run_history.set_runs(p.runs(), layer_names)
         self._refresh_language()
         self._update_run_buttons()
 
@@ -665,7 +709,10 @@ class MainWindow(QMainWindow):
         self.layer_tree.set_checked(checked)
         self.units.set_layers([(r["id"], r["name"], r["units"]) for r in extracted], self.layer_id)
         if extracted and (self.layer_id is None or self.layer_id not in {r["id"] for r in extracted}):
-            self.show_layer(extracted[0]["id"])
+            # the layer this project showed last time, when it is still extracted
+            remembered = self.settings.value(self._layer_key()) if self.project_path is not None else None
+            names = {r["name"]: r["id"] for r in extracted}
+            self.show_layer(names.get(str(remembered), extracted[0]["id"]))
         elif not extracted:
             self.layer_id = None
             self.units.set_table(None)
@@ -936,10 +983,20 @@ class MainWindow(QMainWindow):
         return self.submit(job)
 
     # ---- browsing ------------------------------------------------------------------------------------------
+    def _layer_key(self) -> str:
+        import hashlib
+
+        digest = hashlib.sha1(str(Path(self.project_path or "").resolve()).encode()).hexdigest()[:16]
+        return f"projects/{digest}/layer"
+
     def show_layer(self, layer_id: int, keep_unit: int | None = None) -> None:
         """Load a layer's unit table and extraction on the pool, then show them."""
         if self.reader is None:
             return
+        if self.project is not None and self.project_path is not None:
+            row = self.project.layer_by_id(layer_id)
+            if row is not None:
+                self.settings.setValue(self._layer_key(), row["name"])
         self._layer_token += 1
         token = self._layer_token
         self.layer_id = layer_id
@@ -1009,6 +1066,7 @@ class MainWindow(QMainWindow):
         name = self.table.names[k] if 0 <= k < len(self.table.names) and self.table.units[k] == unit else ""
         self.unit_view.show_unit(unit, labels, name)
         self.texplain_view.show_unit(unit)
+        self.unit_view.set_notes(uidata.unit_notes(self.project, self.layer_id, unit))
 
     def step_unit(self, delta: int) -> None:
         self.units.step(delta)

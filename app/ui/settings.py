@@ -25,7 +25,7 @@ PREFS_VERSION = 1
 MAX_RECENT = 10
 
 APPEARANCES = ("system", "light", "dark")
-OVERLAY_MODES = ("heat", "region", "concept")
+OVERLAY_MODES = ("outline", "heat", "region", "concept")
 
 
 def config_dir() -> Path:
@@ -44,7 +44,7 @@ class Preferences:
     parallel_jobs: int = 1  # runs share one device; more than one at a time rarely finishes sooner
     thumbnail_size: int = 150
     overlay_opacity: float = 0.6
-    overlay_mode: str = "heat"
+    overlay_mode: str = "outline"  # keeps the image's colours; heat maps hide them
     last_folder: str = ""
     path: Path | None = dataclasses.field(default=None, compare=False, repr=False)
 

@@ -41,6 +41,7 @@ ICONS = {
     "extracted": "mdi6.checkbox-marked-circle-outline",
     "app": "mdi6.cube-outline",
     "board": "mdi6.view-grid-plus-outline",
+    "export": "mdi6.export",
 }
 
 # Status colours that read on both backgrounds.

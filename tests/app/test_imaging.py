@@ -106,9 +106,29 @@ def test_exemplar_pictures_and_data_uri():
     # a unit without a spatial map: the picture is framed when the value is above the threshold
     hot = np.asarray(imaging.exemplar_picture(image, np.array([[2.0]]), 1.0, PRE, "heat", 48, 0.0, 2.0))
     cold = np.asarray(imaging.exemplar_picture(image, np.array([[0.5]]), 1.0, PRE, "heat", 48, 0.0, 2.0))
-    assert tuple(hot[0, 24]) == (80, 220, 255) and tuple(cold[0, 24]) != (80, 220, 255)
+    assert tuple(hot[0, 24]) == imaging.CONTOUR_RGB and tuple(cold[0, 24]) != imaging.CONTOUR_RGB
     uri = imaging.data_uri(imaging.exemplar_picture(image, m, 1.0, PRE, "heat", 32))
     assert uri.startswith("data:image/png;base64,")
     with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as im:
         assert im.format == "PNG" and im.size == (32, 32)
     assert imaging.colormap(np.array([0.0, 1.0, np.nan])).shape == (3, 3)
+
+
+def test_outline_keeps_the_image_colours_and_1x1_maps_never_tint_the_picture():
+    image = Image.new("RGB", (64, 64), (40, 90, 200))
+    m = np.zeros((8, 8), np.float32)
+    m[2:6, 2:6] = 5.0
+    pic = np.asarray(imaging.exemplar_picture(image, m, 1.0, {"crop": 64, "resize": 64}, "outline", 64))
+    assert tuple(pic[1, 1]) == (40, 90, 200)  # outside the region: the image exactly
+    inside = pic[32, 32].astype(int)
+    assert np.abs(inside - (40, 90, 200)).max() < 70 and tuple(inside) != (40, 90, 200)  # a light tint only
+    values = imaging.upsample_map(m, 64)
+    edge = imaging.outline(imaging.region(values, 1.0))
+    assert (pic[edge] == imaging.CONTOUR_RGB).all()  # the contour is drawn in full
+    layer = imaging.contour_rgba(values, 1.0)
+    assert layer[..., 3][~imaging.region(values, 1.0) & ~imaging._thick(edge, 2)].max() == 0
+    # a 1x1 map: in every mode but crop the picture keeps the image's colour over its upper part
+    for mode in ("outline", "heat", "region"):
+        one = np.asarray(imaging.exemplar_picture(image, np.array([[3.0]]), 1.0, {"crop": 64}, mode, 64))
+        assert tuple(one[20, 32]) == (40, 90, 200), mode
+    assert not imaging.has_extent(np.zeros((1, 1))) and imaging.has_extent(np.zeros((2, 2)))

@@ -158,3 +158,17 @@ def test_automatic_labels_as_a_partition():
     assert mat[0, 2] == pytest.approx(16 / 23)
     pairs = agreement_matrix([board_a(), board_b()], measure="pairs")
     assert pairs[0, 1] == pytest.approx(14 / 21)
+
+
+def test_chance_pair_agreement_is_the_mean_over_shuffles():
+    from labelers.agreement import PairCounts, pair_counts, partition_from_labels
+
+    rng = np.random.default_rng(0)
+    la = list(rng.integers(0, 6, 60).astype(str))
+    lb = list(rng.integers(0, 3, 60).astype(str))
+    c = pair_counts(partition_from_labels("a", la), partition_from_labels("b", lb))
+    shuffled = [pair_counts(partition_from_labels("a", la), partition_from_labels("b", list(rng.permutation(lb))))
+                .agreement for _ in range(400)]
+    # shuffling one board keeps both boards' group sizes: its mean agreement is the chance baseline
+    assert c.chance_agreement == pytest.approx(np.mean(shuffled), abs=0.01)
+    assert math.isnan(PairCounts(0, 0, 0, 0, 0, 0).chance_agreement)

@@ -28,9 +28,9 @@ from app.ui.board.views import FlowLayout, GroupPanel, MapListView, NewGroupZone
 log = logging.getLogger(__name__)
 
 ZOOMS = (48, 64, 80, 96, 120, 144, 176, 216, 256)
-KEYS_HELP = ("1–9 move to that group · 0 unclear · N new group (split within a group) · M merge the selected "
-             "groups · Del back to the pool · F2 rename · PgDn/PgUp page · Ctrl+Z / Ctrl+Shift+Z undo/redo · "
-             "Ctrl+wheel or Ctrl+± zoom")
+KEYS_HELP = ("1–9 move to that group · 0 unclear · N new group (split within a group) · click a group's header to "
+             "select it, Ctrl+click more, M merges them · double-click a name or F2 to rename, Esc undoes the edit · "
+             "Del back to the pool · PgDn/PgUp page · Ctrl+Z / Ctrl+Shift+Z undo/redo · Ctrl+wheel or Ctrl+± zoom")
 
 
 class Board(QWidget):
@@ -50,11 +50,12 @@ class Board(QWidget):
         self.annotator_id = 0
         self.state: naming.BoardState | None = None
         self.pictures: naming.MapPictures | None = None
-        self.mode = "heat"
-        self.zoom = 96
+        self.mode = "outline"  # the image's own colours: a heat map hides what the region shows
+        self.zoom = 120
         self.page = 0
         self.page_size = 40
         self.blind = True
+        self.last_edit = ""  # what the last edit (or undo) did, in words, for the status bar
         self._stacks: dict[tuple[int, int], QUndoStack] = {}
         self._group_alias: dict[int, int] = {}
         self._annotation_alias: dict[int, int] = {}
@@ -266,6 +267,7 @@ class Board(QWidget):
         return [self.pool_view] + [self._panels[g].view for g in self._order if g in self._panels]
 
     def _clear_others(self, keep: MapListView) -> None:
+        self.clear_group_selection()
         for v in self.views():
             if v is not keep:
                 v.clearSelection()
@@ -305,6 +307,7 @@ class Board(QWidget):
         return True
 
     def after_edit(self, command: cmd.BoardCommand) -> None:
+        self.last_edit = ("Undone: " if command.undone else "") + command.text()
         self.reload()
         self.edited.emit()
 
@@ -416,8 +419,7 @@ class Board(QWidget):
             panel = self._panels.get(self.group_id(gid))
             if panel is not None:
                 # Type the concept's name right away; it is saved as you type.
-                panel.name.setFocus()
-                panel.name.selectAll()
+                panel.start_rename()
                 self.groups_scroll.ensureWidgetVisible(panel)
         return gid
 
@@ -438,14 +440,39 @@ class Board(QWidget):
     def merge_groups(self, target: int, sources: Sequence[int]) -> bool:
         return self.run(cmd.MergeGroups(self, target, list(sources), self._name(target)))
 
+    def select_group(self, gid: int, additive: bool = False) -> None:
+        """Selects a group (its header was clicked); additive toggles it within the current selection. Map
+        selections are dropped so M and the number keys act on one kind of selection at a time."""
+        for v in self.views():
+            v.clearSelection()
+        for g, panel in self._panels.items():
+            if g == gid:
+                panel.set_selected(not panel.selected if additive else True)
+            elif not additive:
+                panel.set_selected(False)
+
+    def clear_group_selection(self) -> None:
+        for panel in self._panels.values():
+            panel.set_selected(False)
+
+    def selected_groups(self) -> list[int]:
+        """Selected groups in board order."""
+        return [g for g in self._order if g in self._panels and self._panels[g].selected]
+
     def merge_selection(self) -> bool:
         if self.state is None:
             return False
-        group_of = self.state.group_of
-        touched = {group_of.get(m) for m in self.selected_ids()} - {None}
-        order = [g.id for g in self.state.concepts if g.id in touched]
+        concepts = [g.id for g in self.state.concepts]
+        chosen = set(self.selected_groups())
+        if len(chosen & set(concepts)) >= 2:
+            order = [g for g in concepts if g in chosen]
+        else:  # maps selected in two or more groups merge their groups too
+            group_of = self.state.group_of
+            touched = {group_of.get(m) for m in self.selected_ids()} - {None}
+            order = [g for g in concepts if g in touched]
         if len(order) < 2:
-            self.message.emit("select maps in two or more groups to merge them (into the first)")
+            self.message.emit("select two or more groups (click a header, Ctrl+click another) or maps in two or "
+                              "more groups, then press M to merge them into the first")
             return False
         return self.merge_groups(order[0], order[1:])
 
@@ -474,9 +501,11 @@ class Board(QWidget):
             if v.hasFocus() or v.selected_items():
                 panel = v.parentWidget()
                 if isinstance(panel, GroupPanel) and not panel.unclear:
-                    panel.name.setFocus()
-                    panel.name.selectAll()
+                    panel.start_rename()
                     return
+        selected = self.selected_groups()
+        if len(selected) == 1 and not self._panels[selected[0]].unclear:
+            self._panels[selected[0]].start_rename()
 
     # ---- unit annotations (undoable too) -------------------------------------------------------------------
     def set_unit_name(self, unit_id: int, unit: int, name: str) -> bool:

@@ -73,7 +73,10 @@ class BoardCommand(QUndoCommand):
         self.first()
         self._applied = True
 
+    undone = False  # whether the last thing done to this command was an undo (for the window's feedback)
+
     def redo(self) -> None:
+        self.undone = False
         if self._applied:
             self._applied = False
             self.board.after_edit(self)
@@ -81,6 +84,7 @@ class BoardCommand(QUndoCommand):
         self._guard(self.do_redo)
 
     def undo(self) -> None:
+        self.undone = True
         self._guard(self.do_undo)
 
     def _guard(self, fn: Any) -> None:

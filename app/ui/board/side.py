@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Hashable
 from typing import Any
 
@@ -22,7 +23,7 @@ from app.ui.board.views import MapListView
 
 log = logging.getLogger(__name__)
 
-EXEMPLAR_SIZE = 64
+EXEMPLAR_SIZE = 96
 
 
 def _fmt(x: float, pct: bool = False) -> str:
@@ -75,7 +76,7 @@ class UnitPanel(QWidget):
         self.ex_view.setModel(self.ex_model)
         self.ex_view.setDragEnabled(False)
         self.ex_view.set_icon_size(EXEMPLAR_SIZE)
-        self.ex_view.setFixedHeight(2 * (EXEMPLAR_SIZE + 22) + 8)
+        self.ex_view.setFixedHeight(3 * (EXEMPLAR_SIZE + 22) + 8)  # all 8 exemplars, three to a row
         self.auto = QLabel()
         self.auto.setObjectName("autoLabels")
         self.auto.setWordWrap(True)
@@ -171,7 +172,10 @@ class UnitPanel(QWidget):
             log.info("no exemplars for unit %s: %s", unit, exc)
             self.exemplars = []
         self.title.setText(f"Unit {unit} of {layer['name']}: its top {len(self.exemplars)} images")
-        self.ex_model.set_items(list(range(len(self.exemplars))))
+        # The rows are ranks 0..k-1 for every unit: an unchanged row list must still repaint, or the grid keeps
+        # showing the previous unit's pictures under this unit's title.
+        if not self.ex_model.set_items(list(range(len(self.exemplars)))):
+            self.ex_model.repaint_all()
         self._set_enabled(True)
         self.refresh()
 
@@ -346,8 +350,9 @@ class SuggestionCard(QFrame):
         self.suggestion = suggestion
         self.setObjectName("suggestionCard")
         self.setFrameShape(QFrame.Shape.StyledPanel)
-        self.name = QLineEdit(suggestion.name)
+        self.name = QLineEdit(self.content_name())
         self.name.setObjectName("groupName")
+        self._auto_name = self.name.text()  # replaced when blind mode changes, unless the annotator typed one
         self.info = QLabel()
         self.info.setObjectName("groupCount")
         self.model = ThumbListModel(board, self, pool_id=board.pool_id)
@@ -379,7 +384,25 @@ class SuggestionCard(QFrame):
         self.set_members(suggestion.map_ids)
 
     def members(self) -> list[int]:
-        return self.model.items()
+        return self.model.items() if hasattr(self, "model") else list(self.suggestion.map_ids)
+
+    def content_name(self) -> str:
+        """A name from what the suggestion holds: its commonest automatic label (not in blind mode, where labels
+        must not anchor), else the units most of its maps come from."""
+        if not self.board.blind and self.suggestion.hint:
+            return self.suggestion.hint
+        by_id = getattr(self.board, "_by_id", {})
+        units = Counter(by_id[m].unit for m in self.members() if m in by_id)
+        if not units:
+            return self.suggestion.name
+        top = [f"u{u}" for u, _n in units.most_common(3)]
+        more = len(units) - len(top)
+        return "maps of " + ", ".join(top) + (f" +{more} units" if more > 0 else "")
+
+    def rename_from_content(self) -> None:
+        if self.name.text() == self._auto_name:
+            self._auto_name = self.content_name()
+            self.name.setText(self._auto_name)
 
     def set_members(self, ids: list[int]) -> None:
         self.model.set_items(ids, self.board.pool_id)
@@ -504,9 +527,16 @@ class SuggestionsPanel(QWidget):
     def refresh_hints(self) -> None:
         for card in self.cards:
             card.set_members(card.members())
+            card.rename_from_content()
 
 
 # ==== what the study measured ==================================================================================
+AGREEMENT_HELP = (
+    "ARI (adjusted Rand index): 1 = the same grouping, 0 = what random groupings of the same group sizes give "
+    "(the chance baseline), below 0 = worse than chance. Above about 0.6 two people see much the same concepts; "
+    "0.2–0.6 is partial agreement; near 0 they group differently. Pairs agree: the share of map pairs both put "
+    "together or both apart; read it against 'by chance', what independent groupings with these group sizes "
+    "reach (many small groups make both high). Matched: concepts paired one to one by their shared maps.")
 class StudyPanel(QWidget):
     """Adequacy per annotator, the concept-by-unit table of this annotator, and agreement between annotators
     (and with automatic labels) on this pool."""
@@ -526,13 +556,18 @@ class StudyPanel(QWidget):
         self.concepts = _table(["concept", "maps", "top share", "eff. units", "carried by", "units (maps)"])
         self.concepts.setToolTip("top share: the share of a concept's maps from its most frequent unit; eff. "
                                  "units: exp(entropy) of its maps over units (1 = a single unit)")
-        self.agreement = _table(["annotators", "maps", "ARI", "pairs", "matched"])
+        self.agreement = _table(["annotators", "maps", "ARI", "pairs agree", "by chance", "matched"])
         self.agreement.setToolTip("over the maps both placed: adjusted Rand index, the share of map pairs on "
                                   "which both agree (same group or not), and concepts matched by overlap")
         self.agreement.itemSelectionChanged.connect(self._show_matches)
         self.matches = _table(["concept", "matches", "Jaccard", "shared"])
         self.summary = QLabel()
         self.summary.setWordWrap(True)
+        self.agreement_title = QLabel("Agreement on this pool")
+        self.explain = QLabel(AGREEMENT_HELP)
+        self.explain.setObjectName("studyHelp")
+        self.explain.setWordWrap(True)
+        self.explain.setStyleSheet("color: gray; font-size: 11px;")
         lay = QVBoxLayout(self)
         lay.addWidget(self.unclear)
         lay.addWidget(QLabel("Adequacy: maps that received a concept"))
@@ -540,8 +575,9 @@ class StudyPanel(QWidget):
         self.concepts_title = QLabel("Concepts and units")
         lay.addWidget(self.concepts_title)
         lay.addWidget(self.concepts, 3)
-        lay.addWidget(QLabel("Agreement on this pool"))
-        lay.addWidget(self.agreement, 2)
+        lay.addWidget(self.agreement_title)
+        lay.addWidget(self.agreement, 3)
+        lay.addWidget(self.explain)
         lay.addWidget(self.matches, 2)
         lay.addWidget(self.summary)
         self._timer = QTimer(self)
@@ -581,8 +617,13 @@ class StudyPanel(QWidget):
         _fill(self.concepts, rows)
         _fill(self.agreement, [
             [f"{c.a} – {c.b}", c.maps, _fmt(c.adjusted_rand), _fmt(c.pairs.agreement, True),
-             len(c.matching.matches)] for c in rep.comparisons])
+             _fmt(c.pairs.chance_agreement, True), len(c.matching.matches)] for c in rep.comparisons])
         humans = len(rep.adequacy)
+        with_auto = sum(1 for c in rep.comparisons if c.b.startswith("auto: "))
+        self.agreement_title.setText(
+            f"Agreement on this pool: {len(rep.comparisons) - with_auto} between annotators, "
+            + (f"{with_auto} with automatic labels (auto: rows)" if not board.blind else
+               "automatic labels hidden in blind mode"))
         if humans >= 2:
             sub = rep.adjusted_rand[:humans, :humans]
             mean = sub[np.triu_indices(humans, 1)].mean()

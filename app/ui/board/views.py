@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from PySide6.QtCore import QPoint, QRect, QSize, Qt, QTimer, Signal
+from PySide6.QtCore import QEvent, QPoint, QRect, QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QColor, QDrag, QKeyEvent, QMouseEvent, QPainter, QPixmap, QWheelEvent
 from PySide6.QtWidgets import (
     QAbstractItemView, QFrame, QHBoxLayout, QLabel, QLayout, QLayoutItem, QLineEdit, QListView, QMenu,
@@ -253,9 +253,14 @@ class DropFrame(QFrame):
 
 
 class GroupPanel(DropFrame):
-    """A labeled panel of thumbnails: number, name (editable, saved as you type), member count, and a menu."""
+    """A labeled panel of thumbnails: number, name, member count, and a menu.
+
+    A click on the header selects the group (Ctrl+click adds it to the selection), so M can merge the selected
+    groups; the name is edited only on purpose (double-click, F2, the menu, or right after N), is saved as you
+    type, and Escape puts back the name it had when the edit began."""
 
     COLUMNS = 3
+    selection_changed = Signal()
 
     def __init__(self, board: Any, gid: int, unclear: bool, parent: QWidget | None = None):
         super().__init__(board, lambda: self.gid, parent)
@@ -270,8 +275,15 @@ class GroupPanel(DropFrame):
         self.name = QLineEdit()
         self.name.setObjectName("groupName")
         self.name.setFrame(False)
-        self.name.setReadOnly(unclear)
+        self.name.setReadOnly(True)
+        self.name.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        self.name.setCursor(Qt.CursorShape.PointingHandCursor)
         self.name.setPlaceholderText("name this concept")
+        self.name.setToolTip("click to select this group (Ctrl+click: several, then M merges them); "
+                             "double-click or F2 to rename")
+        self.selected = False
+        self._name_before_edit: str | None = None
+        self.setFocusPolicy(Qt.FocusPolicy.ClickFocus)
         self.count = QLabel()
         self.count.setObjectName("groupCount")
         self.menu_button = QToolButton()
@@ -303,8 +315,77 @@ class GroupPanel(DropFrame):
         self._name_timer.timeout.connect(self.commit_name)
         self.name.textEdited.connect(lambda _t: self._name_timer.start())
         self.name.editingFinished.connect(self.commit_name)
-        self.name.returnPressed.connect(lambda: self.view.setFocus())
+        self.name.returnPressed.connect(self._rename_done)
         self.setSizePolicy(QSizePolicy.Policy.Fixed, QSizePolicy.Policy.Fixed)
+        for w in (self.name, self.number, self.count):
+            w.installEventFilter(self)
+
+    # ---- selecting the group and renaming it ---------------------------------------------------------------
+    def eventFilter(self, obj: Any, event: Any) -> bool:
+        kind = event.type()
+        editing = self._name_before_edit is not None
+        if obj is self.name and editing:
+            if kind == QEvent.Type.KeyPress and event.key() == Qt.Key.Key_Escape:
+                self.cancel_rename()
+                return True
+            if kind == QEvent.Type.FocusOut:
+                self.commit_name()
+                self._end_rename()
+            return False
+        if kind == QEvent.Type.MouseButtonDblClick and not self.unclear:
+            self.start_rename()
+            return True
+        if kind == QEvent.Type.MouseButtonPress and event.button() == Qt.MouseButton.LeftButton:
+            additive = bool(event.modifiers() & (Qt.KeyboardModifier.ControlModifier
+                                                 | Qt.KeyboardModifier.ShiftModifier))
+            self.board.select_group(self.gid, additive)
+            self.setFocus()
+            return True
+        return False
+
+    def set_selected(self, on: bool) -> None:
+        if on != self.selected:
+            self.selected = on
+            self.setProperty("groupSelected", on)
+            self.style().unpolish(self)
+            self.style().polish(self)
+            self.selection_changed.emit()
+
+    def start_rename(self) -> None:
+        if self.unclear:
+            return
+        if self._name_before_edit is None:
+            self._name_before_edit = self._committed_name
+        self.name.setReadOnly(False)
+        self.name.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
+        self.name.setCursor(Qt.CursorShape.IBeamCursor)
+        self.name.setFocus()
+        self.name.selectAll()
+
+    def _end_rename(self) -> None:
+        self._name_before_edit = None
+        self.name.setReadOnly(True)
+        self.name.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        self.name.setCursor(Qt.CursorShape.PointingHandCursor)
+        self.name.setCursorPosition(0)
+
+    def cancel_rename(self) -> None:
+        """Escape: the name goes back to what it was when the edit began (undoing what was saved meanwhile)."""
+        before = self._name_before_edit
+        self._name_timer.stop()
+        self._end_rename()
+        if before is None:
+            return
+        self.name.setText(before)
+        if before != self._committed_name:
+            self._committed_name = before
+            self.board.rename_group(self.gid, before)
+        self.view.setFocus()
+
+    def _rename_done(self) -> None:
+        self.commit_name()
+        self._end_rename()
+        self.view.setFocus()
 
     def set_group(self, name: str, number: int | None, members: list[int], pool_id: int) -> None:
         self.number.setText("0" if self.unclear else (str(number) if number is not None and number <= 9 else ""))
@@ -341,7 +422,7 @@ class GroupPanel(DropFrame):
     def _fill_menu(self) -> None:
         self.menu.clear()
         if not self.unclear:
-            self.menu.addAction("Rename", lambda: (self.name.setFocus(), self.name.selectAll()))
+            self.menu.addAction("Rename", self.start_rename)
             merge = self.menu.addMenu("Merge into this")
             for gid, label in self.board.other_groups(self.gid):
                 merge.addAction(label, lambda g=gid: self.board.merge_groups(self.gid, [g]))

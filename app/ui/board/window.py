@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import getpass
+import html
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,8 @@ from typing import Any
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QAction, QCloseEvent, QKeySequence, QUndoGroup
 from PySide6.QtWidgets import (
-    QComboBox, QDialog, QDockWidget, QInputDialog, QLabel, QMainWindow, QProgressBar, QPushButton, QSlider,
-    QStackedWidget, QTabWidget, QToolBar, QVBoxLayout, QWidget,
+    QComboBox, QDialog, QDockWidget, QFrame, QHBoxLayout, QInputDialog, QLabel, QMainWindow, QProgressBar,
+    QPushButton, QSlider, QStackedWidget, QTabWidget, QToolBar, QVBoxLayout, QWidget,
 )
 
 from app import naming
@@ -29,6 +30,8 @@ STYLE = """
 QFrame#groupPanel, QFrame#unclearPanel, QFrame#suggestionCard {
     border: 1px solid rgba(128, 128, 128, 90); border-radius: 6px; background: rgba(128, 128, 128, 18); }
 QFrame#unclearPanel { background: rgba(200, 120, 40, 28); border-style: dashed; }
+QFrame#groupPanel[groupSelected="true"], QFrame#unclearPanel[groupSelected="true"] {
+    border: 2px solid #f0a020; background: rgba(240, 160, 32, 40); }
 QFrame#groupPanel[dropHover="true"], QFrame#unclearPanel[dropHover="true"], QFrame#newGroupZone[dropHover="true"] {
     border: 2px solid #3d8bfd; }
 QFrame#newGroupZone { border: 2px dashed rgba(128, 128, 128, 120); border-radius: 6px; color: gray; }
@@ -37,8 +40,59 @@ QFrame#unclearPanel QLabel#groupNumber { background: #c77c2c; }
 QLineEdit#groupName { font-weight: bold; background: transparent; }
 QLabel#groupCount { color: gray; }
 QLabel#poolTitle, QLabel#unitTitle { font-weight: bold; }
+QFrame#annotatorBanner { background: #fff3cd; border-bottom: 1px solid #e0b040; }
+QFrame#annotatorBanner QLabel { color: #4a3800; font-size: 14px; }
 QLabel#keysHelp { color: gray; font-size: 11px; padding: 2px 6px; }
 """
+
+
+class AnnotatorBanner(QFrame):
+    """Who is annotating, asked in plain sight when the board resumed as the last annotator: one click confirms,
+    one click switches to another annotator, or names a new one."""
+
+    def __init__(self, window: BoardWindow):
+        super().__init__(window)
+        self.window_ = window
+        self.setObjectName("annotatorBanner")
+        self.text = QLabel()
+        self.text.setTextFormat(Qt.TextFormat.RichText)
+        self.me_button = QPushButton()
+        self.me_button.clicked.connect(self.hide)
+        self.others = QHBoxLayout()
+        self.other_button = QPushButton("Someone else…")
+        self.other_button.clicked.connect(self._someone_else)
+        lay = QHBoxLayout(self)
+        lay.setContentsMargins(10, 6, 10, 6)
+        lay.addWidget(self.text)
+        lay.addWidget(self.me_button)
+        lay.addLayout(self.others)
+        lay.addWidget(self.other_button)
+        lay.addStretch(1)
+        self.switch_buttons: list[QPushButton] = []
+        self.hide()
+
+    def ask(self, current: str) -> None:
+        self.text.setText(f"Annotating as <b>{html.escape(current)}</b>, who named on this board last. Is that you?")
+        self.me_button.setText(f"Yes, I am {current}")
+        for b in self.switch_buttons:
+            b.deleteLater()
+        self.switch_buttons = []
+        names = [r["name"] for r in naming.annotators(self.window_.project) if r["name"] != current]
+        for name in names[:4]:
+            b = QPushButton(f"I am {name}")
+            b.clicked.connect(lambda _c=False, n=name: self._switch(n))
+            self.others.addWidget(b)
+            self.switch_buttons.append(b)
+        self.show()
+
+    def _switch(self, name: str) -> None:
+        self.window_.set_annotator(name)
+        self.hide()
+
+    def _someone_else(self) -> None:
+        name, ok = QInputDialog.getText(self, "Who is annotating?", "Your name:")
+        if ok and name.strip():
+            self._switch(name.strip())
 
 
 class BoardWindow(QMainWindow):
@@ -82,7 +136,14 @@ class BoardWindow(QMainWindow):
         self.central = QStackedWidget()
         self.central.addWidget(self.empty)
         self.central.addWidget(self.board)
-        self.setCentralWidget(self.central)
+        self.who = AnnotatorBanner(self)
+        host = QWidget()
+        host_lay = QVBoxLayout(host)
+        host_lay.setContentsMargins(0, 0, 0, 0)
+        host_lay.setSpacing(0)
+        host_lay.addWidget(self.who)
+        host_lay.addWidget(self.central, 1)
+        self.setCentralWidget(host)
         self._build_toolbar()
         self.saved = QLabel()
         self.progress = QProgressBar()
@@ -109,9 +170,15 @@ class BoardWindow(QMainWindow):
         if ann is None:
             ann = self.project.annotator(getpass.getuser() or "annotator")
         self.refresh_annotators(ann)
+        if annotator is None:
+            # Resumed as whoever named last: maybe someone else at this computer. Ask in plain sight.
+            self.who.ask(self.annotator_combo.currentText())
         self.refresh_pools(pool_id if pool_id is not None else naming.latest_pool(self.project, ann))
         self._open_current()
-        self.resize(1600, 1000)
+        # within the screen, frame and task bar included: a 1000 px tall screen shows the whole board
+        avail = self.screen().availableGeometry() if self.screen() is not None else None
+        self.resize(min(1600, int(avail.width() * 0.95)) if avail else 1600,
+                    min(900, int(avail.height() * 0.9)) if avail else 900)
 
     # ---- toolbar -------------------------------------------------------------------------------------------
     def _build_toolbar(self) -> None:
@@ -127,7 +194,8 @@ class BoardWindow(QMainWindow):
         self.annotator_combo.setMinimumContentsLength(10)
         self.annotator_combo.activated.connect(self._annotator_chosen)
         self.mode_combo = QComboBox()
-        for mode, label in (("heat", "heat map"), ("region", "region"), ("crop", "crop of region")):
+        for mode, label in (("outline", "outline (own colours)"), ("heat", "heat map"), ("region", "region"),
+                            ("crop", "crop of region")):
             self.mode_combo.addItem(label, mode)
         self.mode_combo.currentIndexChanged.connect(lambda _i: self._mode_changed())
         self.zoom_slider = QSlider(Qt.Orientation.Horizontal)
@@ -205,6 +273,7 @@ class BoardWindow(QMainWindow):
         self.pool_combo.blockSignals(False)
 
     def _annotator_chosen(self, index: int) -> None:
+        self.who.hide()
         if self.annotator_combo.itemData(index) == -1:
             name, ok = QInputDialog.getText(self, "New annotator", "Name of the annotator:")
             if ok and name.strip():
@@ -271,7 +340,11 @@ class BoardWindow(QMainWindow):
         self.saved.setText("All edits are saved as you make them")
 
     def _on_edited(self) -> None:
-        self.saved.setText(f"Saved {_dt.datetime.now().strftime('%H:%M:%S')}")
+        state = self.board.state
+        named = sum(len(g.members) for g in state.concepts) if state else 0
+        total = len(state.maps) if state else 0
+        self.saved.setText(f"{self.board.last_edit} · saved {_dt.datetime.now().strftime('%H:%M:%S')} · "
+                           f"{named} of {total} maps named · Ctrl+Z undoes")
         self.unit_panel.refresh()
         self.suggestions.prune()
         self.study.schedule()

@@ -146,13 +146,15 @@ class JobRow(QFrame):
 
 
 class ResumableRow(QFrame):
-    def __init__(self, run: Any, on_resume: Any, parent: QWidget | None = None):
+    def __init__(self, run: Any, on_resume: Any, parent: QWidget | None = None, layer: str = ""):
         super().__init__(parent)
         self.run = run
         self.setFrameShape(QFrame.Shape.StyledPanel)
         what = f"{run.kind} run {run.id}"
         if run.method:
             what += f" ({run.method})"
+        if layer:
+            what += f" on {layer}"
         progress = f"{run.done} / {run.total}" if run.total else ""
         self.label = QLabel(f"<b>{what}</b> &nbsp; <span style='color:{STATE_COLORS.get(run.status, '')}'>"
                             f"{run.status}</span> &nbsp; {progress}")
@@ -229,13 +231,14 @@ class JobsPanel(QWidget):
                 row.deleteLater()
         self._update_summary()
 
-    def set_resumable(self, runs: list[Any]) -> None:
+    def set_resumable(self, runs: list[Any], layer_names: dict[int, str] | None = None) -> None:
         for row in self.resumable_rows:
             row.setParent(None)
             row.deleteLater()
         self.resumable_rows = []
         for run in runs:
-            row = ResumableRow(run, self.resume_requested.emit, self._list)
+            row = ResumableRow(run, self.resume_requested.emit, self._list,
+                               (layer_names or {}).get(run.layer_id, "") if run.layer_id else "")
             self._resumable_box.addWidget(row)
             self.resumable_rows.append(row)
         self._resumable_title.setVisible(bool(runs))

@@ -2,6 +2,9 @@
 best label, as a stacked bar chart (pyqtgraph), with the numbers in a table beside it."""
 from __future__ import annotations
 
+import html
+import zlib
+
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QHeaderView, QLabel, QSplitter, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
 
@@ -12,6 +15,19 @@ PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b
            "#bab0ac")
 MAX_CATEGORIES = 9  # the rest are summed as "other"
 NO_CATEGORY_COLOUR = "#9a9a9a"
+# One colour per category, the same on every layer and in every project: the Broden and COCO categories have
+# their own; any other name gets a colour from its text (crc32), never from its position in this layer's list.
+CATEGORY_COLOURS = {
+    "object": "#4e79a7", "scene": "#59a14f", "part": "#f28e2b", "material": "#9c755f", "texture": "#b07aa1",
+    "color": "#e15759", "colour": "#e15759", "shape": "#76b7b2", "word": "#edc948", "other": "#bab0ac",
+}
+
+
+def colour_of(category: str) -> str:
+    if category == NO_CATEGORY:
+        return NO_CATEGORY_COLOUR
+    fixed = CATEGORY_COLOURS.get(category.lower())
+    return fixed if fixed is not None else PALETTE[zlib.crc32(category.encode()) % len(PALETTE)]
 
 
 class LayerOverview(QWidget):
@@ -30,7 +46,11 @@ class LayerOverview(QWidget):
         self.plot.setMouseEnabled(x=False, y=False)
         self.plot.hideButtons()
         self.plot.setLabel("left", "interpretable units")
-        self.legend = self.plot.addLegend(offset=(-10, 10))
+        # The legend sits above the plot, not inside it, so it never covers a bar.
+        self.legend = QLabel("")
+        self.legend.setWordWrap(True)
+        self.legend.setTextFormat(Qt.TextFormat.RichText)
+        self.legend_colours: dict[str, str] = {}
         self.bars: list = []
         self.table = QTableWidget()
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
@@ -44,12 +64,11 @@ class LayerOverview(QWidget):
         lay = QVBoxLayout(self)
         lay.addWidget(self.title)
         lay.addWidget(self.note)
+        lay.addWidget(self.legend)
         lay.addWidget(split, 1)
 
     def set_dark(self, dark: bool) -> None:
-        fg = style_plot(self.plot, dark)
-        if self.legend is not None:
-            self.legend.setLabelTextColor(fg)
+        style_plot(self.plot, dark)
 
     def set_data(self, data: LayerOverviewData | None) -> None:
         import pyqtgraph as pg
@@ -59,6 +78,7 @@ class LayerOverview(QWidget):
             self.plot.removeItem(b)
         self.bars = []
         self.legend.clear()
+        self.legend_colours = {}
         self.table.clear()
         self.table.setRowCount(0)
         if data is None:
@@ -79,14 +99,16 @@ class LayerOverview(QWidget):
             stacks.append((NO_CATEGORY, [m.by_category.get(NO_CATEGORY, 0) for m in data.methods]))
         xs = list(range(len(data.methods)))
         bottom = [0] * len(xs)
-        for i, (cat, heights) in enumerate(stacks):
-            colour = NO_CATEGORY_COLOUR if cat == NO_CATEGORY else PALETTE[i % len(PALETTE)]
-            # no `name=`: the plot would add it to the legend a second time
+        for cat, heights in stacks:
+            colour = colour_of(cat)
             bar = pg.BarGraphItem(x=xs, height=heights, y0=bottom, width=0.6, brush=colour, pen=pg.mkPen(None))
             self.plot.addItem(bar)
-            self.legend.addItem(bar, "no single category (formula or word)" if cat == NO_CATEGORY else cat)
+            self.legend_colours["no single category (formula or word)" if cat == NO_CATEGORY else cat] = colour
             self.bars.append(bar)
             bottom = [b + h for b, h in zip(bottom, heights)]
+        self.legend.setText(" &nbsp; ".join(
+            f"<span style='color:{c}; font-size:15px'>■</span> {html.escape(name)}"
+            for name, c in self.legend_colours.items()))
         ticks = [(i, m.method + ("*" if not m.criterion else "")) for i, m in enumerate(data.methods)]
         self.plot.getAxis("bottom").setTicks([ticks])
         self.plot.setXRange(-0.6, len(xs) - 0.4, padding=0)

@@ -67,6 +67,10 @@ class ParamForm(QWidget):
             return w
         if p.type is bool:
             return QCheckBox()
+        if p.type in (int, float) and p.default is None:  # "not set" is a value of its own: a spin box has none
+            w = QLineEdit()
+            w.setPlaceholderText("empty: the default (see the tooltip)")
+            return w
         if p.type is int:
             w = QSpinBox()
             w.setRange(int(p.minimum) if p.minimum is not None else -INT_LIMIT,
@@ -116,6 +120,8 @@ class ParamForm(QWidget):
                 out[p.name] = w.value()
             elif isinstance(w, QDoubleSpinBox):
                 out[p.name] = w.value()
+            elif not w.text().strip() and p.default is None:
+                out[p.name] = None
             else:
                 out[p.name] = p.coerce(w.text()) if p.type is not str else w.text()
         return out
@@ -310,6 +316,11 @@ class LabelDialog(QDialog):
             self.pages.addWidget(page)
             self.page_of[name] = page
         self.method_list.currentRowChanged.connect(self.pages.setCurrentIndex)
+        # A message about the last Queue no longer applies once the choice changes.
+        self.method_list.itemChanged.connect(lambda _i: self.error.clear())
+        for name, page in self.page_of.items():
+            if page.clip is not None:
+                page.clip.edit.textChanged.connect(lambda text, n=name: self._clip_chosen(n, text))
         split = QSplitter()
         split.addWidget(self.method_list)
         split.addWidget(self.pages)
@@ -334,16 +345,40 @@ class LabelDialog(QDialog):
         self.method_list.setCurrentRow(0)
 
     def _refresh_availability(self) -> None:
+        """Ticks what can run as it stands. A method whose inputs the layer lacks cannot be ticked; one that needs
+        a model folder not chosen yet starts unticked and ticks itself once a folder is chosen."""
         why = self.unavailable.get(self.layer.currentText(), {})
+        self.error.clear()
+        self.method_list.blockSignals(True)
         for i in range(self.method_list.count()):
             item = self.method_list.item(i)
             name = item.data(Qt.ItemDataRole.UserRole)
-            reason = why.get(name)
-            item.setCheckState(Qt.CheckState.Unchecked if reason else Qt.CheckState.Checked)
-            item.setToolTip(reason or self.methods[name].paper)
             page = self.page_of[name]
-            page.warning.setText(reason or "")
-            page.warning.setVisible(bool(reason))
+            reason = why.get(name)
+            if reason:
+                item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsUserCheckable)
+                item.setForeground(Qt.GlobalColor.gray)
+            else:
+                item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+                item.setData(Qt.ItemDataRole.ForegroundRole, None)
+            waiting = not reason and page.clip is not None and not page.clip.text()
+            hint = ("Not ticked: it needs a local CLIP model folder (transformers format). Choose one below and it "
+                    "is ticked." if waiting else "")
+            item.setCheckState(Qt.CheckState.Unchecked if reason or waiting else Qt.CheckState.Checked)
+            item.setToolTip(reason or hint or self.methods[name].paper)
+            page.warning.setText(reason or hint)
+            page.warning.setVisible(bool(reason or hint))
+        self.method_list.blockSignals(False)
+
+    def _clip_chosen(self, name: str, text: str) -> None:
+        page = self.page_of[name]
+        item = next(self.method_list.item(i) for i in range(self.method_list.count())
+                    if self.method_list.item(i).data(Qt.ItemDataRole.UserRole) == name)
+        if not item.flags() & Qt.ItemFlag.ItemIsUserCheckable:
+            return
+        has = bool(text.strip())
+        item.setCheckState(Qt.CheckState.Checked if has else Qt.CheckState.Unchecked)
+        page.warning.setVisible(not has)
 
     def set_checked(self, names: list[str]) -> None:
         for i in range(self.method_list.count()):

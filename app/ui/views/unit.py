@@ -7,6 +7,7 @@ delegate that blends the overlay at the slider's opacity, so moving the slider o
 """
 from __future__ import annotations
 
+import html
 import logging
 import math
 from collections import OrderedDict
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PySide6.QtCore import QAbstractListModel, QModelIndex, QRect, QSize, Qt, Signal
+from PySide6.QtCore import QAbstractListModel, QEvent, QModelIndex, QRect, QSize, Qt, Signal
 from PySide6.QtGui import QColor, QImage, QPainter, QPalette
 from PySide6.QtWidgets import (
     QAbstractItemView,
@@ -36,6 +37,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app import imaging as maps
 from app.ui import imaging
 from app.ui.data import Exemplar, Histogram, LayerView
 from app.ui.theme import icon, style_plot
@@ -44,7 +46,7 @@ from app.ui.workers import call_in_pool
 
 log = logging.getLogger(__name__)
 
-OVERLAYS = (("heat", "Heat map"), ("region", "Thresholded region"), ("concept", "Concept mask"))
+OVERLAYS = (("outline", "Region outline"), ("heat", "Heat map"), ("region", "Thresholded region"), ("concept", "Concept mask"))
 CACHE_ITEMS = 400
 
 
@@ -179,8 +181,12 @@ def render_exemplar(view: LayerView, ex: Exemplar, size: int, vmin: float, vmax:
     base = np.asarray(imaging.model_view(img, view.preprocess, max_side=size))
     side = base.shape[0]
     up = imaging.upsample(ex.map, side)
+    if not maps.has_extent(ex.map):  # 1x1: a frame and a bar, never a tint over the whole picture
+        feature = maps.feature_rgba(side, float(np.asarray(ex.map).ravel()[0]), threshold, vmin, vmax)
+        return {"base": base, "heat": feature, "region": feature, "outline": feature}
     return {"base": base, "heat": imaging.heat_rgba(up, vmin, vmax, lut),
-            "region": imaging.region_rgba(up, threshold) if math.isfinite(threshold) else None}
+            "region": imaging.region_rgba(up, threshold) if math.isfinite(threshold) else None,
+            "outline": maps.contour_rgba(up, threshold) if math.isfinite(threshold) else None}
 
 
 def render_concept(view: LayerView, ex: Exemplar, concept: int, side: int) -> np.ndarray:
@@ -199,10 +205,11 @@ class UnitView(QWidget):
     step_requested = Signal(int)  # -1 previous, +1 next
     overlay_changed = Signal(str, float)  # mode, opacity (for the preferences)
 
-    def __init__(self, thumb_size: int = 150, overlay_mode: str = "heat", opacity: float = 0.6,
+    def __init__(self, thumb_size: int = 150, overlay_mode: str = "outline", opacity: float = 0.6,
                  parent: QWidget | None = None):
         super().__init__(parent)
-        self.thumb_size = thumb_size
+        self.thumb_size = thumb_size  # shown size: grows so the columns fill the grid's width
+        self.base_thumb_size = thumb_size  # the preferred size, which sets how many columns fit
         self.overlay_mode = overlay_mode
         self.opacity = opacity
         self.view: LayerView | None = None
@@ -258,6 +265,7 @@ class UnitView(QWidget):
         self.grid.setSpacing(4)
         self.grid.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.grid.setItemDelegate(ExemplarDelegate(self))
+        self.grid.viewport().installEventFilter(self)
 
         import pyqtgraph as pg
 
@@ -279,7 +287,8 @@ class UnitView(QWidget):
 
         self.labels_table = QTableWidget()
         self.labels_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.labels_table.setWordWrap(True)
+        self.labels_table.setWordWrap(False)  # one line per label; the whole text is in the cell's tooltip
+        self.labels_table.setTextElideMode(Qt.TextElideMode.ElideRight)
         self.labels_table.verticalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.labels_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
 
@@ -301,6 +310,14 @@ class UnitView(QWidget):
         self.subtitle = QLabel("")
         self.subtitle.setStyleSheet("color: gray;")
         tl.addWidget(self.subtitle)
+        # What people wrote about the unit on the naming board: every annotator's name and descriptions.
+        self.notes = QLabel("")
+        self.notes.setObjectName("unitNotes")
+        self.notes.setWordWrap(True)
+        self.notes.setTextFormat(Qt.TextFormat.RichText)
+        self.notes.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.notes.setVisible(False)
+        tl.addWidget(self.notes)
         tl.addWidget(self.grid, 1)
         bottom = QSplitter(Qt.Orientation.Horizontal)
         bottom.addWidget(self.plot)
@@ -327,6 +344,8 @@ class UnitView(QWidget):
 
     # ---- content -------------------------------------------------------------------------------------------
     def set_layer(self, view: LayerView | None) -> None:
+        self._token += 1  # pictures and a histogram still on their way belong to the previous layer
+        self.histogram = None
         self.view = view
         self.unit = None
         self.concept.clear()
@@ -343,6 +362,8 @@ class UnitView(QWidget):
         self.unit = None
         self.title.setText("No unit selected")
         self.subtitle.setText("")
+        self.notes.setText("")
+        self.notes.setVisible(False)
         self.model.set_exemplars([])
         self.bars.setData([], [])
         self.exemplar_ticks.setData([], [])
@@ -350,12 +371,41 @@ class UnitView(QWidget):
         self.labels_table.setRowCount(0)
         self.labels_table.setColumnCount(0)
 
+    def eventFilter(self, obj: Any, event: Any) -> bool:
+        if obj is self.grid.viewport() and event.type() == QEvent.Type.Resize:
+            self.fit_columns()
+        return super().eventFilter(obj, event)
+
+    def fit_columns(self) -> None:
+        """As many columns as the preferred size allows, each widened so the row fills the grid (no empty third
+        on the right)."""
+        spacing = self.grid.spacing()
+        width = self.grid.viewport().width() - spacing
+        cell = self.base_thumb_size + 8 + 2 * spacing
+        cols = max(1, width // cell)
+        size = max(self.base_thumb_size, width // cols - 8 - 2 * spacing)
+        if size != self.thumb_size:
+            self.thumb_size = size
+            self.grid.doItemsLayout()
+            self.grid.viewport().update()
+
+    def set_notes(self, rows: list[dict[str, Any]]) -> None:
+        """Names and descriptions by annotator (rows of `app.ui.data.unit_notes`), or nothing when there are none."""
+        by: dict[str, list[str]] = {}
+        for r in rows:
+            text = html.escape(r["text"])
+            by.setdefault(r["annotator"], []).append(f"<b>{text}</b>" if r["kind"] == "name" else f"“{text}”")
+        self.notes.setText("<br>".join(f"<span style='color:gray'>{html.escape(a)}:</span> {' · '.join(v)}"
+                                       for a, v in by.items()))
+        self.notes.setVisible(bool(by))
+
     def show_unit(self, unit: int, labels: dict[str, list[dict[str, Any]]], name: str = "") -> None:
         view = self.view
         if view is None:
             return
         self._token += 1
         token = self._token
+        self.histogram = None  # until this unit's arrives
         self.unit = unit
         self.labels = labels
         layer = view.layer["name"]
@@ -364,6 +414,9 @@ class UnitView(QWidget):
             f"{layer} ({view.layer['type']}), {view.units} units; exemplars from {view.dataset['name']}, "
             f"extraction run {view.run_id}; threshold = top {100 * (1 - view.threshold_quantile):.2g}% of map values")
         exemplars = view.exemplars(unit)
+        if exemplars and not maps.has_extent(exemplars[0].map):
+            self.subtitle.setText(self.subtitle.text() + ". This layer's maps are 1×1, without spatial extent: a "
+                                  "frame marks an activation above the threshold, the bar shows its strength")
         self.model.set_exemplars(exemplars)
         self._fill_labels(labels)
         self._pick_concept(labels)
@@ -397,7 +450,8 @@ class UnitView(QWidget):
 
     def _render_size(self) -> int:
         # draw at twice the display size (at most the crop), so the delegate's scaling stays sharp
-        return int(min(self.view.preprocess.get("crop") or 224, 2 * self.thumb_size)) if self.view else self.thumb_size
+        base = self.base_thumb_size
+        return int(min(self.view.preprocess.get("crop") or 224, 2 * base)) if self.view else base
 
     def _set_render(self, row: int, token: int, out: dict[str, Any] | None, key: Any, cache: bool = True) -> None:
         if out is None:
@@ -410,6 +464,7 @@ class UnitView(QWidget):
         t.base = to_qimage(out["base"])
         t.overlays["heat"] = to_qimage(out["heat"])
         t.overlays["region"] = to_qimage(out["region"]) if out.get("region") is not None else None
+        t.overlays["outline"] = to_qimage(out["outline"]) if out.get("outline") is not None else None
         self.model.thumb_changed(row)
 
     def _set_error(self, row: int, token: int, exc: BaseException) -> None:
@@ -450,7 +505,7 @@ class UnitView(QWidget):
         self.labels_table.setVerticalHeaderLabels([str(i + 1) for i in range(depth)])
         for c, m in enumerate(methods):
             for r, lab in enumerate(labels[m]):
-                text = f"{lab['text']}\n{format_score(lab['score'])}"
+                text = f"{lab['text']}  ·  {format_score(lab['score'])}"
                 if lab["p_value"] is not None:
                     text += f"  p {format_p(lab['p_value'])}"
                 text += score_parts(lab["extra"])
@@ -460,7 +515,7 @@ class UnitView(QWidget):
                     tip.append(f"category: {lab['category']}")
                 tip.append(f"score: {lab['score']:.6g}")
                 if lab["p_value"] is not None:
-                    tip.append(f"p-value: {lab['p_value']:.3g}")
+                    tip.append(f"p-value: {format_p(lab['p_value'])}")
                 for k, v in sorted(lab["extra"].items()):
                     tip.append(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
                 item.setToolTip("\n".join(tip))

@@ -29,6 +29,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.formatting import format_p
 from app.ui.data import UnitTable
 from app.ui.theme import STATE_COLORS, icon
 
@@ -55,8 +56,6 @@ def format_score(v: float) -> str:
     return f"{v:.3f}"
 
 
-def format_p(v: float) -> str:
-    return "" if not math.isfinite(v) else (f"{v:.1e}" if v < 1e-3 else f"{v:.3f}")
 
 
 class UnitsTableModel(QAbstractTableModel):
@@ -127,6 +126,8 @@ class UnitsTableModel(QAbstractTableModel):
         col = self.columns[index.column()]
         if role == UNIT_ROLE:
             return int(t.units[k])
+        if role == Qt.ItemDataRole.ToolTipRole and col.kind == "name" and t.names[k]:
+            return t.names[k]  # every annotator's name, whole, with its author
         if role == Qt.ItemDataRole.DisplayRole:
             if col.kind == "unit":
                 return str(int(t.units[k]))
@@ -214,7 +215,8 @@ class UnitsTableModel(QAbstractTableModel):
 
 
 class UnitsProxy(QSortFilterProxyModel):
-    """Filters by a text search across every label of every method and the unit's name (all words must match).
+    """Filters by a text search across every label of every method and the unit's name (all words must match, as
+    words: see `UnitTable.matching`).
     Sorting is handed to the source model, where numpy does it."""
 
     def __init__(self, parent: QWidget | None = None):
@@ -226,14 +228,12 @@ class UnitsProxy(QSortFilterProxyModel):
         return self.sourceModel()  # type: ignore[return-value]
 
     def set_search(self, text: str) -> None:
-        search = text.strip().lower()
+        search = text.strip()
         table = self.src().table
         if not search or table is None:
             accept = None
         else:
-            words = search.split()
-            hay = table.haystack
-            accept = np.fromiter((all(w in h for w in words) for h in hay), dtype=bool, count=len(hay))
+            accept = table.matching(search)
         if hasattr(self, "beginFilterChange"):  # Qt >= 6.9: the filter changes between begin and end
             self.beginFilterChange()
             self.search, self._accept = search, accept
@@ -267,7 +267,10 @@ class UnitsBrowser(QWidget):
         self.layer_combo.setMinimumWidth(160)
         self.layer_combo.currentIndexChanged.connect(self._on_layer)
         self.search = QLineEdit()
-        self.search.setPlaceholderText("Search labels and names (all words must match)")
+        self.search.setPlaceholderText("Search labels and names (whole words, all must match)")
+        self.search.setToolTip("Words match whole words of any label or name, plurals included (circles finds "
+                               "circle). A formula's negated atoms match only NOT word (or -word): star does "
+                               "not find 'circle AND NOT star'.")
         self.search.setClearButtonEnabled(True)
         self.search.addAction(icon("search"), QLineEdit.ActionPosition.LeadingPosition)
         self._debounce = QTimer(self)
@@ -326,7 +329,7 @@ class UnitsBrowser(QWidget):
         self.model.set_table(table)
         self.proxy.refresh_search()
         header = self.view.horizontalHeader()
-        widths = {"unit": 52, "name": 100, "label": 130, "score": 66, "p": 64}
+        widths = {"unit": 52, "name": 130, "label": 170, "score": 66, "p": 64}
         for c, col in enumerate(self.model.columns):
             header.resizeSection(c, widths[col.kind])
         # the Name column only when someone named a unit of this layer

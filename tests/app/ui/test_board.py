@@ -116,8 +116,8 @@ def test_groups_by_drag_and_drop(qtbot, open_window, project_path):
     concept = snap["groups"][1]
     assert concept["name"] == "Concept 1" and sorted(concept["members"]) == sorted(first)
     panel = b._panels[concept["id"]]
-    # the new group's name is ready to type over
-    panel.name.selectAll()
+    # a double-click on the name opens it for typing
+    qtbot.mouseDClick(panel.name, Qt.MouseButton.LeftButton)
     qtbot.keyClicks(panel.name, "red squares")
     qtbot.keyClick(panel.name, Qt.Key.Key_Return)
     assert saved(project_path, "ann")["groups"][1]["name"] == "red squares"
@@ -223,6 +223,7 @@ def test_rubber_band_selection(qtbot, open_window, project_path):
     w = open_window(project_path, annotator="ann")
     b = w.board
     b.page_size = 8
+    b.set_zoom(96)  # the whole grid in view, with empty space below it to start the band from
     b.reload()
     v = b.pool_view
     vp = v.viewport()

@@ -184,7 +184,7 @@ def test_unit_table_query_matches_the_database_at_10k_units(tmp_path):
         t0 = time.perf_counter()
         table = load_unit_table(p, layer_id)
         seconds = time.perf_counter() - t0
-    assert len(table) == n and table.names[42] == "Colour blob"
+    assert len(table) == n and table.names[42] == "Colour blob (ann)"
     for m in table.methods:
         for u in (0, 1, 4999, n - 1):
             lab = expected[(m.method, u)]
@@ -365,7 +365,7 @@ def test_layer_overview_chart_stacks_interpretable_units_by_category(qtbot):
     w = LayerOverview()
     qtbot.addWidget(w)
     w.set_data(data)
-    labels = [label.text for _sample, label in w.legend.items]
+    labels = list(w.legend_colours)
     assert len(labels) == len(set(labels)) == len(w.bars)  # one legend entry per stacked category
     assert labels[-1].startswith("no single category") and NO_CATEGORY in data.categories
     tops = np.zeros(len(data.methods))

@@ -131,7 +131,7 @@ def test_first_session_from_empty_project_to_labeled_unit(qtbot, window, tmp_pat
     for c, method in enumerate(heads):
         ranked = [x for x in all_labels if x["method"] == method and x["unit"] == unit]
         for rank, lab in enumerate(ranked):
-            assert uv.labels_table.item(rank, c).text().split("\n")[0] == lab["label"]
+            assert uv.labels_table.item(rank, c).text().split("  ·  ")[0] == lab["label"]
 
     # overlays: the opacity slider only repaints; the concept mask mode draws the chosen concept
     uv.opacity_slider.setValue(25)
@@ -238,6 +238,13 @@ def test_extract_then_label_queues_every_method_the_inputs_allow(qtbot, window, 
     window.manager.cancel_all()  # running them all is the labelers' tests' business
     for h in queued:
         qtbot.waitUntil(lambda h=h: h.state.finished, timeout=LONG)
+    # the layer shown last is shown again when the project is opened again
+    with Project.open(proj) as p:
+        second = p.find_layer(p.models()[0]["id"], "features.3")["id"]
+    window.show_layer(second)
+    window.close_project()
+    assert window.open_project(proj)
+    assert window.layer_id == second
 
 
 def test_naming_board_opens_from_the_window_and_its_names_reach_the_units_table(qtbot, window, tmp_path):
@@ -258,6 +265,22 @@ def test_naming_board_opens_from_the_window_and_its_names_reach_the_units_table(
     assert board.board.set_unit_name(first.unit_id, first.unit, "red corner")
     board.close()
     qtbot.waitUntil(lambda: window.board is None, timeout=LONG)
-    qtbot.waitUntil(lambda: window.table is not None and window.table.names[first.unit] == "red corner",
+    qtbot.waitUntil(lambda: window.table is not None and window.table.names[first.unit] == "red corner (ann)",
                     timeout=LONG)
+    # a second annotator's name shows beside the first, each with its author; the unit view shows both
+    from app.project.store import Project
+
+    with Project.open(built["project"]) as p:
+        p.set_annotation(annotator_id=p.annotator("bob"), unit_id=first.unit_id, kind="name", text="corner")
+        p.set_annotation(annotator_id=p.annotator("bob"), unit_id=first.unit_id, kind="description",
+                         text="the top-left corner of red squares")
+    window.show_layer(built["layer_id"], keep_unit=first.unit)
+    qtbot.waitUntil(lambda: window.table is not None and "corner (bob)" in window.table.names[first.unit],
+                    timeout=LONG)
+    assert window.table.names[first.unit] == "red corner (ann) · corner (bob)"
+    window.units.select_unit(first.unit)
+    window._on_unit(first.unit)
+    notes = window.unit_view.notes.text()
+    assert window.unit_view.notes.isVisible() or not window.isVisible()
+    assert "ann:" in notes and "bob:" in notes and "the top-left corner of red squares" in notes
     assert window.errors == []
