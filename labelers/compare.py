@@ -85,50 +85,18 @@ def looks_like_formula(text: str) -> bool:
 
 def formula_atoms(text: str) -> list[tuple[str, bool]] | None:
     """The atoms of a formula in compexp's spelling, each with whether it is positive (under an even number of
-    NOTs): ``((red AND water) AND (NOT top))`` -> [(red, True), (water, True), (top, False)]. None when `text` is
-    not a formula (a plain label or a description) or cannot be read as one.
+    NOTs): ``((red AND water) AND (NOT top))`` -> [(red, True), (top, False), (water, True)]. None when `text` is
+    not a formula (a plain label or a description) or cannot be read as one. The parsing is
+    `labelers.formulas.formula_atoms`, the one reading of formula texts."""
+    from labelers.formulas import formula_atoms as parse_atoms
 
-    A parser of its own rather than `labelers.formulas.parse`: labels come from other projects and tools, so the
-    concept vocabulary that `parse` needs is not at hand here. Kept in this one function so a shared one can
-    replace it."""
     if not looks_like_formula(text):
         return None
-    tokens = [t.strip() for t in _FORMULA_TOKEN.findall(text) if t.strip()]
-    atoms: list[tuple[str, bool]] = []
-    pos = 0
-
-    def expr(positive: bool) -> None:
-        nonlocal pos
-        unary(positive)
-        while pos < len(tokens) and tokens[pos] in ("AND", "OR"):
-            pos += 1
-            unary(positive)
-
-    def unary(positive: bool) -> None:
-        nonlocal pos
-        if pos >= len(tokens):
-            raise ValueError("ends too early")
-        tok = tokens[pos]
-        if tok == "NOT":
-            pos += 1
-            unary(not positive)
-        elif tok == "(":
-            pos += 1
-            expr(positive)
-            if pos >= len(tokens) or tokens[pos] != ")":
-                raise ValueError("unclosed parenthesis")
-            pos += 1
-        elif tok in (")", "AND", "OR"):
-            raise ValueError(f"unexpected {tok}")
-        else:
-            atoms.append((tok, positive))
-            pos += 1
-
     try:
-        expr(True)
+        atoms = parse_atoms(text)
     except ValueError:
         return None
-    return atoms if pos == len(tokens) and atoms else None
+    return [(name, not negated) for name, negated in atoms] or None
 
 
 def match_keys(text: str) -> frozenset[str]:
