@@ -66,6 +66,9 @@ class CaptionerParts:
     pad_id: int
     set_conditioned: bool
     mask_dim: float
+    # a captioner trained on regions shown over a flat grey (the in-app one: labelers.textmodels.mask_pixels) says
+    # so with `neuron_studio_mask_fill` (the grey, 0..1); its exemplars are then drawn the same way
+    mask_fill: float | None = None
 
 
 def captioner_parts(captioner: Any) -> CaptionerParts:
@@ -99,11 +102,17 @@ def captioner_parts(captioner: Any) -> CaptionerParts:
     dim = float(cfg.get("neuron_studio_mask_dim", MASK_DIM))
     return CaptionerParts(model=model, tokenizer=tok, image_processor=captioner.image_processor,
                           device=torch.device(captioner.device), start_id=start, end_id=end, pad_id=int(pad),
-                          set_conditioned=bool(cfg.get("neuron_studio_set_captioner")), mask_dim=dim)
+                          set_conditioned=bool(cfg.get("neuron_studio_set_captioner")), mask_dim=dim,
+                          mask_fill=None if cfg.get("neuron_studio_mask_fill") is None
+                          else float(cfg["neuron_studio_mask_fill"]))
 
 
-def masked_views(images: torch.Tensor, masks: torch.Tensor, dim: float = MASK_DIM) -> torch.Tensor:
-    """[n, S, S, 3] uint8 and [n, S, S] bool -> the captioner's pictures: the region as it is, the rest at `dim`."""
+def masked_views(images: torch.Tensor, masks: torch.Tensor, dim: float = MASK_DIM,
+                 fill: float | None = None) -> torch.Tensor:
+    """[n, S, S, 3] uint8 and [n, S, S] bool -> the captioner's pictures: the region as it is, the rest at `dim`
+    (or, with `fill`, the rest a flat grey of that level in 0..1, as the in-app captioner was trained)."""
+    if fill is not None:
+        return torch.where(masks[..., None], images, torch.full_like(images, round(float(fill) * 255)))
     keep = torch.where(masks[..., None], 1.0, float(dim))
     # truncation, as app.imaging.masked_image draws the same picture
     return (images.float() * keep).clamp(0, 255).to(torch.uint8)
@@ -448,7 +457,7 @@ class Milan(Labeler):
         # repeated to fill the k slots; the decoder's cross-attention has no padding mask to leave slots empty.
         empty = ~present.any(dim=1)
         pics = masked_views(eb.images.reshape(u * k, *eb.images.shape[2:]), eb.masks.reshape(u * k, *eb.masks.shape[2:]),
-                            parts.mask_dim)
+                            parts.mask_dim, parts.mask_fill)
         if parts.set_conditioned:
             order = _fill_slots(present)
             states = encode_images(parts, pics[order.reshape(-1)])

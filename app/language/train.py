@@ -35,6 +35,7 @@ from typing import Any
 from app.errors import JobError
 from app.jobs import Cancelled, JobProgress
 from app.language.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from labelers.textmodels import MASK_GREY
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ def build_model(kind: str, vocab: int, opts: TrainOptions) -> Any:
         cfg = tf.VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
         cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = BOS_ID, PAD_ID, EOS_ID
         cfg.neuron_studio_set_captioner = True
+        cfg.neuron_studio_mask_fill = MASK_GREY  # MILAN draws exemplars as this captioner saw regions
         return tf.VisionEncoderDecoderModel(config=cfg)
     if kind == "lm":
         return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=vocab, n_embd=h, n_layer=n, n_head=heads,
@@ -512,8 +514,6 @@ class TrainJob:
             project.close()
 
     def _execute(self, project: Any, progress: JobProgress) -> TrainReport:
-        import torch
-
         from app.engine.device import describe, pick_device
         from app.language.data import gather
 
