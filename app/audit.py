@@ -65,9 +65,9 @@ def _text_match(query_words: set[str], text: str) -> tuple[str | None, str]:
     return None, " and ".join(positive)
 
 
-def _texts(project: Project, layer_id: int | None) -> list[dict[str, Any]]:
+def _texts(project: Project, layer_id: int | None, max_rank: int | None) -> list[dict[str, Any]]:
     rows = []
-    for r in project.labels(layer_id=layer_id):
+    for r in project.labels(layer_id=layer_id, max_rank=max_rank):
         if r["label"]:
             rows.append({"source": "label", "who": r["method"], "text": r["label"], "model": r["model"],
                          "layer": r["layer"], "layer_id": r["layer_id"], "unit": r["unit"], "unit_id": r["unit_id"]})
@@ -79,14 +79,15 @@ def _texts(project: Project, layer_id: int | None) -> list[dict[str, Any]]:
 
 
 def find_units(project: Project, query: str, *, layer_id: int | None = None, encoder: Any = None,
-               threshold: float = SEMANTIC_THRESHOLD) -> list[UnitMatch]:
+               threshold: float = SEMANTIC_THRESHOLD, max_rank: int | None = 1) -> list[UnitMatch]:
     """Units whose labels (every method's newest run), human names or descriptions match `query`: by its words,
     by a positive formula atom, or, with a sentence `encoder` (an object with `sentences(texts) -> [N, D]` unit
-    vectors), by meaning. Best first, each with every reason it matched."""
+    vectors), by meaning. Best first, each with every reason it matched. `max_rank` 1: each method's best label
+    per unit only; its runners-up are what the unit is not mainly about, and matching them lists most units."""
     qwords = _words(query)
     if not qwords:
         raise JobError(f"the query {query!r} has no words to look for", fix="give a word, e.g. glyph")
-    rows = _texts(project, layer_id)
+    rows = _texts(project, layer_id, max_rank)
     hits: dict[int, UnitMatch] = {}
 
     def add(r: dict[str, Any], how: str, score: float) -> None:
@@ -208,6 +209,20 @@ def ablation_stats(labels: np.ndarray, pred_before: np.ndarray, pred_after: np.n
             "changed": int((pred_before != pred_after).sum()), "per_class": per_class}
 
 
+def output_targets(classes: list[str], labels: np.ndarray, class_names: list[str] | None, dataset: str
+                   ) -> tuple[np.ndarray, str]:
+    """The model output index of each image's class: by name when the model has class names (an ImageFolder's
+    classes are sorted by name, a model's are in its training order), else the dataset's order."""
+    if not class_names:
+        return labels, "the model has no class names: its outputs are taken in the dataset's class order"
+    index = {n: i for i, n in enumerate(class_names)}
+    missing = [c for c in classes if c not in index]
+    if missing:
+        raise DatasetError(f"dataset {dataset} has classes the model does not predict: {', '.join(missing[:5])}",
+                           fix=f"name the class folders as the model's classes ({', '.join(class_names[:6])} ...)")
+    return np.array([index[c] for c in classes], dtype=np.int64)[labels], "classes matched to outputs by name"
+
+
 def resolve_units(project: Project, layer_row: dict[str, Any], options: AblateOptions) -> tuple[list[int], list[str]]:
     notes: list[str] = []
     if (options.units is None) == (options.query is None):
@@ -286,6 +301,7 @@ class AblateJob:
             raise DatasetError(f"dataset {ds_row['name']} has no class labels to score predictions against",
                                file=ds_row["root"], fix="add the test images as ImageFolder class folders")
         classes, labels = classes_labels
+        labels, how = output_targets(classes, np.asarray(labels), model_row.get("class_names"), ds_row["name"])
         device = pick_device(o.device)
         model = self.model if self.model is not None else load_project_model(model_row, device)
         info = layer_info(layer_row)
@@ -329,13 +345,14 @@ class AblateJob:
             progress.update(done, len(indices), "running the model with and without the units")
         y = np.asarray(labels)[indices][ok]
         p = preds[:, ok]
-        stats = ablation_stats(y, p[0], p[1], classes, o.n_boot, o.seed)
+        names = list(model_row.get("class_names") or classes)
+        stats = ablation_stats(y, p[0], p[1], names, o.n_boot, o.seed)
+        stats["per_class"] = [c for c in stats["per_class"] if c.n > 0]
         control = [float((p[2 + j] == y).mean()) for j in range(len(controls))]
         edit = stats["accuracy_after"] - stats["accuracy_before"]
         as_large = float(np.mean([abs(c - stats["accuracy_before"]) >= abs(edit) for c in control])) if control \
             else float("nan")
-        notes = [f"classes are taken as the model's outputs in the dataset's order ({', '.join(classes[:5])}"
-                 f"{' ...' if len(classes) > 5 else ''})"]
+        notes = [how]
         return AblateResult(model=model_row["name"], layer=info.name, dataset=ds_row["name"], mode=o.mode,
                             units=units, query=o.query, images=int(ok.sum()), control=control,
                             control_units=controls, control_as_large=as_large, unread=int((~ok).sum()), notes=notes,
