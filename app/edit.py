@@ -107,12 +107,27 @@ def fold_ablation(model: Any, layer: str, units: Sequence[int], *, axis: int, va
             "its ReLU), or use --mode zero")
 
 
-def save_safetensors(module: Any, path: Path, metadata: dict[str, Any]) -> None:
+EDIT_METADATA = "neuron_studio.edit"
+
+
+def source_metadata(weights_path: str | None) -> dict[str, str]:
+    """The metadata of the model's own safetensors file (a built-in architecture is loaded by it), else none."""
+    if not weights_path or Path(weights_path).suffix.lower() != ".safetensors" or not Path(weights_path).is_file():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(weights_path, framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def save_safetensors(module: Any, path: Path, edit: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
+    """The module's state dict, with the source file's metadata kept (so the file loads as the original did) and
+    the edit described under `neuron_studio.edit`."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={"neuron_studio": json.dumps(metadata)})
+    save_file(state, str(path), metadata={**(metadata or {}), EDIT_METADATA: json.dumps(edit)})
 
 
 def save_edited_model(project_path: str | Path, options: Any, units: Sequence[int], path: Path,
@@ -141,5 +156,6 @@ def save_edited_model(project_path: str | Path, options: Any, units: Sequence[in
     folded, into = fold_ablation(model, info.name, units, axis=instrument.unit_axis(info.kind, info.channels_last),
                                  values=values)
     save_safetensors(folded, path, {"model": model_row["name"], "spec": model_row["spec"], "layer": info.name,
-                                    "units": list(units), "mode": options.mode, "folded_into": into})
+                                    "units": list(units), "mode": options.mode, "folded_into": into},
+                     source_metadata(model_row["weights_path"]))
     return f"wrote {path}: {model_row['name']} with {len(units)} unit(s) of {info.name} ablated, folded into {into}"
