@@ -118,3 +118,52 @@ def test_ablate_refuses_units_out_of_range(project, tmp_path):
 
     with pytest.raises(JobError, match="out of range"):
         _run(project, tmp_path, units=[99])
+
+
+def test_cli_ablate_json_and_save_on_a_builtin_model(tmp_path, capsys):
+    """The whole command on a real project: a random ShapesCNN saved as Neuron Studio writes it."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from app.cli import main
+    from app.demo.train import ShapesCNN
+
+    torch.manual_seed(0)
+    net = ShapesCNN(num_classes=3, width=4).eval()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "w.safetensors"), metadata={
+        "neuron_studio.architecture": "shapes_cnn",
+        "neuron_studio.arch_kwargs": json.dumps({"num_classes": 3, "width": 4}),
+        "neuron_studio.preprocess": json.dumps({"resize": SIZE, "crop": SIZE, "mean": [0.5] * 3, "std": [0.25] * 3}),
+        "neuron_studio.classes": json.dumps(["c", "b", "a"])})  # not the folders' sorted order: matched by name
+    proj = str(tmp_path / "p.nstudio")
+    assert main(["new", proj]) == 0
+    assert main(["add-model", proj, "builtin:shapes_cnn", "--weights", str(tmp_path / "w.safetensors"), "-q"]) == 0
+    assert main(["add-dataset", proj, str(_imagefolder(tmp_path / "test")), "--name", "test", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["ablate", proj, "--layer", "block4", "--units", "0,2", "--dataset", "test", "--controls", "2",
+                 "--bootstrap", "50", "--device", "cpu", "--save", str(tmp_path / "edited.safetensors"),
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["units"] == [0, 2] and len(out["control"]) == 2 and out["images"] == 12
+    assert {"accuracy_before", "accuracy_after", "changed", "difference_ci", "per_class"} <= set(out)
+    assert any("folded into fc" in n for n in out["notes"])
+    assert main(["ablate", proj, "--layer", "block4", "--units", "0,x", "--dataset", "test"]) == 2
+
+
+def test_cancel_stops_the_job_records_it_and_leaves_no_hooks(project, tmp_path):
+    from app.audit import AblateJob, AblateOptions
+    from app.jobs import JobProgress, run_job
+    from app.project.store import Project
+    from labelers.base import Cancelled
+
+    model = tiny_model()
+    progress = JobProgress()
+    progress.min_interval = 0.0
+    progress.listeners.append(lambda info: progress.cancel() if info.done > 0 else None)
+    opts = AblateOptions(layer="act2", dataset="test", units=[1], device="cpu", batch_size=4, controls=1)
+    with pytest.raises(Cancelled):
+        run_job(AblateJob(project, opts, model=model), progress)
+    assert _hook_count(model.module) == 0
+    with Project.open(project) as p:
+        assert p.runs("ablate")[-1].status == "cancelled"
