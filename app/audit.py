@@ -228,7 +228,7 @@ def resolve_units(project: Project, layer_row: dict[str, Any], options: AblateOp
     if (options.units is None) == (options.query is None):
         raise JobError("say which units to ablate: --units or --query, not both", fix="e.g. --units 3,17,40")
     if options.units is not None:
-        units = sorted(set(int(u) for u in options.units))
+        units = sorted({int(u) for u in options.units})
     else:
         encoder, why = (None, "words and formula atoms only") if options.exact_only else load_encoder(options.encoder)
         if why:
@@ -291,7 +291,12 @@ class AblateJob:
         import torch
 
         from app.engine.device import pick_device
-        from app.engine.extract import layer_info, load_project_model, make_loader, open_project_dataset
+        from app.engine.extract import (
+            layer_info,
+            load_project_model,
+            make_loader,
+            open_project_dataset,
+        )
         from app.sources import instrument
 
         o = self.options
@@ -311,7 +316,7 @@ class AblateJob:
             from app.engine.results import LayerResults
 
             pooled_mean = LayerResults.load(project, int(layer_row["id"])).pooled_mean
-        values = lambda us: instrument.ablation_values(o.mode, us, pooled_mean=pooled_mean,  # noqa: E731
+        values = lambda us: instrument.ablation_values(o.mode, us, pooled_mean=pooled_mean,
                                                        constant=o.constant)
         rng = np.random.default_rng(o.seed)
         others = np.setdiff1d(np.arange(int(layer_row["units"])), units)
@@ -363,8 +368,8 @@ def result_lines(r: AblateResult) -> list[str]:
     lo, hi = r.difference_ci
     lines = [f"{r.model} {r.layer}: {len(r.units)} unit(s) {r.mode}-ablated on {r.dataset} ({r.images} images)",
              f"  units: {', '.join(map(str, r.units))}",
-             f"  accuracy {r.accuracy_before:.4f} -> {r.accuracy_after:.4f} (difference {r.difference:+.4f}, "
-             f"95% CI {lo:+.4f} .. {hi:+.4f}); {r.changed} prediction(s) changed"]
+             (f"  accuracy {r.accuracy_before:.4f} -> {r.accuracy_after:.4f} (difference {r.difference:+.4f}, "
+              f"95% CI {lo:+.4f} .. {hi:+.4f}); {r.changed} prediction(s) changed")]
     if r.control:
         lines.append(f"  random-unit controls ({len(r.control)} x {len(r.units)} units): accuracy "
                      f"{min(r.control):.4f} .. {max(r.control):.4f} (mean {np.mean(r.control):.4f}); "

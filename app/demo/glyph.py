@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+
 import numpy as np
 from PIL import Image
 

@@ -87,7 +87,7 @@ def test_ablation_matches_zeroing_by_hand_and_is_stored_as_a_run(project, tmp_pa
     with Project.open(project) as p:
         reader = open_project_dataset(p.dataset("test"))
         run = p.runs("ablate")[-1]
-    classes, labels = reader.class_labels()
+    _classes, labels = reader.class_labels()
     tf = model.preprocess.transform()
     x = torch.stack([tf(Image.open(im.path).convert("RGB")) for im in reader.images])
     net = model.module

@@ -50,10 +50,9 @@ def test_every_context_removes_its_hooks_even_when_the_forward_raises():
     for ctx in (lambda: hooks.capture(net, ["0", "1"], stop_after_last=False),
                 lambda: hooks.replace(net, {"0": lambda t: t * 2}),
                 lambda: hooks.ablate(net, "0", [1])):
-        with pytest.raises(RuntimeError, match="boom"):
-            with ctx():
-                assert _hook_count(net) > 0
-                net(torch.ones(1, 2))
+        with pytest.raises(RuntimeError, match="boom"), ctx():
+            assert _hook_count(net) > 0
+            net(torch.ones(1, 2))
         assert _hook_count(net) == 0
 
 
