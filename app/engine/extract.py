@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.engine import hooks
+from app.sources import instrument as hooks
 from app.engine.claims import claim_or_wait
 from app.engine.device import describe, pick_device
 from app.engine.stats import (

@@ -225,68 +225,34 @@ def _dataset_paths(project: Project, dataset_id: int, indices: Sequence[int]) ->
     return [image_path(ds["root"], keys[int(i)]) for i in indices]
 
 
-def _replace_first_tensor(output: Any, new: Any) -> Any:
-    import torch
-
-    if isinstance(output, torch.Tensor):
-        return new
-    if isinstance(output, (tuple, list)):
-        items = list(output)
-        for i, v in enumerate(items):
-            if isinstance(v, torch.Tensor):
-                items[i] = new
-                return type(output)(items) if isinstance(output, list) else tuple(items)
-    raise JobError("the layer's output is not a tensor or a tuple of tensors, so its gradient cannot be taken",
-                   fix="build a unit-centric pool for this layer instead")
-
-
-def _first_tensor(output: Any) -> Any:
-    import torch
-
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        for v in output:
-            if isinstance(v, torch.Tensor):
-                return v
-    return None
-
-
 def gradient_x_activation(model: Any, info: Any, x: Any) -> tuple[Any, Any, Any]:
     """Unit maps [B, U, h, w], their gradient x activation maps [B, U, h, w] for the predicted class, and the
     logits [B, C]. The layer's output is replaced by a leaf that requires grad (the loaded model's parameters do
     not), so the gradient flows to it whatever the model; the hook is always removed."""
     import torch
 
-    from app.engine.hooks import _module_by_name
+    from app.sources import instrument
     from app.sources.models import unit_maps
 
     captured: dict[str, Any] = {}
 
-    def hook(_module: Any, _inputs: Any, output: Any) -> Any:
-        t = _first_tensor(output)
-        if t is None:
-            raise JobError(f"layer {info.name!r} produced no tensor", fix="choose another layer")
+    def as_leaf(t: Any) -> Any:
         leaf = t.detach().float().requires_grad_(True)
         captured["leaf"] = leaf
         # A copy goes on: the next module may work in place (ReLU(inplace=True)), which a leaf does not allow.
-        return _replace_first_tensor(output, leaf.to(t.dtype, copy=True))
+        return leaf.to(t.dtype, copy=True)
 
-    handle = _module_by_name(model.module, info.name).register_forward_hook(hook)
-    try:
-        with torch.enable_grad():
-            logits = model.forward(x)
-            if logits.ndim != 2:
-                raise JobError(
-                    f"decision-centric pools need a classifier (output [batch, classes]); the model gives "
-                    f"{list(logits.shape)}", fix="build a unit-centric pool instead")
-            if "leaf" not in captured:
-                raise JobError(f"layer {info.name!r} did not run in the forward pass", fix="choose another layer")
-            pred = logits.argmax(dim=1)
-            selected = logits.gather(1, pred[:, None]).sum()
-            (grad,) = torch.autograd.grad(selected, captured["leaf"], allow_unused=True)
-    finally:
-        handle.remove()
+    with instrument.replace(model.module, {info.name: as_leaf}), torch.enable_grad():
+        logits = model.forward(x)
+        if logits.ndim != 2:
+            raise JobError(
+                f"decision-centric pools need a classifier (output [batch, classes]); the model gives "
+                f"{list(logits.shape)}", fix="build a unit-centric pool instead")
+        if "leaf" not in captured:
+            raise JobError(f"layer {info.name!r} did not run in the forward pass", fix="choose another layer")
+        pred = logits.argmax(dim=1)
+        selected = logits.gather(1, pred[:, None]).sum()
+        (grad,) = torch.autograd.grad(selected, captured["leaf"], allow_unused=True)
     leaf = captured["leaf"].detach()
     if grad is None:
         grad = torch.zeros_like(leaf)

@@ -1148,17 +1148,6 @@ def _shape_error(layer: LayerInfo, t: torch.Tensor) -> ModelLoadError:
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
-    import torch
+    from app.sources.instrument import first_tensor
 
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping):  # transformers ModelOutput is an OrderedDict of its non-None fields
-        items = list(output.values())
-    elif isinstance(output, (tuple, list)):
-        items = list(output)
-    else:
-        return None
-    for v in items:
-        if isinstance(v, torch.Tensor):
-            return v
-    return None
+    return first_tensor(output)

@@ -71,7 +71,7 @@ def test_topk_exemplars_match_direct_topk():
 
 
 def test_capture_is_not_rewritten_by_a_later_inplace_op():
-    from app.engine import hooks
+    from app.sources import instrument as hooks
 
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.ReLU(inplace=True))
     with torch.no_grad():

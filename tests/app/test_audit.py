@@ -1,0 +1,169 @@
+"""Find units by their labels and names, ablate them, and measure what changes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.app.naming_helpers import PREPROCESS, SIZE, UNITS, LayerRow, tiny_model
+
+
+def _imagefolder(root, n_per_class=4):
+    rng = np.random.default_rng(0)
+    for c in ("a", "b", "c"):
+        (root / c).mkdir(parents=True)
+        for i in range(n_per_class):
+            img = rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+            Image.fromarray(img).save(root / c / f"{i}.png")
+    return root
+
+
+@pytest.fixture()
+def project(tmp_path):
+    from app.project.store import Project
+    from app.sources.datasets import open_dataset
+    from labelers.base import Label
+
+    p = Project.create(tmp_path / "p.nstudio")
+    model_id = p.add_model(name="tiny", spec="builtin:tiny", kind="builtin", weights_path=None, fingerprint="tiny",
+                           preprocess=PREPROCESS, class_names=["a", "b", "c"], layers=[LayerRow("act2", UNITS)])
+    layer_id = p.layer(model_id, "act2")["id"]
+    p.add_dataset(name="test", reader=open_dataset(_imagefolder(tmp_path / "test")), fingerprint="fp")
+    run = p.create_run(kind="label", key="k", params={}, model_id=model_id, layer_id=layer_id, method="compexp")
+    p.replace_labels(run, layer_id, "compexp", [
+        Label(unit=0, rank=1, text="((glyph OR star) AND (NOT sky))", score=0.3),
+        Label(unit=1, rank=1, text="(water AND (NOT glyph))", score=0.3),
+        Label(unit=2, rank=1, text="blue sky", score=0.2)])
+    p.finish_run(run, "done")
+    ann = p.annotator("ana")
+    unit_ids = p.unit_ids(layer_id)
+    p.set_annotation(annotator_id=ann, unit_id=unit_ids[3], kind="description", text="Small glyphs stamped on images")
+    p.set_annotation(annotator_id=ann, unit_id=unit_ids[4], kind="name", text="letters")
+    p.close()
+    return tmp_path / "p.nstudio"
+
+
+class FakeEncoder:
+    """Hand-set unit vectors: "letters" means the same as "glyph", nothing else does."""
+
+    def sentences(self, texts):
+        return np.array([[1.0, 0.0] if t in ("glyph", "letters") else [0.0, 1.0] for t in texts], np.float32)
+
+
+def test_find_matches_words_and_positive_atoms_but_not_negated_ones(project):
+    from app.audit import find_units
+    from app.project.store import Project
+
+    with Project.open(project) as p:
+        exact = find_units(p, "glyphs")
+        meaning = find_units(p, "glyph", encoder=FakeEncoder())
+    assert {m.unit: [r.how for r in m.reasons] for m in exact} == {0: ["formula atom"], 3: ["words"]}
+    assert 1 not in {m.unit for m in meaning}  # "NOT glyph" never answers a query for glyphs
+    assert {m.unit for m in meaning} == {0, 3, 4}
+    assert [r.how for r in next(m for m in meaning if m.unit == 4).reasons] == ["meaning"]
+
+
+def _run(project, tmp_path, **kw):
+    from app.audit import AblateJob, AblateOptions
+    from app.jobs import JobProgress, run_job
+
+    model = tiny_model()
+    opts = AblateOptions(layer="act2", dataset="test", device="cpu", n_boot=200, controls=3, **kw)
+    result = run_job(AblateJob(project, opts, model=model), JobProgress())
+    return result, model
+
+
+def _hook_count(net):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in net.modules())
+
+
+def test_ablation_matches_zeroing_by_hand_and_is_stored_as_a_run(project, tmp_path):
+    from app.engine.extract import open_project_dataset
+    from app.project.store import Project
+
+    result, model = _run(project, tmp_path, units=[1, 3])
+    assert _hook_count(model.module) == 0
+    with Project.open(project) as p:
+        reader = open_project_dataset(p.dataset("test"))
+        run = p.runs("ablate")[-1]
+    _classes, labels = reader.class_labels()
+    tf = model.preprocess.transform()
+    x = torch.stack([tf(Image.open(im.path).convert("RGB")) for im in reader.images])
+    net = model.module
+    with torch.no_grad():
+        before = net(x).argmax(1).numpy()
+        h = net.act2(net.conv2(net.act1(net.conv1(x))))
+        h[:, [1, 3]] = 0
+        after = net.fc(torch.flatten(net.pool(h), 1)).argmax(1).numpy()
+    assert result.accuracy_before == pytest.approx(float((before == labels).mean()))
+    assert result.accuracy_after == pytest.approx(float((after == labels).mean()))
+    assert result.changed == int((before != after).sum())
+    assert result.units == [1, 3] and len(result.control) == 3
+    assert all(len(u) == 2 and not set(u) & {1, 3} for u in result.control_units)
+    lo, hi = result.difference_ci
+    assert lo <= result.difference <= hi
+    assert run.status == "done" and run.report["accuracy_after"] == result.accuracy_after
+
+
+def test_ablating_nothing_changes_no_prediction_and_query_picks_the_labelled_units(project, tmp_path):
+    nothing, _ = _run(project, tmp_path, units=[])
+    assert nothing.changed == 0 and nothing.accuracy_after == nothing.accuracy_before
+    by_query, _ = _run(project, tmp_path, query="glyph", exact_only=True, mode="constant", constant=0.0)
+    assert by_query.units == [0, 3]
+
+
+def test_ablate_refuses_units_out_of_range(project, tmp_path):
+    from app.errors import JobError
+
+    with pytest.raises(JobError, match="out of range"):
+        _run(project, tmp_path, units=[99])
+
+
+def test_cli_ablate_json_and_save_on_a_builtin_model(tmp_path, capsys):
+    """The whole command on a real project: a random ShapesCNN saved as Neuron Studio writes it."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from app.cli import main
+    from app.demo.train import ShapesCNN
+
+    torch.manual_seed(0)
+    net = ShapesCNN(num_classes=3, width=4).eval()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "w.safetensors"), metadata={
+        "neuron_studio.architecture": "shapes_cnn",
+        "neuron_studio.arch_kwargs": json.dumps({"num_classes": 3, "width": 4}),
+        "neuron_studio.preprocess": json.dumps({"resize": SIZE, "crop": SIZE, "mean": [0.5] * 3, "std": [0.25] * 3}),
+        "neuron_studio.classes": json.dumps(["c", "b", "a"])})  # not the folders' sorted order: matched by name
+    proj = str(tmp_path / "p.nstudio")
+    assert main(["new", proj]) == 0
+    assert main(["add-model", proj, "builtin:shapes_cnn", "--weights", str(tmp_path / "w.safetensors"), "-q"]) == 0
+    assert main(["add-dataset", proj, str(_imagefolder(tmp_path / "test")), "--name", "test", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["ablate", proj, "--layer", "block4", "--units", "0,2", "--dataset", "test", "--controls", "2",
+                 "--bootstrap", "50", "--device", "cpu", "--save", str(tmp_path / "edited.safetensors"),
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["units"] == [0, 2] and len(out["control"]) == 2 and out["images"] == 12
+    assert {"accuracy_before", "accuracy_after", "changed", "difference_ci", "per_class"} <= set(out)
+    assert any("folded into fc" in n for n in out["notes"])
+    assert main(["ablate", proj, "--layer", "block4", "--units", "0,x", "--dataset", "test"]) == 2
+
+
+def test_cancel_stops_the_job_records_it_and_leaves_no_hooks(project, tmp_path):
+    from app.audit import AblateJob, AblateOptions
+    from app.jobs import JobProgress, run_job
+    from app.project.store import Project
+    from labelers.base import Cancelled
+
+    model = tiny_model()
+    progress = JobProgress()
+    progress.min_interval = 0.0
+    progress.listeners.append(lambda info: progress.cancel() if info.done > 0 else None)
+    opts = AblateOptions(layer="act2", dataset="test", units=[1], device="cpu", batch_size=4, controls=1)
+    with pytest.raises(Cancelled):
+        run_job(AblateJob(project, opts, model=model), progress)
+    assert _hook_count(model.module) == 0
+    with Project.open(project) as p:
+        assert p.runs("ablate")[-1].status == "cancelled"
