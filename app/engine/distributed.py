@@ -379,7 +379,10 @@ def run_label_units(task: LabelTask) -> Any:
     reader = open_project_dataset(src.ds_row)
     model = load_project_model(src.model_row, device)
     rows = np.nonzero(src.results.valid)[0]
-    every = task.job._mask_iter(reader, rows, model, src.layer_row, src.results, device)
+    from app.engine.inputs import InputOptions, mask_batches
+
+    every = mask_batches(src.layer_row, src.model_row, src.ds_row, src.results, rows, reader, model, device,
+                         InputOptions(batch_size=task.job.batch_size, num_workers=task.job.num_workers))
     keep = torch.tensor(task.units, dtype=torch.int64)
 
     def batches() -> Any:

@@ -393,6 +393,14 @@ def _image_iter(reader: Any, rows: Any):
     return images
 
 
+def mask_batches(layer: dict[str, Any], model_row: dict[str, Any], dataset: dict[str, Any], results: Any, rows: Any,
+                 reader: Any, model: Any, device: Any, options: InputOptions | None = None):
+    """The MASK_BATCHES iterator of a layer outside a project (a Ray worker has the rows, not the database)."""
+    ctx = BuildContext(project=None, layer=layer, model=model_row, dataset=dataset, results=results, rows=rows,
+                       device=device, options=options or InputOptions(), inputs=None)  # type: ignore[arg-type]
+    return _mask_iter(ctx, reader, model)
+
+
 def _mask_iter(ctx: BuildContext, reader: Any, model: Any):
     import numpy as np
     import torch

@@ -95,21 +95,17 @@ def file_fingerprint(path: Path) -> str:
 
 def _lm_error(problem: str, file: Any = None) -> JobError:
     return JobError(problem, file=file, fix="give a local causal language model folder (transformers format, e.g. "
-                                            "GPT-2) with --lm DIR, or train one in the app on the captions")
+                                            "GPT-2) with --lm DIR, or train one in the app: "
+                                            "neuron-studio language train PROJECT --kind lm")
 
 
 def resolve_lm(project: Project, given: str | None) -> Path:
-    """The LM folder: the one given, else the project's own trained LM when the language registry offers one."""
+    """The LM folder: the one given, else the project's newest causal LM (trained in the app or brought)."""
     if given:
         return Path(given).expanduser().resolve()
-    try:  # the project's language registry (app/language) may not exist in every build
-        from app.language import registry  # type: ignore[attr-defined]
-
-        found = registry.default_model(project, "lm")  # type: ignore[attr-defined]
-        if found:
-            return Path(found)
-    except (ImportError, AttributeError):
-        pass
+    row = project.language_model(kind="lm")
+    if row is not None:
+        return Path(row["abs_path"])
     raise _lm_error("no language model was given and the project has none")
 
 

@@ -345,40 +345,38 @@ class LabelDialog(QDialog):
         self.method_list.setCurrentRow(0)
 
     def _refresh_availability(self) -> None:
-        """Ticks what can run as it stands. A method whose inputs the layer lacks cannot be ticked; one that needs
-        a model folder not chosen yet starts unticked and ticks itself once a folder is chosen."""
-        why = self.unavailable.get(self.layer.currentText(), {})
+        """Ticks what can run as it stands. A method whose inputs the layer lacks cannot be ticked; a CLIP method
+        on a project without a dual encoder of its own becomes runnable (and ticked) once a folder is chosen."""
         self.error.clear()
         self.method_list.blockSignals(True)
         for i in range(self.method_list.count()):
-            item = self.method_list.item(i)
-            name = item.data(Qt.ItemDataRole.UserRole)
-            page = self.page_of[name]
-            reason = why.get(name)
-            if reason:
-                item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsUserCheckable)
-                item.setForeground(Qt.GlobalColor.gray)
-            else:
-                item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
-                item.setData(Qt.ItemDataRole.ForegroundRole, None)
-            waiting = not reason and page.clip is not None and not page.clip.text()
-            hint = ("Not ticked: it needs a local CLIP model folder (transformers format). Choose one below and it "
-                    "is ticked." if waiting else "")
-            item.setCheckState(Qt.CheckState.Unchecked if reason or waiting else Qt.CheckState.Checked)
-            item.setToolTip(reason or hint or self.methods[name].paper)
-            page.warning.setText(reason or hint)
-            page.warning.setVisible(bool(reason or hint))
+            self._apply_availability(self.method_list.item(i))
         self.method_list.blockSignals(False)
 
-    def _clip_chosen(self, name: str, text: str) -> None:
+    def _apply_availability(self, item: Any) -> None:
+        name = item.data(Qt.ItemDataRole.UserRole)
         page = self.page_of[name]
+        reason = self.unavailable.get(self.layer.currentText(), {}).get(name)
+        if reason and page.clip is not None and page.clip.text().strip():
+            reason = None  # no dual encoder in the project, but a folder is chosen in the form
+        if reason:
+            item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsUserCheckable)
+            item.setForeground(Qt.GlobalColor.gray)
+            if page.clip is not None:
+                reason += " Or choose a CLIP model folder below and it is ticked."
+        else:
+            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+            item.setData(Qt.ItemDataRole.ForegroundRole, None)
+        item.setCheckState(Qt.CheckState.Unchecked if reason else Qt.CheckState.Checked)
+        item.setToolTip(reason or self.methods[name].paper)
+        page.warning.setText(reason or "")
+        page.warning.setVisible(bool(reason))
+
+    def _clip_chosen(self, name: str, text: str) -> None:
         item = next(self.method_list.item(i) for i in range(self.method_list.count())
                     if self.method_list.item(i).data(Qt.ItemDataRole.UserRole) == name)
-        if not item.flags() & Qt.ItemFlag.ItemIsUserCheckable:
-            return
-        has = bool(text.strip())
-        item.setCheckState(Qt.CheckState.Checked if has else Qt.CheckState.Unchecked)
-        page.warning.setVisible(not has)
+        self.error.clear()
+        self._apply_availability(item)
 
     def set_checked(self, names: list[str]) -> None:
         for i in range(self.method_list.count()):

@@ -19,7 +19,7 @@ from tests.app.export.conftest import CountingProgress, export
 
 ALL_FORMATS = ("labels-csv", "labels-jsonl", "labels-parquet", "annotations-csv", "annotations-jsonl",
                "annotations-parquet", "concepts", "coco", "milan", "activations", "html", "netdissect-tally",
-               "clip-dissect-csv", "invert-csv", "milan-csv")
+               "clip-dissect-csv", "invert-csv", "milan-csv", "texplain-words")
 
 
 def target_for(out_dir: Path, fmt: str) -> Path:

@@ -50,24 +50,33 @@ def test_label_dialog_does_not_tick_what_cannot_run_and_clears_its_error(qtbot, 
     methods = lb.available()
     if "clip_dissect" not in methods:
         pytest.skip("no CLIP-Dissect in this build")
-    why = {"layer1": {"netdissect": "Needs mask counts, which comes from a dataset with masks."}}
+    why = {"layer1": {"netdissect": "Needs mask counts, which comes from a dataset with masks.",
+                      "clip_dissect": "Needs clip model, which this project does not have."}}
     dlg = LabelDialog(methods, ["layer1"], "layer1", why)
     qtbot.addWidget(dlg)
     item = {dlg.method_list.item(i).data(Qt.ItemDataRole.UserRole): dlg.method_list.item(i)
             for i in range(dlg.method_list.count())}
-    assert item["clip_dissect"].checkState() == Qt.CheckState.Unchecked  # no CLIP folder chosen yet
+    assert item["clip_dissect"].checkState() == Qt.CheckState.Unchecked  # no dual encoder, no folder chosen yet
     assert "CLIP model folder" in dlg.page_of["clip_dissect"].warning.text()
     assert not item["netdissect"].flags() & Qt.ItemFlag.ItemIsUserCheckable  # cannot be ticked at all
     assert all(r["method"] != "clip_dissect" for r in dlg.requests())  # the first Queue does not fail
-    # ticked by hand without a folder: Queue says why; unticking clears the message
-    item["clip_dissect"].setCheckState(Qt.CheckState.Checked)
+    # nothing ticked: Queue says why; a change of choice clears the message
+    dlg.set_checked([])
     dlg._accept()
-    assert "CLIP model folder" in dlg.error.text()
-    item["clip_dissect"].setCheckState(Qt.CheckState.Unchecked)
-    assert dlg.error.text() == ""
-    # choosing a folder ticks it
+    assert dlg.error.text()
+    # choosing a folder makes it runnable and ticks it, and clears the error; emptying the field undoes that
     dlg.page_of["clip_dissect"].clip.setText(str(tmp_path))
-    assert item["clip_dissect"].checkState() == Qt.CheckState.Checked
+    assert item["clip_dissect"].checkState() == Qt.CheckState.Checked and dlg.error.text() == ""
+    assert not dlg.page_of["clip_dissect"].warning.isVisible()
+    dlg.page_of["clip_dissect"].clip.setText("")
+    assert item["clip_dissect"].checkState() == Qt.CheckState.Unchecked
+    # a project with its own dual encoder: ticked, and an empty folder means the project's own
+    dlg2 = LabelDialog(methods, ["layer1"], "layer1", {"layer1": {}})
+    qtbot.addWidget(dlg2)
+    it2 = {dlg2.method_list.item(i).data(Qt.ItemDataRole.UserRole): dlg2.method_list.item(i)
+           for i in range(dlg2.method_list.count())}
+    assert it2["clip_dissect"].checkState() == Qt.CheckState.Checked
+    assert next(r for r in dlg2.requests() if r["method"] == "clip_dissect")["clip_model"] is None
 
 
 def test_layer_overview_colours_are_one_per_category_across_layers(qtbot):
