@@ -20,8 +20,10 @@ from labelers.compare import formula_atoms, normalise
 log = logging.getLogger(__name__)
 
 # Cosine between the query's and a text's all-MiniLM-L6-v2 sentence embeddings at which the text counts as saying
-# the same thing. Not yet measured on planted labels: 0.6 keeps near-synonyms ("letter" for "text") and leaves
-# out texts that only share a topic; raise it when the list is noisy.
+# the same thing. Measured on the demo's one-word labels: synonyms score 0.41-0.56 (disc/circle 0.42, round
+# shape/circle 0.56, symbol/glyph 0.46) but so do different concepts (circle/square 0.49, circle/ring 0.53), and
+# unrelated words 0.33-0.37; no cut separates them, so meaning only adds close paraphrases (>= 0.6) and words and
+# formula atoms do the rest. Lower it (find --threshold) only with a list you check by eye.
 SEMANTIC_THRESHOLD = 0.6
 
 

