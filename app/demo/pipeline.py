@@ -1,16 +1,24 @@
-"""The built-in demo, end to end and offline: generate the shapes dataset, train the small CNN, create a project,
-extract its layers and run every labeler whose inputs the demo has. Each step is skipped when its result is
-already there, so an interrupted demo continues where it stopped."""
+"""The built-in demo, end to end and offline, as an explicit list of named steps: generate the shapes dataset, put
+the demo CNN's weights in place (the trained weights shipped with the app, or trained here), create the project,
+extract its layers, then run every labeler on every layer.
+
+Each step is one `DemoStep` with its own name, progress stage ("step k of n: ...") and clock, and is skipped when
+its result is already there, so an interrupted demo continues where it stopped; the summary says how long each
+step took. `demo_steps` is the whole list: a new step (training a language model, a new kind of labeling) is one
+entry there. The window runs the setup steps as one job, then every other step as a job of its own, so results
+appear in the window as each one finishes (`DemoJob(only=...)`).
+"""
 from __future__ import annotations
 
 import json
 import logging
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import labelers.base as lb
 from app.jobs import JobProgress
 
 log = logging.getLogger(__name__)
@@ -18,6 +26,19 @@ log = logging.getLogger(__name__)
 PROJECT_NAME = "demo.nstudio"
 DATASET_DIR = "shapes"
 WEIGHTS_NAME = "shapes_cnn.safetensors"
+DEFAULT_IMAGES = 3000
+
+# ShapesCNN's four blocks and its classifier: the layers the demo extracts and labels. Their inner conv/bn/relu are
+# left out, and so is the global pooling, which only repeats block4's per-image means. Known before the project
+# exists, so that every step can be listed (and counted) up front.
+DEMO_LAYERS: tuple[str, ...] = ("block1", "block2", "block3", "block4", "fc")
+
+
+@dataclass
+class StepTime:
+    name: str
+    seconds: float
+    outcome: str  # "done", "already done", "skipped: why", "failed: why"
 
 
 @dataclass
@@ -26,35 +47,205 @@ class DemoSummary:
     training: dict[str, Any]
     layers: list[dict[str, Any]] = field(default_factory=list)
     skipped_methods: dict[str, str] = field(default_factory=dict)
+    steps: list[StepTime] = field(default_factory=list)
+    seconds: float = 0.0
 
 
-def demo_layers(project: Any, model_id: int) -> list[str]:
-    """The blocks and the classifier: the top-level modules with units (their inner conv/bn/relu are left out, and
-    the global pooling, which only repeats the last block's per-image means)."""
-    rows = project.layers(model_id, extractable_only=True)
-    return [r["name"] for r in rows if "." not in r["name"] and r["name"] and "Pool" not in r["type"]]
+@dataclass
+class DemoContext:
+    """What the steps share: the demo's folders and settings, and the summary they fill in."""
+
+    out_dir: Path
+    n_images: int
+    epochs: int | None
+    device: str
+    seed: int
+    train: bool  # train the CNN here even when the shipped weights fit
+    summary: DemoSummary
+
+    @property
+    def data_dir(self) -> Path:
+        return self.out_dir / DATASET_DIR
+
+    @property
+    def weights(self) -> Path:
+        return self.out_dir / WEIGHTS_NAME
+
+    @property
+    def project_dir(self) -> Path:
+        return self.out_dir / PROJECT_NAME
 
 
+@dataclass
+class DemoStep:
+    """One named step. `run` does it and returns what the summary says about it ("done", "already done", or
+    "skipped: why"); it raises on failure. `setup` steps are what the window needs before it can show the project;
+    `kind`/`layer`/`method` tell the window what a step's job changes (a label step refreshes that layer's table)."""
+
+    name: str
+    run: Callable[[DemoContext, JobProgress], str]
+    setup: bool = False
+    kind: str = "demo"
+    layer: str | None = None
+    method: str | None = None
+
+
+# ---- the steps ------------------------------------------------------------------------------------------------
+def _dataset_step(ctx: DemoContext, progress: JobProgress) -> str:
+    from app.demo.shapes import generate_shapes_dataset
+
+    marker = ctx.data_dir / ".complete"
+    recipe = {"images": ctx.n_images, "seed": ctx.seed}
+    if marker.exists() and json.loads(marker.read_text()) == recipe:
+        return "already done"
+    if ctx.data_dir.exists():
+        shutil.rmtree(ctx.data_dir)
+    generate_shapes_dataset(ctx.data_dir, n_images=ctx.n_images, seed=ctx.seed, progress=progress)
+    marker.write_text(json.dumps(recipe))
+    return "done"
+
+
+def _weights_step(ctx: DemoContext, progress: JobProgress) -> str:
+    from app.demo.shipped import matching_shipped_weights
+
+    metrics_file = ctx.out_dir / "training.json"
+    if ctx.weights.exists():
+        ctx.summary.training = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+        return "already done"
+    shipped = None if ctx.train else matching_shipped_weights(ctx.data_dir, ctx.n_images, ctx.seed, ctx.epochs)
+    if shipped is not None:
+        weights, metrics = shipped
+        tmp = ctx.weights.with_name(ctx.weights.name + ".tmp")
+        shutil.copyfile(weights, tmp)
+        tmp.replace(ctx.weights)
+        metrics = dict(metrics, source="shipped with the app (trained by the same code on this dataset)")
+        outcome = "done (the shipped trained weights: this dataset is the one they were trained on)"
+    else:
+        from app.demo.train import train_demo_model
+
+        kwargs: dict[str, Any] = {"seed": ctx.seed, "progress": progress}
+        if ctx.epochs is not None:
+            kwargs["epochs"] = ctx.epochs
+        metrics = dict(train_demo_model(ctx.data_dir, ctx.weights, **kwargs), source="trained here")
+        outcome = "done (trained here)"
+    metrics_file.write_text(json.dumps(metrics, indent=1, default=float))
+    ctx.summary.training = metrics
+    return outcome
+
+
+def _project_step(ctx: DemoContext, progress: JobProgress) -> str:
+    from app.errors import JobError
+    from app.project.store import Project
+    from app.workspace import add_dataset, add_model
+
+    added = []
+    with Project.open_or_create(ctx.project_dir) as project:
+        if not project.all("SELECT id FROM models"):
+            add_model(project, "builtin:shapes_cnn", ctx.weights, name="shapes_cnn")
+            added.append("model")
+        if not project.all("SELECT id FROM datasets"):
+            add_dataset(project, ctx.data_dir, name="shapes")
+            added.append("dataset")
+        model = project.model()
+        with_units = {r["name"] for r in project.layers(model["id"], extractable_only=True)}
+    missing = [name for name in DEMO_LAYERS if name not in with_units]
+    if missing:
+        raise JobError(f"the demo model has no layer with units named {', '.join(missing)}",
+                       fix="rebuild the demo (neuron-studio demo --rebuild)")
+    return f"done (added the {' and the '.join(added)})" if added else "already done"
+
+
+def _extract_step(ctx: DemoContext, progress: JobProgress) -> str:
+    from app.engine.extract import ExtractJob
+
+    rep = ExtractJob(ctx.project_dir, extract_options(ctx.device)).execute(progress)
+    return f"done ({rep.images} images)"
+
+
+def extract_options(device: str) -> Any:
+    from app.engine.extract import ExtractOptions
+
+    return ExtractOptions(layers=list(DEMO_LAYERS), device=device)
+
+
+def _label_step(method: str, layer: str) -> Callable[[DemoContext, JobProgress], str]:
+    def run(ctx: DemoContext, progress: JobProgress) -> str:
+        import labelers.base as lb
+        from app.engine.labeling import LabelJob
+        from app.project.store import Project
+
+        with Project.open(ctx.project_dir) as project:
+            layer_id = project.layer(project.model()["id"], layer)["id"]
+            if any(r.method == method and r.layer_id == layer_id and r.status == "done"
+                   for r in project.runs("label")):
+                return "already done"
+        try:
+            rep = LabelJob(ctx.project_dir, method, layer, device=ctx.device).execute(progress)
+        except lb.MissingInputError as exc:
+            ctx.summary.skipped_methods[method] = str(exc)
+            return f"skipped: {exc}"
+        return f"done ({rep.labels} labels)"
+
+    return run
+
+
+def demo_steps() -> list[DemoStep]:
+    """Every step of the demo, in order. Labelers run quick ones first (those reading only the extracted arrays),
+    so every layer has labels early; each method runs on every layer before the next method starts."""
+    from app.workspace import methods_quick_first
+
+    steps = [
+        DemoStep("shapes dataset", _dataset_step, setup=True),
+        DemoStep("demo CNN weights", _weights_step, setup=True),
+        DemoStep("project with the model and dataset", _project_step, setup=True),
+        DemoStep(f"extract {', '.join(DEMO_LAYERS)}", _extract_step, kind="extract"),
+    ]
+    for method in methods_quick_first():
+        for layer in DEMO_LAYERS:
+            steps.append(DemoStep(f"{method} on {layer}", _label_step(method, layer), kind="label", layer=layer,
+                                  method=method))
+    return steps
+
+
+# ---- the job ----------------------------------------------------------------------------------------------------
 class DemoJob:
-    title = "Build the demo project"
+    """Runs the demo's steps in this process, each as step k of n of its progress. `only` restricts it to the
+    named steps (the window queues each step as a job of its own); `setup_only` to the setup steps."""
 
-    def __init__(self, out_dir: Path, n_images: int = 3000, epochs: int | None = None, device: str = "auto",
-                 rebuild: bool = False, seed: int = 0):
+    kind = "demo"
+
+    def __init__(self, out_dir: Path, n_images: int = DEFAULT_IMAGES, epochs: int | None = None,
+                 device: str = "auto", rebuild: bool = False, seed: int = 0, *, train: bool = False,
+                 only: list[str] | None = None, setup_only: bool = False):
         self.out_dir = Path(out_dir)
         self.n_images = n_images
         self.epochs = epochs
         self.device = device
         self.rebuild = rebuild
         self.seed = seed
+        self.train = train
+        self.only = list(only) if only is not None else None
+        self.setup_only = setup_only
+        self.title = ("Prepare the demo: dataset, model, project" if setup_only
+                      else only[0] if only and len(only) == 1 else "Build the demo project")
+        self.run_id: int | None = None
+
+    def selected_steps(self) -> list[DemoStep]:
+        steps = demo_steps()
+        if self.setup_only:
+            return [s for s in steps if s.setup]
+        if self.only is not None:
+            unknown = set(self.only) - {s.name for s in steps}
+            if unknown:
+                from app.errors import JobError
+
+                raise JobError(f"the demo has no step named {', '.join(sorted(unknown))}",
+                               fix=f"the steps are: {', '.join(s.name for s in steps)}")
+            return [s for s in steps if s.name in self.only]
+        return steps
 
     def execute(self, progress: JobProgress) -> DemoSummary:
-        from app.demo.shapes import generate_shapes_dataset
-        from app.demo.train import train_demo_model
-        from app.engine.extract import ExtractJob, ExtractOptions
-        from app.engine.labeling import LabelJob
-        from app.project.store import Project
-        from app.workspace import add_dataset, add_model
-
+        t_start = time.monotonic()
         out = self.out_dir
         if self.rebuild and out.exists():
             for name in (PROJECT_NAME, DATASET_DIR, WEIGHTS_NAME, "training.json"):
@@ -64,45 +255,28 @@ class DemoJob:
                 elif target.exists():
                     target.unlink()
         out.mkdir(parents=True, exist_ok=True)
-        data_dir = out / DATASET_DIR
-        done_marker = data_dir / ".complete"
-        if not done_marker.exists():
-            progress.begin_stage("generating the shapes dataset")
-            if data_dir.exists():
-                shutil.rmtree(data_dir)
-            generate_shapes_dataset(data_dir, n_images=self.n_images, seed=self.seed, progress=progress)
-            done_marker.write_text(json.dumps({"images": self.n_images, "seed": self.seed}))
-        weights = out / WEIGHTS_NAME
+        summary = DemoSummary(project=str(out / PROJECT_NAME), training={})
         metrics_file = out / "training.json"
-        if not weights.exists():
-            progress.begin_stage("training the demo CNN")
-            kwargs: dict[str, Any] = {"seed": self.seed, "progress": progress}
-            if self.epochs is not None:
-                kwargs["epochs"] = self.epochs
-            metrics = train_demo_model(data_dir, weights, **kwargs)
-            metrics_file.write_text(json.dumps(metrics, indent=1, default=float))
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+        if metrics_file.exists():
+            summary.training = json.loads(metrics_file.read_text())
+        ctx = DemoContext(out, self.n_images, self.epochs, self.device, self.seed, self.train, summary)
+        steps = self.selected_steps()
+        for k, step in enumerate(steps, 1):
+            progress.begin_step(k, len(steps), step.name)
+            t0 = time.monotonic()
+            try:
+                outcome = step.run(ctx, progress)
+            except BaseException as exc:
+                log.info("demo step %r ended after %.1f s: %s", step.name, time.monotonic() - t0, exc)
+                raise
+            summary.steps.append(StepTime(step.name, time.monotonic() - t0, outcome))
+            log.info("demo step %d/%d %r: %s in %.1f s", k, len(steps), step.name, outcome, time.monotonic() - t0)
+        if ctx.project_dir.exists() and self.only is None and not self.setup_only:
+            from app.project.store import Project
 
-        project_dir = out / PROJECT_NAME
-        with Project.open_or_create(project_dir) as project:
-            if not project.all("SELECT id FROM models"):
-                add_model(project, "builtin:shapes_cnn", weights, name="shapes_cnn")
-            if not project.all("SELECT id FROM datasets"):
-                add_dataset(project, data_dir, name="shapes")
-            model = project.model()
-            layers = demo_layers(project, model["id"])
-        summary = DemoSummary(project=str(project_dir), training=metrics)
-        ExtractJob(project_dir, ExtractOptions(layers=layers, device=self.device)).execute(progress)
-        methods = lb.available()
-        for layer in layers:
-            for name in methods:
-                job = LabelJob(project_dir, name, layer, device=self.device)
-                try:
-                    job.execute(progress)
-                except lb.MissingInputError as exc:
-                    summary.skipped_methods[name] = str(exc)
-        with Project.open(project_dir) as project:
-            summary.layers = layer_summaries(project, model["id"], layers)
+            with Project.open(ctx.project_dir) as project:
+                summary.layers = layer_summaries(project, project.model()["id"], list(DEMO_LAYERS))
+        summary.seconds = time.monotonic() - t_start
         return summary
 
 
@@ -139,4 +313,9 @@ def format_summary(summary: DemoSummary) -> str:
             lines.append(f"  {method:<13} {m['units']:>4} units labeled{extra}; most common: {top}")
     for method, why in summary.skipped_methods.items():
         lines.append(f"skipped {method}: {why}")
+    if summary.steps:
+        lines.append(f"time per step ({len(summary.steps)} steps, {summary.seconds:.1f} s in all):")
+        for s in summary.steps:
+            outcome = s.outcome if not s.outcome.startswith("skipped") else "skipped (see above)"
+            lines.append(f"  {s.seconds:7.1f} s  {s.name}: {outcome}")
     return "\n".join(lines)

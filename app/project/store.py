@@ -493,7 +493,7 @@ class Project:
         for r in self.layers(model_id):
             if r["name"] == name:
                 return r
-        close = [r["name"] for r in self.layers(model_id, extractable_only=True)]
+        close = [r["name"] for r in self.layers(model_id, extractable_only=True) if r["name"]]  # "": the whole model
         raise ProjectError(
             f"the model has no layer named {name!r}",
             fix=f"pick one of: {', '.join(close[:30])}{' ...' if len(close) > 30 else ''}",
