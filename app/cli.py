@@ -196,12 +196,12 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
+    if args.method != "all":
+        _refuse_unknown_methods([m.strip() for m in args.method.split(",")])
     import labelers.base as lb
     from app.engine.labeling import LabelJob
     from app.project.store import Project
 
-    if args.method != "all":
-        _refuse_unknown_methods([m.strip() for m in args.method.split(",")])
     methods = list(lb.available()) if args.method == "all" else [m.strip() for m in args.method.split(",")]
     with Project.open(args.project) as project:
         model = project.model(args.model)
@@ -426,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("add-model", "add a model from local files (checked before anything is written)", cmd_add_model)
     sp.add_argument("project")
-    sp.add_argument("spec", help="torchvision:NAME | torchscript:FILE | hf:DIR | python:FILE.py:FACTORY | builtin:NAME")
+    sp.add_argument("spec", help="torchvision:NAME | torchscript:FILE | export:FILE.pt2 | hf:DIR | "
+                                        "python:FILE.py:FACTORY | builtin:NAME")
     sp.add_argument("--weights", help="state dict (.pth/.pt, loaded with weights_only=True) or .safetensors")
     sp.add_argument("--name", help="name in the project (default: from the file)")
     sp.add_argument("--trust-code", action="store_true", help="allow python: specs, which run the file's code")
@@ -458,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-images", type=int, default=None, help="only the first N images")
 
     sp = add("label", "label units with an automatic method", cmd_label)
-    sp.add_argument("project")
+    sp.add_argument("project", help="the project folder")
     sp.add_argument("--method", required=True, help="a method name (see `neuron-studio methods`), several "
                                                      "comma-separated, or 'all'")
     sp.add_argument("--layer", required=True, help="an extracted layer, several comma-separated, or 'all'")

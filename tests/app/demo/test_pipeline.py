@@ -1,23 +1,54 @@
-"""The demo end to end, small: every layer it extracts gets units and labels from every method it can run."""
-from app.demo.pipeline import DemoJob, format_summary
+"""The demo end to end, small: named steps, each timed and reported as step k of n; every layer it extracts gets
+units and labels from every method it can run; a second run finds every step done."""
+from app.demo.pipeline import DEMO_LAYERS, DemoJob, demo_steps, format_summary
 from app.jobs import JobProgress
 from app.project.store import Project
 
 
 def test_small_demo_builds_a_labeled_project(tmp_path):
-    job = DemoJob(tmp_path / "demo", n_images=120, epochs=1, device="cpu")
-    summary = job.execute(JobProgress())
+    infos = []
+    progress = JobProgress(min_interval=0.0)
+    progress.listeners.append(infos.append)
+    job = DemoJob(tmp_path / "demo", n_images=60, epochs=1, device="cpu")
+    summary = job.execute(progress)
+
     names = [layer["layer"] for layer in summary.layers]
-    assert names == ["block1", "block2", "block3", "block4", "fc"]
+    assert names == ["block1", "block2", "block3", "block4", "fc"] == list(DEMO_LAYERS)
     for layer in summary.layers:
-        assert set(layer["methods"]) == {"netdissect", "compexp", "invert", "textsum"}, layer
+        assert {"netdissect", "compexp", "invert", "textsum"} <= set(layer["methods"]), layer
         assert layer["methods"]["invert"]["units"] == layer["units"]
     assert "clip_dissect" in summary.skipped_methods and "--clip" in summary.skipped_methods["clip_dissect"]
+
+    # every step ran once, in order, reported as "step k of n" with its own name; its time is in the summary
+    steps = demo_steps()
+    assert [s.name for s in summary.steps] == [s.name for s in steps]
+    assert summary.steps[1].outcome == "done (trained here)"  # 60 images: not the shipped weights' dataset
+    assert all(s.seconds >= 0 for s in summary.steps) and summary.seconds >= sum(s.seconds for s in summary.steps)
+    starts = [i for i in infos if i.message == "starting"]
+    assert [(i.step, i.steps, i.stage) for i in starts] == [(k, len(steps), s.name) for k, s in enumerate(steps, 1)]
+    assert "compexp on block3" in {s.name for s in steps}
+    extract = [i for i in infos if i.stage.startswith("extract ") and i.total]
+    assert extract and all(i.heading.startswith("step 4 of ") for i in extract)
+    assert any("pass 1" in i.stage for i in extract)  # the extraction's own stages, under the step's name
+
     text = format_summary(summary)
     assert "layer block4 (" in text and "netdissect" in text
+    assert f"time per step ({len(steps)} steps" in text and "compexp on block3" in text
     with Project.open(summary.project) as p:
         assert p.integrity_check() == "ok"
         assert {r.status for r in p.runs()} == {"done"}
+        n_runs = len(p.runs())
+
     # a second run finds everything done and changes nothing
-    again = DemoJob(tmp_path / "demo", n_images=120, epochs=1, device="cpu").execute(JobProgress())
+    again = DemoJob(tmp_path / "demo", n_images=60, epochs=1, device="cpu").execute(JobProgress())
     assert again.layers == summary.layers
+    assert all(s.outcome.startswith(("already done", "skipped")) for s in again.steps if s.name != summary.steps[3].name)
+    with Project.open(summary.project) as p:
+        assert len(p.runs()) == n_runs
+
+    # the window's way: one step per job
+    one = DemoJob(tmp_path / "demo", n_images=60, epochs=1, device="cpu", only=["textsum on fc"])
+    assert one.title == "textsum on fc"
+    assert [s.name for s in one.execute(JobProgress()).steps] == ["textsum on fc"]
+    setup = DemoJob(tmp_path / "demo", n_images=60, epochs=1, device="cpu", setup_only=True)
+    assert [s.name for s in setup.execute(JobProgress()).steps] == [s.name for s in steps if s.setup]
