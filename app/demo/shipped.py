@@ -45,8 +45,20 @@ def dataset_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def weights_digest(path: Path) -> str:
+    """sha256 over a .safetensors file's tensors (name, dtype, shape, bytes) and metadata, in sorted order. Not the
+    file's bytes: the header's key order can differ between two writes of the same tensors."""
+    import torch
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(path), "pt") as f:
+        h.update(json.dumps(f.metadata() or {}, sort_keys=True).encode())
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name).contiguous()
+            h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+            h.update(t.view(-1).view(dtype=torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def training_defaults() -> dict[str, Any]:
@@ -82,8 +94,8 @@ def matching_shipped_weights(data_dir: Path, n_images: int, seed: int, epochs: i
     why = ""
     if any(recipe.get(k) != v for k, v in wanted.items()):
         why = f"training here would use {wanted}, the shipped weights were trained with {recipe}"
-    elif file_digest(weights) != prov["weights_sha256"]:
-        why = "the shipped weights file does not have its recorded digest"
+    elif weights_digest(weights) != prov["weights_digest"]:
+        why = "the shipped weights do not have their recorded digest"
     elif dataset_digest(data_dir) != prov["dataset_sha256"]:
         why = "the generated dataset differs from the one the shipped weights were trained on"
     if why:
@@ -111,7 +123,7 @@ def build_shipped(out_folder: Path, n_images: int, seed: int = 0, work_dir: Path
         prov = {
             "recipe": recipe,
             "dataset_sha256": dataset_digest(data),
-            "weights_sha256": file_digest(out_folder / "shapes_cnn.safetensors"),
+            "weights_digest": weights_digest(out_folder / "shapes_cnn.safetensors"),
             "metrics": {k: v for k, v in metrics.items() if k != "seconds"},
             "built_with": {"torch": torch.__version__, "python": sys.version.split()[0],
                            "machine": platform.machine(), "threads": torch.get_num_threads()},

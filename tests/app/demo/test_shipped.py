@@ -19,7 +19,7 @@ from app.demo.shapes import generate_shapes_dataset
 from app.demo.shipped import (
     build_shipped,
     dataset_digest,
-    file_digest,
+    weights_digest,
     matching_shipped_weights,
     read_provenance,
     shipped_dir,
@@ -30,7 +30,7 @@ from app.demo.shipped import (
 def test_shipped_weights_are_what_their_provenance_says():
     prov = read_provenance()
     weights = shipped_dir() / "shapes_cnn.safetensors"
-    assert prov is not None and file_digest(weights) == prov["weights_sha256"]
+    assert prov is not None and weights_digest(weights) == prov["weights_digest"]
     assert prov["recipe"] == {"images": DEFAULT_IMAGES, "seed": 0, **training_defaults()}
     assert prov["metrics"]["heldout_accuracy"] > 0.85  # a model worth dissecting
     with safe_open(str(weights), "pt") as f:
@@ -42,7 +42,7 @@ def test_shipped_weights_are_what_their_provenance_says():
 def test_training_is_deterministic_and_matching_is_strict(tmp_path):
     a = build_shipped(tmp_path / "a", 40, epochs=1, work_dir=tmp_path)
     b = build_shipped(tmp_path / "b", 40, epochs=1, work_dir=tmp_path)
-    assert a["weights_sha256"] == b["weights_sha256"] and a["dataset_sha256"] == b["dataset_sha256"]
+    assert a["weights_digest"] == b["weights_digest"] and a["dataset_sha256"] == b["dataset_sha256"]
     sa, sb = load_file(str(tmp_path / "a" / "shapes_cnn.safetensors")), load_file(str(tmp_path / "b" / "shapes_cnn.safetensors"))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
