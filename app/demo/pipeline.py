@@ -62,6 +62,7 @@ class DemoContext:
     seed: int
     train: bool  # train the CNN here even when the shipped weights fit
     summary: DemoSummary
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> parameters other than its defaults
 
     @property
     def data_dir(self) -> Path:
@@ -165,7 +166,8 @@ def _extract_step(ctx: DemoContext, progress: JobProgress) -> str:
 def extract_options(device: str) -> Any:
     from app.engine.extract import ExtractOptions
 
-    return ExtractOptions(layers=list(DEMO_LAYERS), device=device)
+    # No decoding processes: the demo's images are 64-pixel PNGs, decoded faster than worker processes start.
+    return ExtractOptions(layers=list(DEMO_LAYERS), device=device, num_workers=0)
 
 
 def _label_step(method: str, layer: str) -> Callable[[DemoContext, JobProgress], str]:
@@ -174,13 +176,14 @@ def _label_step(method: str, layer: str) -> Callable[[DemoContext, JobProgress],
         from app.engine.labeling import LabelJob
         from app.project.store import Project
 
+        params = ctx.params.get(method, {})
         with Project.open(ctx.project_dir) as project:
             layer_id = project.layer(project.model()["id"], layer)["id"]
             if any(r.method == method and r.layer_id == layer_id and r.status == "done"
-                   for r in project.runs("label")):
+                   and all(r.params.get(k) == v for k, v in params.items()) for r in project.runs("label")):
                 return "already done"
         try:
-            rep = LabelJob(ctx.project_dir, method, layer, device=ctx.device).execute(progress)
+            rep = LabelJob(ctx.project_dir, method, layer, params, device=ctx.device).execute(progress)
         except lb.MissingInputError as exc:
             ctx.summary.skipped_methods[method] = str(exc)
             return f"skipped: {exc}"
@@ -216,7 +219,8 @@ class DemoJob:
 
     def __init__(self, out_dir: Path, n_images: int = DEFAULT_IMAGES, epochs: int | None = None,
                  device: str = "auto", rebuild: bool = False, seed: int = 0, *, train: bool = False,
-                 only: list[str] | None = None, setup_only: bool = False):
+                 only: list[str] | None = None, setup_only: bool = False,
+                 params: dict[str, dict[str, Any]] | None = None):
         self.out_dir = Path(out_dir)
         self.n_images = n_images
         self.epochs = epochs
@@ -226,6 +230,7 @@ class DemoJob:
         self.train = train
         self.only = list(only) if only is not None else None
         self.setup_only = setup_only
+        self.params = dict(params or {})  # method -> parameters (tests run a lighter demo)
         self.title = ("Prepare the demo: dataset, model, project" if setup_only
                       else only[0] if only and len(only) == 1 else "Build the demo project")
         self.run_id: int | None = None
@@ -259,7 +264,7 @@ class DemoJob:
         metrics_file = out / "training.json"
         if metrics_file.exists():
             summary.training = json.loads(metrics_file.read_text())
-        ctx = DemoContext(out, self.n_images, self.epochs, self.device, self.seed, self.train, summary)
+        ctx = DemoContext(out, self.n_images, self.epochs, self.device, self.seed, self.train, summary, self.params)
         steps = self.selected_steps()
         for k, step in enumerate(steps, 1):
             progress.begin_step(k, len(steps), step.name)

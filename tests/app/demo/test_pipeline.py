@@ -4,12 +4,16 @@ from app.demo.pipeline import DEMO_LAYERS, DemoJob, demo_steps, format_summary
 from app.jobs import JobProgress
 from app.project.store import Project
 
+# A lighter compositional search than the paper's (beam 5, length 3): the pipeline is under test here, the method in
+# tests/labelers.
+LIGHT = {"compexp": {"beam_size": 2, "max_length": 2}}
+
 
 def test_small_demo_builds_a_labeled_project(tmp_path):
     infos = []
     progress = JobProgress(min_interval=0.0)
     progress.listeners.append(infos.append)
-    job = DemoJob(tmp_path / "demo", n_images=60, epochs=1, device="cpu")
+    job = DemoJob(tmp_path / "demo", n_images=60, epochs=1, device="cpu", params=LIGHT)
     summary = job.execute(progress)
 
     names = [layer["layer"] for layer in summary.layers]
@@ -40,14 +44,14 @@ def test_small_demo_builds_a_labeled_project(tmp_path):
         n_runs = len(p.runs())
 
     # a second run finds everything done and changes nothing
-    again = DemoJob(tmp_path / "demo", n_images=60, epochs=1, device="cpu").execute(JobProgress())
+    again = DemoJob(tmp_path / "demo", n_images=60, epochs=1, device="cpu", params=LIGHT).execute(JobProgress())
     assert again.layers == summary.layers
     assert all(s.outcome.startswith(("already done", "skipped")) for s in again.steps if s.name != summary.steps[3].name)
     with Project.open(summary.project) as p:
         assert len(p.runs()) == n_runs
 
     # the window's way: one step per job
-    one = DemoJob(tmp_path / "demo", n_images=60, epochs=1, device="cpu", only=["textsum on fc"])
+    one = DemoJob(tmp_path / "demo", n_images=60, epochs=1, device="cpu", only=["textsum on fc"], params=LIGHT)
     assert one.title == "textsum on fc"
     assert [s.name for s in one.execute(JobProgress()).steps] == ["textsum on fc"]
     setup = DemoJob(tmp_path / "demo", n_images=60, epochs=1, device="cpu", setup_only=True)
