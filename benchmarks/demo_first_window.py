@@ -41,13 +41,21 @@ def child(mode: str, folder: Path, images: int, device: str, t_start: float) -> 
     def say(event: str, **extra: object) -> None:
         print(json.dumps({"event": event, "t": time.time() - t_start, **cpu(), **extra}), flush=True)
 
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # stderr: shown on failure
     app = QApplication.instance() or QApplication(["bench"])
     window = MainWindow(prefs=Preferences(path=folder / "prefs.json"))
     window.show()
     seen: set[str] = set()
 
+    last = [0.0]
+
     def poll() -> None:
         rows = window.units.model.rowCount()
+        if os.environ.get("BENCH_DEBUG") and time.time() - last[0] > 3:
+            last[0] = time.time()
+            print("debug", window.project_path, window.model_id, window.layer_id, rows, file=sys.stderr, flush=True)
         if mode == "empty" and window.project is not None:
             say("window", rows=rows)
             app.quit()
@@ -64,7 +72,9 @@ def child(mode: str, folder: Path, images: int, device: str, t_start: float) -> 
     else:
         QTimer.singleShot(0, lambda: window.start_demo(folder / "demo", n_images=images, device=device))
     app.exec()
-    window.manager.shutdown()  # cancels the label jobs still queued or running, and waits for them
+    # Measured: leave now. The jobs still queued are cancelled; the running one sees its stop pipe close and ends.
+    window.manager.cancel_all()
+    os._exit(0)
 
 
 def measure(mode: str, images: int, device: str, timeout: float) -> list[dict]:

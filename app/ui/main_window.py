@@ -862,10 +862,15 @@ class MainWindow(QMainWindow):
     def _queue_demo_steps(self, setup: Any) -> list[JobHandle]:
         from app.demo.pipeline import DemoJob, demo_steps
 
+        import labelers.base as lb
+
+        available = lb.available()
         handles = []
         for step in demo_steps():
             if step.setup:
                 continue
+            if step.method in available and lb.Input.CLIP_MODEL in available[step.method].inputs:
+                continue  # the demo has no CLIP folder; Label... asks for one
             job = DemoJob(setup.out_dir, n_images=setup.n_images, epochs=setup.epochs, device=setup.device,
                           seed=setup.seed, train=setup.train, only=[step.name])
             job.layer = step.layer  # type: ignore[attr-defined]  # a label step refreshes that layer's table
