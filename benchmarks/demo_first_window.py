@@ -84,9 +84,17 @@ def measure(mode: str, images: int, device: str, timeout: float) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, QT_QPA_PLATFORM="offscreen", PYTHONPATH=str(ROOT))
         t0 = time.time()
-        proc = subprocess.run([sys.executable, __file__, "--child", mode, "--folder", tmp, "--images", str(images),
-                               "--device", device, "--t0", repr(t0)], env=env, capture_output=True, text=True,
-                              timeout=timeout)
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--child", mode, "--folder", tmp, "--images",
+                                   str(images), "--device", device, "--t0", repr(t0)], env=env, capture_output=True,
+                                  text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+            print(f"{mode}: no result within {timeout:.0f} s; the window's jobs so far:")
+            print("\n".join(line for line in err.splitlines() if "app.ui.workers: run" in line))
+            raise SystemExit(1) from None
+        if mode == "demo":  # when each job started and ended, for the record
+            print("\n".join(line for line in proc.stderr.splitlines() if "app.ui.workers: run" in line))
         events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         if not events:
             raise SystemExit(f"{mode} run reported nothing (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
