@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,31 +22,65 @@ SUBCOMMANDS = ("demo", "new", "add-model", "add-dataset", "extract", "label", "e
 
 
 # ---- progress ---------------------------------------------------------------------------------------------------
-def run_with_bar(job: Any, quiet: bool = False) -> Any:
-    """Run a job in this thread with a tqdm bar; Ctrl+C cancels it cleanly (it can be resumed)."""
-    from tqdm import tqdm
-
+def run_with_bar(job: Any, quiet: bool = False, step: tuple[int, int] | None = None) -> Any:
+    """Run a job in this thread with a tqdm bar per stage; Ctrl+C cancels it cleanly (it can be resumed).
+    `step` = (k, n) names this job step k of n of a longer command (several methods or layers)."""
     from app.jobs import JobProgress, run_job
 
     progress = JobProgress()
-    bar = None if quiet else tqdm(total=0, desc=job.title, unit="it", dynamic_ncols=True, leave=True)
-
-    def show(info: Any) -> None:
-        if bar is None:
-            return
-        if bar.total != info.total:
-            bar.total = info.total
-        bar.n = info.done
-        if info.message:
-            bar.set_postfix_str(info.message[:60], refresh=False)
-        bar.refresh()
-
-    progress.listeners.append(show)
+    bars = None if quiet else StageBars(job.title)
+    if bars is not None:
+        progress.listeners.append(bars.show)
+    if step is not None:
+        progress.begin_step(step[0], step[1], job.title)
     try:
         return run_job(job, progress)
     finally:
-        if bar is not None:
-            bar.close()
+        if bars is not None:
+            bars.close()
+
+
+class StageBars:
+    """One tqdm bar per stage of a job, each with the stage's own clock and ETA: when a stage ends its bar stays
+    on screen with the time it took, and the next stage starts a fresh bar named after it."""
+
+    FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+
+    def __init__(self, title: str):
+        self.title = title
+        self.bar: Any = None
+        self.stage_id: int | None = None
+
+    def show(self, info: Any) -> None:
+        from tqdm import tqdm
+
+        from app.jobs import format_seconds
+
+        if self.bar is None or info.stage_id != self.stage_id:
+            self.close()
+            self.stage_id = info.stage_id
+            desc = info.heading or self.title
+            self.bar = tqdm(total=info.total or None, desc=desc[:70], dynamic_ncols=True, leave=True,
+                            bar_format=self.FORMAT)
+            # tqdm's own clock starts with the bar; the stage's clock may have started before (model loading)
+            self.bar.start_t -= info.stage_elapsed
+        if (self.bar.total or 0) != info.total:
+            self.bar.total = info.total or None
+        self.bar.n = info.done
+        parts = []
+        if info.eta is not None and info.done < info.total:
+            parts.append(f"{format_seconds(info.eta)} left")
+        if info.message and info.message != info.stage:
+            parts.append(info.message[:60])
+        self.bar.set_postfix_str(", ".join(parts), refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            if not self.bar.total and self.bar.format_dict["elapsed"] < 1.0:
+                self.bar.leave = False  # a step's brief start-up line before its first stage: not worth a line
+            self.bar.close()
+            self.bar = None
 
 
 def _parse_params(pairs: list[str]) -> dict[str, str]:
@@ -106,18 +141,18 @@ def cmd_add_dataset(args: argparse.Namespace) -> int:
         added = add_dataset(project, args.path, name=args.name, format=args.format)
     print(f"added dataset {added.name}: {added.images} images, {added.concepts} concepts, "
           f"masks: {'yes' if added.has_masks else 'no'}, {added.captions} captions")
-    left_out = _annotation_problems(added.report)
-    if left_out:
-        print("while reading annotations:", left_out)
+    _print_annotation_report(added.report or {})
     return 0
 
 
-def _annotation_problems(report: dict[str, Any] | None) -> str:
-    """What reading the annotations left out or noted ("" when nothing): the report's counts (format, images, ...)
-    are not problems."""
-    report = report or {}
-    found = {k: report[k] for k in ("skipped", "notes") if report.get(k)}
-    return json.dumps(found, indent=1, default=str)[:2000] if found else ""
+def _print_annotation_report(report: dict[str, Any]) -> None:
+    """What reading the annotations skipped, under that heading only when something was skipped, and the reader's
+    notes; the counts of what was read (format, images, concepts) are the summary line's, not problems."""
+    skipped = {k: v for k, v in (report.get("skipped") or {}).items() if v}
+    if skipped:
+        print("while reading annotations, skipped:", json.dumps(skipped, indent=1, default=str)[:2000])
+    for note in report.get("notes") or []:
+        print(f"note: {note}")
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -167,6 +202,8 @@ def _layer_grids(project: Any, model_id: int, layers: list[str]) -> dict[str, tu
 
 
 def cmd_label(args: argparse.Namespace) -> int:
+    if args.method != "all":
+        _refuse_unknown_methods([m.strip() for m in args.method.split(",")])
     import labelers.base as lb
     from app.engine.labeling import LabelJob
     from app.project.store import Project
@@ -184,8 +221,11 @@ def cmd_label(args: argparse.Namespace) -> int:
         grids = _layer_grids(project, model["id"], layers)
     params = _parse_params(args.param)
     failures = 0
+    n_jobs = len(layers) * len(methods)
+    k = 0
     for layer in layers:
         for method in methods:
+            k += 1
             why_not = lb.available()[method].applies_to(grids.get(layer)) if args.method == "all" else None
             if why_not:
                 print(f"{method} on {layer}: skipped: {why_not}")
@@ -200,7 +240,7 @@ def cmd_label(args: argparse.Namespace) -> int:
                                   device=args.device, captioner=args.captioner, causal_lm=args.lm,
                                   address=args.ray)
             try:
-                rep = run_with_bar(job, args.quiet)
+                rep = run_with_bar(job, args.quiet, step=(k, n_jobs) if n_jobs > 1 else None)
             except lb.MissingInputError as exc:
                 if args.method != "all":
                     raise
@@ -214,6 +254,22 @@ def cmd_label(args: argparse.Namespace) -> int:
                 continue
             print(f"{method} on {layer}: {rep.labels} labels for {rep.units} units in {rep.seconds:.1f} s")
     return 1 if failures else 0
+
+
+def _refuse_unknown_methods(names: list[str]) -> None:
+    """A mistyped method is refused at once, before any method (and torch) is imported."""
+    import difflib
+
+    from labelers.base import METHOD_MODULES, known_method
+
+    for name in names:
+        if not known_method(name):
+            installed = [m for m in METHOD_MODULES if known_method(m)]
+            close = difflib.get_close_matches(name, installed, n=1)
+            hint = f"Did you mean {close[0]}? " if close else ""
+            raise NeuronStudioError(f"there is no labeling method named {name!r}",
+                                    fix=f"{hint}The methods are {', '.join(installed)} (`neuron-studio methods` "
+                                        "describes them), or 'all'")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -258,7 +314,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"project {s['path']} (schema {s['schema_version']})")
         for m in s["models"]:
             print(f"model {m['name']}: {m['spec']}")
-            rows = project.layers(m["id"], extractable_only=True)
+            rows = [r for r in project.layers(m["id"], extractable_only=True) if r["name"]]  # "": the whole model
             extracted = {r["id"] for r in project.extracted_layers(m["id"])}
             shown = rows if args.layers else [r for r in rows if r["id"] in extracted]
             for r in shown:
@@ -356,13 +412,17 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if not args.headless:
+        # The window opens at once; the demo's steps run as jobs in its jobs panel, results appearing as they end.
+        demo = {"out_dir": Path(args.out), "n_images": args.images, "epochs": args.epochs, "device": args.device,
+                "rebuild": args.rebuild, "train": args.train}
+        return _open_gui(None, demo=demo)
     from app.demo.pipeline import DemoJob, format_summary
 
-    job = DemoJob(Path(args.out), n_images=args.images, epochs=args.epochs, device=args.device, rebuild=args.rebuild)
+    job = DemoJob(Path(args.out), n_images=args.images, epochs=args.epochs, device=args.device, rebuild=args.rebuild,
+                  train=args.train)
     summary = run_with_bar(job, args.quiet)
     print(format_summary(summary))
-    if not args.headless:
-        return _open_gui(Path(args.out) / "demo.nstudio")
     return 0
 
 
@@ -412,13 +472,60 @@ def cmd_language(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_gui(project: Path | None) -> int:
+def _open_gui(project: Path | None, demo: dict[str, Any] | None = None) -> int:
+    problem = display_problem()
+    if problem is not None:
+        raise NeuronStudioError(problem, fix=_NO_WINDOW_FIX)
     try:
         from app.ui.main_window import run_app
     except ImportError as exc:
         raise NeuronStudioError(f"the window cannot start ({exc})",
                                 fix="install the GUI dependencies (pip install neuron-studio) or use --headless") from exc
+    if demo is not None:
+        return run_app(project, demo=demo)
     return run_app(project)
+
+
+_QT_LIBRARIES = ("libegl1 libgl1 libxkbcommon-x11-0 libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 libxcb-shape0 "
+                 "libfontconfig1 libdbus-1-3")
+_NO_WINDOW_FIX = (
+    "Without a window: `neuron-studio demo --headless` builds the demo, and every other command works in a terminal "
+    f"({', '.join(c for c in SUBCOMMANDS if c != 'open')}; each has --help). For the window: run it on a desktop "
+    "session (or over ssh -X), and make sure the system libraries Qt needs are installed (on Debian/Ubuntu: "
+    f"sudo apt-get install {_QT_LIBRARIES}); QT_QPA_PLATFORM=offscreen draws it without a screen"
+)
+
+
+def display_problem(environ: Any = None, platform: str | None = None, probe: bool = True) -> str | None:
+    """Why the window cannot open here, or None. Checked before Qt starts, because Qt without a usable display
+    aborts the process (exit 134) with advice to reinstall. On Linux and other X11/Wayland systems: no DISPLAY or
+    WAYLAND_DISPLAY (and no QT_QPA_PLATFORM chosen) is enough to know; with one, a child process tries Qt's platform
+    plugin, so missing system libraries are reported too. macOS and Windows always have their platform plugin."""
+    env = os.environ if environ is None else environ
+    platform = sys.platform if platform is None else platform
+    if platform.startswith(("win", "darwin", "cygwin")) or env.get("QT_QPA_PLATFORM"):
+        return None
+    if not env.get("DISPLAY") and not env.get("WAYLAND_DISPLAY"):
+        return "there is no display to open the window on (neither DISPLAY nor WAYLAND_DISPLAY is set)"
+    return _probe_qt_platform(env) if probe else None
+
+
+def _probe_qt_platform(env: Any) -> str | None:
+    import subprocess
+
+    code = "from PySide6.QtGui import QGuiApplication; QGuiApplication(['neuron-studio-probe'])"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], env=dict(env), capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.info("Qt platform probe did not finish: %s", exc)
+        return None  # no verdict: let the window try
+    if proc.returncode == 0:
+        return None
+    log.info("Qt platform probe failed (exit %s): %s", proc.returncode, proc.stderr)
+    lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip() and "Reinstalling" not in ln]
+    detail = next((ln for ln in lines if "platform plugin" in ln), lines[0] if lines else "")
+    where = env.get("WAYLAND_DISPLAY") or env.get("DISPLAY")
+    return f"the window cannot open on display {where!r}: Qt could not start ({detail or f'exit {proc.returncode}'})"
 
 
 def cmd_open(args: argparse.Namespace) -> int:
@@ -474,8 +581,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("demo", "build the demo project (procedural shapes, a small CNN, every labeler) and open it", cmd_demo)
     sp.add_argument("--headless", action="store_true", help="do not open the window; print a summary")
     sp.add_argument("--out", default="neuron-studio-demo", help="folder for the demo data and project")
-    sp.add_argument("--images", type=int, default=3000, help="number of generated images (default 3000)")
+    sp.add_argument("--images", type=int, default=3000,
+                    help="number of generated images (default 3000, the set the shipped trained weights were trained "
+                         "on; another number trains the CNN here first)")
     sp.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's own)")
+    sp.add_argument("--train", action="store_true",
+                    help="train the demo CNN here even when the weights shipped with the app fit the dataset")
     sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     sp.add_argument("--rebuild", action="store_true", help="start over even if the demo was built before")
 
@@ -484,7 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("add-model", "add a model from local files (checked before anything is written)", cmd_add_model)
     sp.add_argument("project")
-    sp.add_argument("spec", help="torchvision:NAME | torchscript:FILE | hf:DIR | python:FILE.py:FACTORY | builtin:NAME")
+    sp.add_argument("spec", help="torchvision:NAME | torchscript:FILE | export:FILE.pt2 | hf:DIR | "
+                                        "python:FILE.py:FACTORY | builtin:NAME")
     sp.add_argument("--weights", help="state dict (.pth/.pt, loaded with weights_only=True) or .safetensors")
     sp.add_argument("--name", help="name in the project (default: from the file)")
     sp.add_argument("--trust-code", action="store_true", help="allow python: specs, which run the file's code")
@@ -521,16 +633,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --ray: shards of whole batches (default: 4 per GPU, or per CPU without GPUs)")
 
     sp = add("label", "label units with an automatic method", cmd_label)
-    sp.add_argument("project")
+    sp.add_argument("project", help="the project folder")
     sp.add_argument("--method", required=True, help="a method name (see `neuron-studio methods`), several "
                                                      "comma-separated, or 'all'")
     sp.add_argument("--layer", required=True, help="an extracted layer, several comma-separated, or 'all'")
-    sp.add_argument("--model")
-    sp.add_argument("--param", action="append", default=[], help="NAME=VALUE, repeatable")
+    sp.add_argument("--model", help="the model's name or id in the project (default: its only or first model)")
+    sp.add_argument("--param", action="append", default=[],
+                    help="NAME=VALUE for the method, repeatable (`neuron-studio methods` lists each method's)")
     sp.add_argument("--clip", help="local CLIP model folder (transformers format) for clip_dissect")
     sp.add_argument("--captioner", help="local captioner folder (transformers VisionEncoderDecoder) for milan")
     sp.add_argument("--lm", help="local causal language model folder (transformers) for milan's prior p(d)")
-    sp.add_argument("--device", default="auto")
+    sp.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     sp.add_argument("--ray", metavar="auto|local|ADDRESS", default=None,
                     help="split the units of compexp over Ray workers (same labels; needs the 'ray' extra)")
 
@@ -538,7 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.epilog = _export_formats_help()
     sp.formatter_class = argparse.RawDescriptionHelpFormatter
     sp.add_argument("project")
-    sp.add_argument("--format", required=True, help="e.g. labels-csv (see `neuron-studio export --help`)")
+    sp.add_argument("--format", required=True, help="e.g. labels-csv (the formats and their options are listed "
+                                                      "below)")
     sp.add_argument("-o", "--output", required=True, help="file or folder to write")
     sp.add_argument("--option", action="append", default=[], help="NAME=VALUE for the format, repeatable")
 
@@ -673,10 +787,23 @@ def _export_formats_help() -> str:
     return formats_help()
 
 
+def _unknown_command(word: str) -> int:
+    """Neither a command nor an existing project folder: say so, instead of opening the window on a new project."""
+    import difflib
+
+    close = difflib.get_close_matches(word, SUBCOMMANDS, n=1)
+    print(f"error: {word!r} is not a command{f' (did you mean {close[0]}?)' if close else ''}, nor an existing "
+          f"project folder. The commands are: {', '.join(SUBCOMMANDS)}; `neuron-studio COMMAND --help` says more, "
+          "and `neuron-studio PROJECT` opens the window on an existing project.", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `neuron-studio PROJECT` (no subcommand) opens the window on it.
     if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+        if not Path(argv[0]).exists():
+            return _unknown_command(argv[0])
         argv = ["open", *argv]
     elif not argv:
         argv = ["open"]

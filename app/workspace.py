@@ -87,5 +87,16 @@ def resolve_layers(project: Project, model_id: int, names: list[str] | str) -> l
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     if names == ["all"]:
-        return [r["name"] for r in project.layers(model_id, extractable_only=True)]
+        # every named layer; the unnamed row is the whole model's output, which its last layer already gives
+        return [r["name"] for r in project.layers(model_id, extractable_only=True) if r["name"]]
     return [project.layer(model_id, n)["name"] for n in names]
+
+
+def methods_quick_first() -> list[str]:
+    """Every labeling method, those that read only the extracted arrays first (seconds) and those that go over the
+    images again (masks pixel by pixel, images through a model: minutes) last, so that labels show up early."""
+    import labelers.base as lb
+
+    heavy = {lb.Input.MASK_BATCHES, lb.Input.IMAGES}
+    return [name for name, cls in sorted(lb.available().items(), key=lambda kv: (bool(heavy & set(kv[1].inputs)),
+                                                                                   kv[0]))]

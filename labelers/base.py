@@ -317,11 +317,23 @@ def register(cls: type[Labeler]) -> type[Labeler]:
     return cls
 
 
+# One module per method, named as the method (labelers/NAME.py registers NAME): `known_method` can then refuse a
+# mistyped name without importing any method (which loads torch, seconds).
+METHOD_MODULES: tuple[str, ...] = ("netdissect", "compexp", "invert", "textsum", "clip_dissect", "milan", "texplain")
+
+
+def known_method(name: str) -> bool:
+    """Whether `name` is a method this installation has, decided without importing the methods."""
+    import importlib.util
+
+    return name in METHOD_MODULES and importlib.util.find_spec(f"labelers.{name}") is not None
+
+
 def _load_all() -> None:
     # Importing the modules runs their @register decorators; listed here so `available()` is complete.
     import importlib
 
-    for mod in ("netdissect", "compexp", "invert", "textsum", "clip_dissect", "milan", "texplain"):
+    for mod in METHOD_MODULES:
         try:
             importlib.import_module(f"labelers.{mod}")
         except ModuleNotFoundError as exc:

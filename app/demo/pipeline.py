@@ -1,11 +1,20 @@
-"""The built-in demo, end to end and offline: generate the shapes dataset, train the small CNN, create a project,
-extract its layers and run every labeler whose inputs the demo has. Each step is skipped when its result is
-already there, so an interrupted demo continues where it stopped."""
+"""The built-in demo, end to end and offline, as an explicit list of named steps: generate the shapes dataset, put
+the demo CNN's weights in place (the trained weights shipped with the app, or trained here), create the project,
+extract its layers, then run every labeler on every layer.
+
+Each step is one `DemoStep` with its own name, progress stage ("step k of n: ...") and clock, and is skipped when
+its result is already there, so an interrupted demo continues where it stopped; the summary says how long each
+step took. `demo_steps` is the whole list: a new step (training a language model, a new kind of labeling) is one
+entry there. The window runs the setup steps as one job, then every other step as a job of its own, so results
+appear in the window as each one finishes (`DemoJob(only=...)`).
+"""
 from __future__ import annotations
 
 import json
 import logging
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +27,27 @@ log = logging.getLogger(__name__)
 PROJECT_NAME = "demo.nstudio"
 DATASET_DIR = "shapes"
 WEIGHTS_NAME = "shapes_cnn.safetensors"
+DEFAULT_IMAGES = 3000
 LANGUAGE_KINDS = ("clip", "captioner", "lm")
 # The in-app dual encoder knows the project's own words only: CLIP-Dissect names units from the dataset's concepts.
 DEMO_PARAMS: dict[str, dict[str, Any]] = {"clip_dissect": {"vocabulary": "dataset"}}
 # MILAN runs a beam search per unit: the demo describes the layers whose units detect shapes, not the colour blobs
 MILAN_LAYERS = ("block3", "block4", "fc")
+# inputs only the language step provides (the TExplain translator is trained by its own command)
+LANGUAGE_INPUTS = {lb.Input.CLIP_MODEL, lb.Input.CAPTIONER, lb.Input.CAUSAL_LM, lb.Input.SENTENCE_ENCODER,
+                   lb.Input.TRANSLATOR}
+
+# ShapesCNN's four blocks and its classifier: the layers the demo extracts and labels. Their inner conv/bn/relu are
+# left out, and so is the global pooling, which only repeats block4's per-image means. Known before the project
+# exists, so that every step can be listed (and counted) up front.
+DEMO_LAYERS: tuple[str, ...] = ("block1", "block2", "block3", "block4", "fc")
+
+
+@dataclass
+class StepTime:
+    name: str
+    seconds: float
+    outcome: str  # "done", "already done", "skipped: why", "failed: why"
 
 
 @dataclass
@@ -31,107 +56,136 @@ class DemoSummary:
     training: dict[str, Any]
     layers: list[dict[str, Any]] = field(default_factory=list)
     skipped_methods: dict[str, str] = field(default_factory=dict)
+    steps: list[StepTime] = field(default_factory=list)
+    seconds: float = 0.0
     language: dict[str, Any] = field(default_factory=dict)  # per trained kind: name, seconds, held-out figures
     clip_agreement: dict[str, Any] = field(default_factory=dict)  # see clip_dissect_agreement
 
 
-def demo_layers(project: Any, model_id: int) -> list[str]:
-    """The blocks and the classifier: the top-level modules with units (their inner conv/bn/relu are left out, and
-    the global pooling, which only repeats the last block's per-image means)."""
-    rows = project.layers(model_id, extractable_only=True)
-    return [r["name"] for r in rows if "." not in r["name"] and r["name"] and "Pool" not in r["type"]]
+@dataclass
+class DemoContext:
+    """What the steps share: the demo's folders and settings, and the summary they fill in."""
+
+    out_dir: Path
+    n_images: int
+    epochs: int | None
+    device: str
+    seed: int
+    train: bool  # train the CNN here even when the shipped weights fit
+    summary: DemoSummary
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> parameters other than its defaults
+    # overrides of app.language.train.TrainOptions for the demo's language models (tests make them tiny)
+    language_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.out_dir / DATASET_DIR
+
+    @property
+    def weights(self) -> Path:
+        return self.out_dir / WEIGHTS_NAME
+
+    @property
+    def project_dir(self) -> Path:
+        return self.out_dir / PROJECT_NAME
 
 
-class DemoJob:
-    title = "Build the demo project"
+@dataclass
+class DemoStep:
+    """One named step. `run` does it and returns what the summary says about it ("done", "already done", or
+    "skipped: why"); it raises on failure. `setup` steps are what the window needs before it can show the project;
+    `kind`/`layer`/`method` tell the window what a step's job changes (a label step refreshes that layer's table)."""
 
-    def __init__(self, out_dir: Path, n_images: int = 3000, epochs: int | None = None, device: str = "auto",
-                 rebuild: bool = False, seed: int = 0, language_options: dict[str, Any] | None = None):
-        self.out_dir = Path(out_dir)
-        self.n_images = n_images
-        self.epochs = epochs
-        self.device = device
-        self.rebuild = rebuild
-        self.seed = seed
-        # overrides of app.language.train.TrainOptions for the demo's language models (tests make them tiny)
-        self.language_options = dict(language_options or {})
+    name: str
+    run: Callable[[DemoContext, JobProgress], str]
+    setup: bool = False
+    kind: str = "demo"
+    layer: str | None = None
+    method: str | None = None
 
-    def execute(self, progress: JobProgress) -> DemoSummary:
-        from app.demo.shapes import generate_shapes_dataset
+
+# ---- the steps ------------------------------------------------------------------------------------------------
+def _dataset_step(ctx: DemoContext, progress: JobProgress) -> str:
+    from app.demo.shapes import generate_shapes_dataset
+
+    marker = ctx.data_dir / ".complete"
+    recipe = {"images": ctx.n_images, "seed": ctx.seed}
+    if marker.exists() and json.loads(marker.read_text()) == recipe:
+        return "already done"
+    if ctx.data_dir.exists():
+        shutil.rmtree(ctx.data_dir)
+    generate_shapes_dataset(ctx.data_dir, n_images=ctx.n_images, seed=ctx.seed, progress=progress)
+    marker.write_text(json.dumps(recipe))
+    return "done"
+
+
+def _weights_step(ctx: DemoContext, progress: JobProgress) -> str:
+    from app.demo.shipped import matching_shipped_weights
+
+    metrics_file = ctx.out_dir / "training.json"
+    if ctx.weights.exists():
+        ctx.summary.training = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+        return "already done"
+    shipped = None if ctx.train else matching_shipped_weights(ctx.data_dir, ctx.n_images, ctx.seed, ctx.epochs)
+    if shipped is not None:
+        weights, metrics = shipped
+        tmp = ctx.weights.with_name(ctx.weights.name + ".tmp")
+        shutil.copyfile(weights, tmp)
+        tmp.replace(ctx.weights)
+        metrics = dict(metrics, source="shipped with the app (trained by the same code on this dataset)")
+        outcome = "done (the shipped trained weights: this dataset is the one they were trained on)"
+    else:
         from app.demo.train import train_demo_model
-        from app.engine.extract import ExtractJob, ExtractOptions
-        from app.engine.labeling import LabelJob
-        from app.project.store import Project
-        from app.workspace import add_dataset, add_model
 
-        out = self.out_dir
-        if self.rebuild and out.exists():
-            for name in (PROJECT_NAME, DATASET_DIR, WEIGHTS_NAME, "training.json"):
-                target = out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-        data_dir = out / DATASET_DIR
-        done_marker = data_dir / ".complete"
-        if not done_marker.exists():
-            progress.begin_stage("generating the shapes dataset")
-            if data_dir.exists():
-                shutil.rmtree(data_dir)
-            generate_shapes_dataset(data_dir, n_images=self.n_images, seed=self.seed, progress=progress)
-            done_marker.write_text(json.dumps({"images": self.n_images, "seed": self.seed}))
-        weights = out / WEIGHTS_NAME
-        metrics_file = out / "training.json"
-        if not weights.exists():
-            progress.begin_stage("training the demo CNN")
-            kwargs: dict[str, Any] = {"seed": self.seed, "progress": progress}
-            if self.epochs is not None:
-                kwargs["epochs"] = self.epochs
-            metrics = train_demo_model(data_dir, weights, **kwargs)
-            metrics_file.write_text(json.dumps(metrics, indent=1, default=float))
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-
-        project_dir = out / PROJECT_NAME
-        with Project.open_or_create(project_dir) as project:
-            if not project.models():
-                add_model(project, "builtin:shapes_cnn", weights, name="shapes_cnn")
-            if not project.datasets():
-                add_dataset(project, data_dir, name="shapes")
-            model = project.model()
-            layers = demo_layers(project, model["id"])
-        summary = DemoSummary(project=str(project_dir), training=metrics)
-        ExtractJob(project_dir, ExtractOptions(layers=layers, device=self.device)).execute(progress)
-        summary.language = train_language_models(project_dir, self.device, progress, self.language_options)
-        methods = lb.available()
-        grids = layer_grids(project_dir, layers)
-        for layer in layers:
-            for name in methods:
-                if name == "milan" and layer not in MILAN_LAYERS:
-                    continue
-                why_not = methods[name].applies_to(grids.get(layer))
-                if why_not:
-                    summary.skipped_methods[f"{name} on {layer}"] = why_not
-                    continue
-                job = LabelJob(project_dir, name, layer, DEMO_PARAMS.get(name), device=self.device)
-                try:
-                    job.execute(progress)
-                except lb.MissingInputError as exc:
-                    summary.skipped_methods[name] = str(exc)
-        with Project.open(project_dir) as project:
-            summary.layers = layer_summaries(project, model["id"], layers)
-            summary.clip_agreement = clip_dissect_agreement(project, model["id"], layers)
-        return summary
+        kwargs: dict[str, Any] = {"seed": ctx.seed, "progress": progress}
+        if ctx.epochs is not None:
+            kwargs["epochs"] = ctx.epochs
+        metrics = dict(train_demo_model(ctx.data_dir, ctx.weights, **kwargs), source="trained here")
+        outcome = "done (trained here)"
+    metrics_file.write_text(json.dumps(metrics, indent=1, default=float))
+    ctx.summary.training = metrics
+    return outcome
 
 
-def layer_grids(project_dir: Path, layers: list[str]) -> dict[str, tuple[int, int] | None]:
-    """Each layer's map grid (h, w), None for vector layers: methods say through `applies_to` where they mean little."""
+def _project_step(ctx: DemoContext, progress: JobProgress) -> str:
+    from app.errors import JobError
+    from app.project.store import Project
+    from app.workspace import add_dataset, add_model
+
+    added = []
+    with Project.open_or_create(ctx.project_dir) as project:
+        if not project.models():
+            add_model(project, "builtin:shapes_cnn", ctx.weights, name="shapes_cnn")
+            added.append("model")
+        if not project.datasets():
+            add_dataset(project, ctx.data_dir, name="shapes")
+            added.append("dataset")
+        model = project.model()
+        with_units = {r["name"] for r in project.layers(model["id"], extractable_only=True)}
+    missing = [name for name in DEMO_LAYERS if name not in with_units]
+    if missing:
+        raise JobError(f"the demo model has no layer with units named {', '.join(missing)}",
+                       fix="rebuild the demo (neuron-studio demo --rebuild)")
+    return f"done (added the {' and the '.join(added)})" if added else "already done"
+
+
+def _extract_step(ctx: DemoContext, progress: JobProgress) -> str:
+    from app.engine.extract import ExtractJob
+
+    rep = ExtractJob(ctx.project_dir, extract_options(ctx.device)).execute(progress)
+    return f"done ({rep.images} images)"
+
+
+def _language_step(ctx: DemoContext, progress: JobProgress) -> str:
     from app.project.store import Project
 
-    with Project.open(project_dir) as project:
-        model = project.model()
-        rows = {name: project.layer(model["id"], name) for name in layers}
-    return {name: (tuple(r["grid"]) if r["grid"] else None) for name, r in rows.items()}  # type: ignore[misc]
+    with Project.open(ctx.project_dir) as project:
+        had = all(project.language_model(kind=kind) is not None for kind in LANGUAGE_KINDS)
+    ctx.summary.language = train_language_models(ctx.project_dir, ctx.device, progress, ctx.language_options)
+    if had:
+        return "already done"
+    return "done (" + ", ".join(f"{k} {v['seconds']:.0f} s" if isinstance(v.get("seconds"), (int, float)) else k
+                               for k, v in ctx.summary.language.items()) + ")"
 
 
 def train_language_models(project_dir: Path, device: str, progress: JobProgress,
@@ -178,6 +232,145 @@ def clip_dissect_agreement(project: Any, model_id: int, layers: list[str],
     return {"detectors": total, "agree": agree, "fraction": agree / total if total else None, "layers": per_layer}
 
 
+def extract_options(device: str) -> Any:
+    from app.engine.extract import ExtractOptions
+
+    # No decoding processes: the demo's images are 64-pixel PNGs, decoded faster than worker processes start.
+    return ExtractOptions(layers=list(DEMO_LAYERS), device=device, num_workers=0)
+
+
+def _label_step(method: str, layer: str) -> Callable[[DemoContext, JobProgress], str]:
+    def run(ctx: DemoContext, progress: JobProgress) -> str:
+        import labelers.base as lb
+        from app.engine.labeling import LabelJob
+        from app.project.store import Project
+
+        params = ctx.params.get(method, DEMO_PARAMS.get(method, {}))
+        with Project.open(ctx.project_dir) as project:
+            row = project.layer(project.model()["id"], layer)
+            layer_id = row["id"]
+            why_not = lb.available()[method].applies_to(tuple(row["grid"]) if row["grid"] else None)
+            if why_not:
+                ctx.summary.skipped_methods[f"{method} on {layer}"] = why_not
+                return f"skipped: {why_not}"
+            if any(r.method == method and r.layer_id == layer_id and r.status == "done"
+                   and all(r.params.get(k) == v for k, v in params.items()) for r in project.runs("label")):
+                return "already done"
+        try:
+            rep = LabelJob(ctx.project_dir, method, layer, params, device=ctx.device).execute(progress)
+        except lb.MissingInputError as exc:
+            ctx.summary.skipped_methods[method] = str(exc)
+            return f"skipped: {exc}"
+        return f"done ({rep.labels} labels)"
+
+    return run
+
+
+def demo_steps() -> list[DemoStep]:
+    """Every step of the demo, in order. Labelers run quick ones first (those reading only the extracted arrays),
+    so every layer has labels early; each method runs on every layer before the next method starts."""
+    from app.workspace import methods_quick_first
+
+    steps = [
+        DemoStep("shapes dataset", _dataset_step, setup=True),
+        DemoStep("demo CNN weights", _weights_step, setup=True),
+        DemoStep("project with the model and dataset", _project_step, setup=True),
+        DemoStep(f"extract {', '.join(DEMO_LAYERS)}", _extract_step, kind="extract"),
+    ]
+    methods = lb.available()
+    # Methods that need a language model run after the demo has trained them, so the others' labels show first.
+    later = {n for n, c in methods.items() if set(c.inputs) & LANGUAGE_INPUTS}
+    for batch in ([m for m in methods_quick_first() if m not in later], [m for m in methods_quick_first() if m in later]):
+        if batch and batch[0] in later:
+            steps.append(DemoStep("language models (dual encoder, captioner, LM)", _language_step,
+                                  kind="train_language"))
+        for method in batch:
+            for layer in DEMO_LAYERS:
+                if method == "milan" and layer not in MILAN_LAYERS:
+                    continue
+                steps.append(DemoStep(f"{method} on {layer}", _label_step(method, layer), kind="label",
+                                      layer=layer, method=method))
+    return steps
+
+
+# ---- the job ----------------------------------------------------------------------------------------------------
+class DemoJob:
+    """Runs the demo's steps in this process, each as step k of n of its progress. `only` restricts it to the
+    named steps (the window queues each step as a job of its own); `setup_only` to the setup steps."""
+
+    kind = "demo"
+
+    def __init__(self, out_dir: Path, n_images: int = DEFAULT_IMAGES, epochs: int | None = None,
+                 device: str = "auto", rebuild: bool = False, seed: int = 0, *, train: bool = False,
+                 only: list[str] | None = None, setup_only: bool = False,
+                 params: dict[str, dict[str, Any]] | None = None, language_options: dict[str, Any] | None = None):
+        self.out_dir = Path(out_dir)
+        self.n_images = n_images
+        self.epochs = epochs
+        self.device = device
+        self.rebuild = rebuild
+        self.seed = seed
+        self.train = train
+        self.only = list(only) if only is not None else None
+        self.setup_only = setup_only
+        self.params = dict(params or {})  # method -> parameters (tests run a lighter demo)
+        self.language_options = dict(language_options or {})
+        self.title = ("Prepare the demo: dataset, model, project" if setup_only
+                      else only[0] if only and len(only) == 1 else "Build the demo project")
+        self.run_id: int | None = None
+
+    def selected_steps(self) -> list[DemoStep]:
+        steps = demo_steps()
+        if self.setup_only:
+            return [s for s in steps if s.setup]
+        if self.only is not None:
+            unknown = set(self.only) - {s.name for s in steps}
+            if unknown:
+                from app.errors import JobError
+
+                raise JobError(f"the demo has no step named {', '.join(sorted(unknown))}",
+                               fix=f"the steps are: {', '.join(s.name for s in steps)}")
+            return [s for s in steps if s.name in self.only]
+        return steps
+
+    def execute(self, progress: JobProgress) -> DemoSummary:
+        t_start = time.monotonic()
+        out = self.out_dir
+        if self.rebuild and out.exists():
+            for name in (PROJECT_NAME, DATASET_DIR, WEIGHTS_NAME, "training.json"):
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        summary = DemoSummary(project=str(out / PROJECT_NAME), training={})
+        metrics_file = out / "training.json"
+        if metrics_file.exists():
+            summary.training = json.loads(metrics_file.read_text())
+        ctx = DemoContext(out, self.n_images, self.epochs, self.device, self.seed, self.train, summary, self.params,
+                          self.language_options)
+        steps = self.selected_steps()
+        for k, step in enumerate(steps, 1):
+            progress.begin_step(k, len(steps), step.name)
+            t0 = time.monotonic()
+            try:
+                outcome = step.run(ctx, progress)
+            except BaseException as exc:
+                log.info("demo step %r ended after %.1f s: %s", step.name, time.monotonic() - t0, exc)
+                raise
+            summary.steps.append(StepTime(step.name, time.monotonic() - t0, outcome))
+            log.info("demo step %d/%d %r: %s in %.1f s", k, len(steps), step.name, outcome, time.monotonic() - t0)
+        if ctx.project_dir.exists() and self.only is None and not self.setup_only:
+            from app.project.store import Project
+
+            with Project.open(ctx.project_dir) as project:
+                summary.layers = layer_summaries(project, project.model()["id"], list(DEMO_LAYERS))
+                summary.clip_agreement = clip_dissect_agreement(project, project.model()["id"], list(DEMO_LAYERS))
+        summary.seconds = time.monotonic() - t_start
+        return summary
+
+
 def layer_summaries(project: Any, model_id: int, layers: list[str]) -> list[dict[str, Any]]:
     out = []
     for name in layers:
@@ -219,4 +412,9 @@ def format_summary(summary: DemoSummary) -> str:
                      f"{ag['detectors']} colour/shape detector units ({ag['fraction']:.0%})")
     for method, why in summary.skipped_methods.items():
         lines.append(f"skipped {method}: {why}")
+    if summary.steps:
+        lines.append(f"time per step ({len(summary.steps)} steps, {summary.seconds:.1f} s in all):")
+        for s in summary.steps:
+            outcome = s.outcome if not s.outcome.startswith("skipped") else "skipped (see above)"
+            lines.append(f"  {s.seconds:7.1f} s  {s.name}: {outcome}")
     return "\n".join(lines)

@@ -68,6 +68,7 @@ class LabelJob:
         self.run_id: int | None = None
 
     def execute(self, progress: JobProgress) -> LabelReport:
+        progress.begin_stage(f"{self.method} on {self.layer}")  # the stage line names method and layer
         project = Project.open(self.project_path)
         try:
             return self._execute(project, progress)

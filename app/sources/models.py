@@ -3,7 +3,8 @@
 A model is named by a spec string:
 
     torchvision:NAME           architecture from torchvision, weights from --weights (.pth/.pt or .safetensors)
-    torchscript:FILE           a TorchScript archive
+    torchscript:FILE           a TorchScript archive (its inner layers too, see app/sources/scripted.py)
+    export:FILE.pt2            a torch.export program saved with torch.export.save (tensors only, no pickles)
     hf:DIR                     a transformers folder written by save_pretrained (no remote code)
     python:FILE.py:FACTORY     FACTORY() from a Python file; runs code, so only with trust_code=True
     builtin:NAME               an architecture that ships with Neuron Studio, weights from a .safetensors file
@@ -59,9 +60,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SPEC_KINDS = ("torchvision", "torchscript", "hf", "python", "builtin")
+SPEC_KINDS = ("torchvision", "torchscript", "export", "hf", "python", "builtin")
 SPEC_EXAMPLES = (
-    "torchvision:resnet18 (with --weights FILE), torchscript:/path/model.pt, hf:/path/folder, "
+    "torchvision:resnet18 (with --weights FILE), torchscript:/path/model.pt, export:/path/model.pt2, hf:/path/folder, "
     "python:/path/file.py:make_model, builtin:shapes_cnn"
 )
 
@@ -127,7 +128,7 @@ def parse_spec(spec: str) -> ModelSpec:
                 f"model spec {spec!r} does not name the function that builds the model",
                 fix="write python:FILE.py:FUNCTION, e.g. python:/path/net.py:make_model",
             )
-    if kind in ("torchscript", "hf", "python"):
+    if kind in ("torchscript", "export", "hf", "python"):
         rest = str(Path(rest).expanduser())
     return ModelSpec(kind=kind, target=rest, factory=factory)
 
@@ -207,8 +208,10 @@ def load_model(
 
     if parsed.kind == "torchvision":
         parts = _load_torchvision(parsed.target, weights_path)
-    elif parsed.kind == "torchscript":
+    elif parsed.kind == "torchscript" and Path(parsed.target).suffix.lower() != ".pt2":
         parts = _load_torchscript(Path(parsed.target), weights_path)
+    elif parsed.kind in ("export", "torchscript"):  # a .pt2 given as torchscript: is a torch.export program
+        parts = _load_exported(Path(parsed.target), weights_path)
     elif parsed.kind == "hf":
         parts = _load_hf(Path(parsed.target), weights_path)
     elif parsed.kind == "python":
@@ -398,7 +401,19 @@ def _load_torchscript(path: Path, weights: Path | None) -> _Parts:
             f"cannot read the TorchScript file, it is truncated or corrupt ({_first_line(exc)})", file=path,
             fix="export it again with torch.jit.script(model).save(path) or torch.jit.trace",
         ) from None
-    return _Parts(module=module, weights_path=path, fingerprint=_sha256_file(path))
+    from app.sources.scripted import ScriptedLayers
+
+    return _Parts(module=ScriptedLayers(module), weights_path=path, fingerprint=_sha256_file(path))
+
+
+def _load_exported(path: Path, weights: Path | None) -> _Parts:
+    from app.sources.scripted import load_exported
+
+    _require_file(path, "torch.export file")
+    if weights is not None:
+        raise ModelLoadError("a torch.export file carries its own weights; --weights is not used with export:",
+                             file=weights, fix="leave --weights out")
+    return _Parts(module=load_exported(path), weights_path=path, fingerprint=_sha256_file(path))
 
 
 def _load_hf(folder: Path, weights: Path | None) -> _Parts:
@@ -981,9 +996,9 @@ class LayerInfo:
 def discover_layers(model: LoadedModel) -> list[LayerInfo]:
     """One dry run of a 1 x 3 x crop x crop zero image with a forward hook on every named module.
 
-    The root module is listed first under the name "" with the output of `LoadedModel.forward`; it is the only
-    layer of a TorchScript model, whose submodules cannot be hooked. A module that runs more than once per forward
-    pass (a ReLU shared inside a ResNet block) is "other": its output per image is ambiguous.
+    The root module is listed first under the name "" with the output of `LoadedModel.forward`. A TorchScript
+    model's submodules are hooked through its `ScriptedLayers` wrapper's taps. A module that runs more than once per
+    forward pass (a ReLU shared inside a ResNet block) is "other": its output per image is ambiguous.
     """
     import torch
 
@@ -996,7 +1011,6 @@ def discover_layers(model: LoadedModel) -> list[LayerInfo]:
     x = torch.zeros(1, 3, crop, crop, device=device, dtype=dtype)
 
     named = list(module.named_modules())
-    scripted = isinstance(module, torch.jit.ScriptModule)
     seen: dict[str, tuple[tuple[int, ...], torch.dtype] | None] = {}
     calls: dict[str, int] = {}
 
@@ -1009,10 +1023,9 @@ def discover_layers(model: LoadedModel) -> list[LayerInfo]:
 
     handles = []
     try:
-        if not scripted:
-            for name, sub in named:
-                if name:
-                    handles.append(sub.register_forward_hook(make_hook(name)))
+        for name, sub in named:
+            if name:
+                handles.append(sub.register_forward_hook(make_hook(name)))
         try:
             with torch.no_grad():
                 out = model.forward(x)
@@ -1034,13 +1047,11 @@ def discover_layers(model: LoadedModel) -> list[LayerInfo]:
     layers: list[LayerInfo] = []
     for name, sub in named:
         type_name = type(sub).__name__
-        if type_name == "RecursiveScriptModule":
+        if type_name in ("RecursiveScriptModule", "LayerTap", "ScriptedLayers", "InterpreterModule",
+                         "UnflattenedModule"):
             type_name = getattr(sub, "original_name", type_name)
         if not name:
             layers.append(_describe("", type_name, (tuple(out.shape), out.dtype), 1, hint))
-        elif scripted:
-            layers.append(LayerInfo(name, type_name, (), "other", 0, None, calls=0,
-                                    note="TorchScript submodules cannot be hooked; use the model output"))
         else:
             layers.append(_describe(name, type_name, seen.get(name), calls.get(name, 0), hint))
     return layers

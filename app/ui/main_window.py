@@ -855,12 +855,12 @@ class MainWindow(QMainWindow):
 
         if handle.state is not JobState.DONE or self.project is None:
             return []
+        from app.workspace import methods_quick_first
+
         why = self.unavailable_methods()
         queued = []
-        # Methods that read the arrays alone finish in seconds; those that go over the images again (masks pixel
-        # by pixel, captions of images) take minutes: queue the quick ones first, so labels show up early.
-        heavy = {lb.Input.MASK_BATCHES, lb.Input.IMAGES}
-        methods = sorted(lb.available().items(), key=lambda kv: (bool(heavy & set(kv[1].inputs)), kv[0]))
+        available = lb.available()
+        methods = [(name, available[name]) for name in methods_quick_first()]
         for layer in layers:
             for name, cls in methods:
                 if name in why.get(layer, {}) or lb.Input.CLIP_MODEL in cls.inputs:
@@ -959,15 +959,18 @@ class MainWindow(QMainWindow):
             self.statusBar().showMessage(f"{handle.title}: {describe_result(handle.result)}", 10000)
         elif handle.state is JobState.FAILED:
             self.statusBar().showMessage(f"{handle.title} failed: {handle.error}", 15000)
-        if getattr(handle.job, "kind", None) == "demo" or type(handle.job).__name__ == "DemoJob":
+        kind = getattr(handle.job, "kind", None)
+        if kind == "demo" and getattr(handle.job, "only", None) is None:  # the demo's setup (or the whole demo)
             if handle.state is JobState.DONE and handle.result is not None:
                 self.open_project(handle.result.project)
+                if getattr(handle.job, "setup_only", False):
+                    self._queue_demo_steps(handle.job)
             return
         if self.project is None:
             return
-        kind = getattr(handle.job, "kind", None)
         self.refresh()
-        if handle.state is JobState.DONE and kind == "label" and self.layer_id is not None:
+        if (handle.state is JobState.DONE and kind in ("label", "demo") and getattr(handle.job, "layer", None)
+                and self.layer_id is not None):
             layer = self.project.find_layer(self.model_id, handle.job.layer)
             if layer and layer["id"] == self.layer_id:
                 self.show_layer(self.layer_id, keep_unit=self.units.current_unit())
@@ -975,12 +978,33 @@ class MainWindow(QMainWindow):
     def build_demo(self) -> JobHandle | None:
         from platformdirs import user_data_dir
 
-        from app.demo.pipeline import DemoJob
-
         out = Path(user_data_dir("neuron-studio", appauthor=False)) / "demo"
-        job = DemoJob(out, n_images=3000, device=self.prefs.device)
-        job.kind = "demo"  # type: ignore[attr-defined]
+        return self.start_demo(out, device=self.prefs.device)
+
+    def start_demo(self, out_dir: str | Path, n_images: int | None = None, epochs: int | None = None,
+                   device: str = "auto", rebuild: bool = False, train: bool = False) -> JobHandle | None:
+        """Build the demo in jobs: first the dataset, the model and the project (one job; the window then opens the
+        project), then every other step of the demo as a job of its own, so results show as each one ends."""
+        from app.demo.pipeline import DEFAULT_IMAGES, DemoJob
+
+        job = DemoJob(Path(out_dir), n_images=n_images or DEFAULT_IMAGES, epochs=epochs, device=device,
+                      rebuild=rebuild, train=train, setup_only=True)
         return self.submit(job)
+
+    def _queue_demo_steps(self, setup: Any) -> list[JobHandle]:
+        from app.demo.pipeline import DemoJob, demo_steps
+
+        handles = []
+        for step in demo_steps():
+            if step.setup:
+                continue
+            job = DemoJob(setup.out_dir, n_images=setup.n_images, epochs=setup.epochs, device=setup.device,
+                          seed=setup.seed, train=setup.train, only=[step.name])
+            job.layer = step.layer  # type: ignore[attr-defined]  # a label step refreshes that layer's table
+            h = self.submit(job)
+            if h is not None:
+                handles.append(h)
+        return handles
 
     # ---- browsing ------------------------------------------------------------------------------------------
     def _layer_key(self) -> str:
@@ -1129,8 +1153,9 @@ class MainWindow(QMainWindow):
         event.accept()
 
 
-def run_app(project: str | Path | None = None) -> int:
-    """Open the window (optionally on a project) and run until it closes; returns the exit code."""
+def run_app(project: str | Path | None = None, demo: dict[str, Any] | None = None) -> int:
+    """Open the window (optionally on a project) and run until it closes; returns the exit code. `demo` (the
+    arguments of `MainWindow.start_demo`) builds the demo in the window's jobs."""
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setApplicationName("Neuron Studio")
     app.setOrganizationName("neuron-studio")
@@ -1140,4 +1165,6 @@ def run_app(project: str | Path | None = None) -> int:
     if project is not None:
         # Let the window paint first: opening a big project is then visible progress, not a blank start.
         QTimer.singleShot(0, lambda: window.open_project(project))
+    if demo is not None:
+        QTimer.singleShot(0, lambda: window.start_demo(**demo))
     return int(app.exec())

@@ -39,6 +39,8 @@ def describe_result(result: Any, problems: bool = False) -> str:
         return "\n".join([report_summary(result), *lines])
     if name == "LabelReport":
         return f"{result.labels} labels for {result.units} units in {format_seconds(result.seconds)}"
+    if name == "DemoSummary":
+        return "; ".join(f"{s.name}: {s.outcome} in {format_seconds(s.seconds)}" for s in result.steps) or "done"
     if dataclasses.is_dataclass(result):
         fields = [f"{f.name}: {getattr(result, f.name)}" for f in dataclasses.fields(result)
                   if isinstance(getattr(result, f.name), (int, float, str))]
@@ -61,6 +63,11 @@ class JobRow(QFrame):
         self.title.setStyleSheet("font-weight: 600;")
         self.title.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.status = QLabel()
+        # The stage line: "step 5 of 29: compexp on block3", with the stage's own clock; the bar and its ETA below
+        # are the stage's, so neither lies about a job whose stages differ in length.
+        self.stage = QLabel()
+        self.stage.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.stage.setVisible(False)
         self.bar = QProgressBar()
         self.bar.setRange(0, 1000)
         self.bar.setTextVisible(True)
@@ -89,6 +96,7 @@ class JobRow(QFrame):
         lay.setContentsMargins(8, 6, 8, 6)
         lay.setSpacing(3)
         lay.addLayout(top)
+        lay.addWidget(self.stage)
         lay.addLayout(mid)
         lay.addWidget(self.detail)
         handle.changed.connect(self.refresh)
@@ -107,8 +115,16 @@ class JobRow(QFrame):
             text = message or "starting: loading the model and data"
         else:
             text = state
+        heading = h.info.heading if h.info else ""
+        if text == heading or (h.info is not None and text == h.info.stage):
+            text = "running"  # the stage line below already says it
         self.status.setText(text)
         self.status.setStyleSheet(f"color: {STATE_COLORS.get(state, '')};")
+        if h.state is JobState.RUNNING and heading:
+            self.stage.setText(f"{heading}  ({format_seconds(h.info.stage_elapsed)} in this stage)")
+            self.stage.setVisible(True)
+        else:
+            self.stage.setVisible(False)
         if h.state is JobState.QUEUED:
             self.bar.setValue(0)
             self.bar.setFormat("queued")

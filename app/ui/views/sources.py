@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 MODEL_KINDS = (
     ("torchvision", "torchvision architecture + weights file", "architecture", True),
     ("torchscript", "TorchScript file", "file", False),
+    ("export", "torch.export program (.pt2)", "file", False),
     ("hf", "transformers model folder", "folder", False),
     ("builtin", "built-in architecture + weights file", "architecture", True),
     ("python", "Python file with a factory function (runs its code)", "python", True),
@@ -56,6 +57,8 @@ def guess_model_kind(path: Path) -> str:
         return "python"
     if suffix in (".ts", ".torchscript"):
         return "torchscript"
+    if suffix == ".pt2":
+        return "export"
     if suffix in (".pt", ".pth", ".zip"):
         import zipfile
 
@@ -358,7 +361,7 @@ class AddModelDialog(_BusyDialog):
         spec, weights = self.spec()
         overrides = self.overrides()
         name = self.name.text().strip() or None
-        if name is None and self.kind_key() in ("python", "torchscript", "hf"):
+        if name is None and self.kind_key() in ("python", "torchscript", "export", "hf"):
             name = self._free_name(Path(self.target.currentText().strip()).stem or None)
         trust = self.kind_key() == "python" and self.trust.isChecked()
         return CallJob(f"Check model {spec}", check_and_add_model, self.project_path, spec, weights, name=name,

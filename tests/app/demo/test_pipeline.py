@@ -1,15 +1,24 @@
-"""The demo end to end, small: every layer it extracts gets units and labels from every method it can run."""
-from app.demo.pipeline import DemoJob, format_summary
+"""The demo end to end, small: named steps, each timed and reported as step k of n; every layer it extracts gets
+units and labels from every method it can run; a second run finds every step done."""
+from app.demo.pipeline import DEMO_LAYERS, DemoJob, demo_steps, format_summary
 from app.jobs import JobProgress
 from app.project.store import Project
 
+# A lighter compositional search than the paper's (beam 5, length 3): the pipeline is under test here, the method in
+# tests/labelers.
+LIGHT = {"compexp": {"beam_size": 2, "max_length": 2}, "milan": {"k": 3, "beam": 3, "max_length": 4}}
+TINY_LANGUAGE = {"steps": 2, "hidden": 32, "layers": 1, "image_size": 32, "batch_size": 16}
+
 
 def test_small_demo_builds_a_labeled_project(tmp_path):
-    tiny_language = {"steps": 2, "hidden": 32, "layers": 1, "image_size": 32, "batch_size": 16}
-    job = DemoJob(tmp_path / "demo", n_images=120, epochs=1, device="cpu", language_options=tiny_language)
-    summary = job.execute(JobProgress())
+    infos = []
+    progress = JobProgress(min_interval=0.0)
+    progress.listeners.append(infos.append)
+    job = DemoJob(tmp_path / "demo", n_images=60, epochs=1, device="cpu", params=LIGHT, language_options=TINY_LANGUAGE)
+    summary = job.execute(progress)
+
     names = [layer["layer"] for layer in summary.layers]
-    assert names == ["block1", "block2", "block3", "block4", "fc"]
+    assert names == ["block1", "block2", "block3", "block4", "fc"] == list(DEMO_LAYERS)
     for layer in summary.layers:
         # the IoU methods mean little on the 1x1 classifier: skipped there, with the reason
         iou = {"netdissect", "compexp"} if layer["layer"] != "fc" else set()
@@ -17,17 +26,45 @@ def test_small_demo_builds_a_labeled_project(tmp_path):
         assert layer["methods"]["invert"]["units"] == layer["units"]
         # CLIP-Dissect runs with the demo's own dual encoder, on the dataset's concepts
         assert layer["methods"]["clip_dissect"]["units"] == layer["units"]
+        if layer["layer"] in ("block3", "block4", "fc"):  # MILAN describes these with the demo's captioner and LM
+            assert layer["methods"]["milan"]["units"] == layer["units"]
     assert "1x1" in summary.skipped_methods["compexp on fc"] and "netdissect on fc" in summary.skipped_methods
     assert "clip_dissect" not in summary.skipped_methods
     assert set(summary.language) == {"clip", "captioner", "lm"}
     assert all(m["heldout"] for m in summary.language.values())
     assert summary.clip_agreement["detectors"] >= 0
+
+    # every step ran once, in order, reported as "step k of n" with its own name; its time is in the summary
+    steps = demo_steps()
+    assert [s.name for s in summary.steps] == [s.name for s in steps]
+    assert summary.steps[1].outcome == "done (trained here)"  # 60 images: not the shipped weights' dataset
+    assert all(s.seconds >= 0 for s in summary.steps) and summary.seconds >= sum(s.seconds for s in summary.steps)
+    starts = [i for i in infos if i.message == "starting"]
+    assert [(i.step, i.steps, i.stage) for i in starts] == [(k, len(steps), s.name) for k, s in enumerate(steps, 1)]
+    assert "compexp on block3" in {s.name for s in steps}
+    extract = [i for i in infos if i.stage.startswith("extract ") and i.total]
+    assert extract and all(i.heading.startswith("step 4 of ") for i in extract)
+    assert any("pass 1" in i.stage for i in extract)  # the extraction's own stages, under the step's name
+
     text = format_summary(summary)
     assert "layer block4 (" in text and "netdissect" in text
+    assert f"time per step ({len(steps)} steps" in text and "compexp on block3" in text
     with Project.open(summary.project) as p:
         assert p.integrity_check() == "ok"
         assert {r.status for r in p.runs()} == {"done"}
+        n_runs = len(p.runs())
+
     # a second run finds everything done and changes nothing
-    again = DemoJob(tmp_path / "demo", n_images=120, epochs=1, device="cpu",
-                    language_options=tiny_language).execute(JobProgress())
+    again = DemoJob(tmp_path / "demo", n_images=60, epochs=1, device="cpu", params=LIGHT,
+                    language_options=TINY_LANGUAGE).execute(JobProgress())
     assert again.layers == summary.layers
+    assert all(s.outcome.startswith(("already done", "skipped")) for s in again.steps if s.name != summary.steps[3].name)
+    with Project.open(summary.project) as p:
+        assert len(p.runs()) == n_runs
+
+    # the window's way: one step per job
+    one = DemoJob(tmp_path / "demo", n_images=60, epochs=1, device="cpu", only=["textsum on fc"], params=LIGHT)
+    assert one.title == "textsum on fc"
+    assert [s.name for s in one.execute(JobProgress()).steps] == ["textsum on fc"]
+    setup = DemoJob(tmp_path / "demo", n_images=60, epochs=1, device="cpu", setup_only=True)
+    assert [s.name for s in setup.execute(JobProgress()).steps] == [s.name for s in steps if s.setup]

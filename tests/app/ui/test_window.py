@@ -286,3 +286,47 @@ def test_naming_board_opens_from_the_window_and_its_names_reach_the_units_table(
     assert window.unit_view.notes.isVisible() or not window.isVisible()
     assert "ann:" in notes and "bob:" in notes and "the top-left corner of red squares" in notes
     assert window.errors == []
+
+
+def test_demo_in_the_window_runs_its_steps_as_jobs(qtbot, window, tmp_path):
+    """The window opens at once; the demo's setup is one job, then each step is a job of its own, and the units
+    table fills in when the extraction job ends."""
+    from app.demo.pipeline import DEMO_LAYERS, demo_steps
+
+    window.prefs.num_workers = 0
+    setup = window.start_demo(tmp_path / "demo", n_images=24, epochs=1, device="cpu")
+    assert setup.title == "Prepare the demo: dataset, model, project"
+    _wait_done(qtbot, setup)
+    assert window.project is not None and window.project_path == tmp_path / "demo" / "demo.nstudio"
+    steps = [s for s in demo_steps() if not s.setup and s.method != "clip_dissect"]  # no CLIP folder in the demo
+    queued = [h for h in window.manager.handles if h is not setup]
+    assert [h.title for h in queued] == [s.name for s in steps]
+    extract = queued[0]
+    assert extract.title.startswith("extract ")
+    _wait_done(qtbot, extract)
+    qtbot.waitUntil(lambda: window.units.model.rowCount() > 0, timeout=LONG)
+    assert window.units.layer_combo.count() == len(DEMO_LAYERS)
+    first_label = queued[1]
+    _wait_done(qtbot, first_label)
+    assert f"{first_label.title}: done" in window.jobs.rows[first_label.id].detail.text()
+    window.manager.cancel_all()
+    qtbot.waitUntil(lambda: not window.manager.active(), timeout=LONG)
+
+
+def test_jobs_panel_shows_the_stage_line_with_its_own_clock(qtbot, window):
+    from app.jobs import ProgressInfo
+    from app.ui.views.jobs import JobRow
+    from app.ui.workers import JobHandle
+
+    class Nothing:
+        title = "Build the demo project"
+
+    handle = JobHandle(Nothing())
+    handle.state = JobState.RUNNING
+    handle.info = ProgressInfo(40, 64, "beam 2/3, units 40/64", 300.0, 12.0, stage="compexp on block3", step=5,
+                               steps=29, stage_elapsed=65.0, stage_id=7)
+    row = JobRow(handle, window.manager)
+    qtbot.addWidget(row)
+    assert row.stage.text() == "step 5 of 29: compexp on block3  (01:05 in this stage)"
+    assert row.status.text() == "beam 2/3, units 40/64" and row.eta.text() == "00:12 left"
+    assert row.bar.format().startswith("40 / 64")
