@@ -1,4 +1,4 @@
-"""Inner layers of TorchScript files and torch.export programs, for the one hook code of app/engine/hooks.py.
+"""Inner layers of TorchScript files and torch.export programs, for the one hook code of app/sources/instrument.py.
 
 A TorchScript module cannot take Python forward hooks. `ScriptedLayers` wraps it in an ordinary `nn.Module` whose
 module tree mirrors the scripted one with `LayerTap`s (layer1, layer1.0, layer1.0.conv1, ...). When a forward pass

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from app.engine import hooks
+from app.sources import instrument as hooks
 from app.errors import ModelLoadError
 from app.sources.models import discover_layers, load_model
 from app.sources.scripted import _only_weights_only_loads
