@@ -61,7 +61,10 @@ def child(mode: str, folder: Path, images: int, device: str, t_start: float) -> 
             app.quit()
         if mode == "demo" and rows:
             say("units table populated", rows=rows)
-            app.quit()
+            # Measured: leave at once (app.quit() can wait behind the jobs' relays). Queued jobs are cancelled; the
+            # running one sees its stop pipe close and ends.
+            window.manager.cancel_all()
+            os._exit(0)
 
     timer = QTimer()
     timer.timeout.connect(poll)
@@ -72,8 +75,6 @@ def child(mode: str, folder: Path, images: int, device: str, t_start: float) -> 
     else:
         QTimer.singleShot(0, lambda: window.start_demo(folder / "demo", n_images=images, device=device))
     app.exec()
-    # Measured: leave now. The jobs still queued are cancelled; the running one sees its stop pipe close and ends.
-    window.manager.cancel_all()
     os._exit(0)
 
 
