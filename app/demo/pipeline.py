@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import labelers.base as lb
+from app.demo.shapes import DEFAULT_IMAGES  # re-exported: the window and tests read it here
 from app.jobs import JobProgress
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 PROJECT_NAME = "demo.nstudio"
 DATASET_DIR = "shapes"
 WEIGHTS_NAME = "shapes_cnn.safetensors"
-DEFAULT_IMAGES = 3000
 LANGUAGE_KINDS = ("clip", "captioner", "lm")
 # The in-app dual encoder knows the project's own words only: CLIP-Dissect names units from the dataset's concepts.
 DEMO_PARAMS: dict[str, dict[str, Any]] = {"clip_dissect": {"vocabulary": "dataset"}}

@@ -27,6 +27,9 @@ from PIL import Image
 
 from app.errors import DatasetError
 
+# How many images the demo generates: the dataset its shipped weights were trained on (app/demo/shipped.py).
+DEFAULT_IMAGES = 3000
+
 log = logging.getLogger(__name__)
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "ring")

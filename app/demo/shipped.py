@@ -136,7 +136,7 @@ def build_shipped(out_folder: Path, n_images: int, seed: int = 0, work_dir: Path
 
 
 if __name__ == "__main__":
-    from app.demo.pipeline import DEFAULT_IMAGES
+    from app.demo.shapes import DEFAULT_IMAGES
 
     logging.basicConfig(level=logging.INFO)
     print(json.dumps(build_shipped(shipped_dir(), DEFAULT_IMAGES), indent=1, default=float))

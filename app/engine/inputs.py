@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 class Availability:
     ok: bool
     why: str = ""  # when not ok: what is missing and where it comes from
+    detail: str = ""  # when not ok: the particular reason, if any (a folder gone, ...), without the source
 
     def __bool__(self) -> bool:
         return self.ok
@@ -70,7 +71,7 @@ class BuildContext:
 
 def _missing(need: lb.Input, detail: str = "") -> Availability:
     return Availability(False, f"Needs {need.value.replace('_', ' ')}{' (' + detail + ')' if detail else ''}, "
-                               f"which comes from {lb.INPUT_SOURCES[need]}.")
+                               f"which comes from {lb.INPUT_SOURCES[need]}.", detail)
 
 
 def _facts(project: Any, layer: dict[str, Any]) -> dict[str, Any]:
@@ -368,7 +369,7 @@ def build_inputs(project: Any, method: str, needed: tuple[lb.Input, ...], layer:
     for need in needed:
         a = availability(project, layer, need, options)
         if not a:
-            raise lb.MissingInputError(method, need, a.why)
+            raise lb.MissingInputError(method, need, a.detail)  # its message names the source itself
     rows = np.nonzero(results.valid)[0]
     inputs = lb.LabelerInputs(layer=layer["name"], num_units=layer["units"], device=device)
     ctx = BuildContext(project=project, layer=layer, model=model, dataset=dataset, results=results, rows=rows,

@@ -313,7 +313,7 @@ def _layer_suggestion(name: str, names: list[str]) -> str:
     close = difflib.get_close_matches(name, [n for n in names if n], n=3, cutoff=0.5)
     if close:
         return f"did you mean {' or '.join(close)}? (`neuron-studio info --layers` lists them all)"
-    listed = [shown[n] for n in names]
+    listed = [shown[n] for n in names if n]  # the whole model is no layer to pick
     return f"pick one of: {', '.join(listed[:30])}{' ...' if len(listed) > 30 else ''}"
 
 

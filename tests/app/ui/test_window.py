@@ -298,7 +298,7 @@ def test_demo_in_the_window_runs_its_steps_as_jobs(qtbot, window, tmp_path):
     assert setup.title == "Prepare the demo: dataset, model, project"
     _wait_done(qtbot, setup)
     assert window.project is not None and window.project_path == tmp_path / "demo" / "demo.nstudio"
-    steps = [s for s in demo_steps() if not s.setup and s.method != "clip_dissect"]  # no CLIP folder in the demo
+    steps = [s for s in demo_steps() if not s.setup]
     queued = [h for h in window.manager.handles if h is not setup]
     assert [h.title for h in queued] == [s.name for s in steps]
     extract = queued[0]
@@ -315,7 +315,7 @@ def test_demo_in_the_window_runs_its_steps_as_jobs(qtbot, window, tmp_path):
 
 def test_jobs_panel_shows_the_stage_line_with_its_own_clock(qtbot, window):
     from app.jobs import ProgressInfo
-    from app.ui.views.jobs import JobRow
+    from app.ui.views.jobs_panel import JobRow
     from app.ui.workers import JobHandle
 
     class Nothing:
