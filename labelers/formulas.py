@@ -99,16 +99,7 @@ _TOKEN = re.compile(r"\s*(\(|\)|AND NOT\b|AND\b|OR\b|NOT\b|[^()\s](?:[^()]*?[^()
 def parse(text: str, names: list[str]) -> Formula:
     """Inverse of `to_text` for names that contain no parentheses and no bare AND/OR/NOT words."""
     index = {n: i for i, n in enumerate(names)}
-    tokens: list[str] = []
-    pos = 0
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if not m or m.end() == pos:
-            if text[pos:].strip() == "":
-                break
-            raise ValueError(f"cannot read formula {text!r} at position {pos}")
-        tokens.append(m.group(1))
-        pos = m.end()
+    tokens = _tokens(text)
 
     def expr(i: int) -> tuple[Formula, int]:
         left, i = unary(i)
