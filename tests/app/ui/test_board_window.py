@@ -5,40 +5,13 @@ import os
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-import shutil  # noqa: E402
-
 import pytest  # noqa: E402
 from PySide6.QtCore import Qt  # noqa: E402
 
-from tests.app.naming_helpers import build_project  # noqa: E402
-from tests.app.ui.test_board import click, saved  # noqa: E402
+# the board tests' project and window fixtures, shared rather than copied
+from tests.app.ui.test_board import built, click, open_window, project_path, saved  # noqa: E402,F401,F811
 
 pytestmark = pytest.mark.qt
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return build_project(tmp_path_factory.mktemp("boardwin"))
-
-
-@pytest.fixture
-def project_path(built, tmp_path):
-    dst = tmp_path / "proj.nstudio"
-    shutil.copytree(built["project"], dst)
-    return dst
-
-
-@pytest.fixture
-def open_window(qtbot):
-    from app.ui.board import BoardWindow
-
-    def make(path, **kwargs):
-        w = BoardWindow(path, **kwargs)
-        qtbot.addWidget(w)
-        w.show()
-        return w
-
-    return make
 
 
 def _row_of_unit(board, unit):
