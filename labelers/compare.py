@@ -76,9 +76,6 @@ def normalise(text: str) -> str:
     return " ".join(_singular(w) for w in text.split() if w not in _ARTICLES)
 
 
-_FORMULA_TOKEN = re.compile(r"\(|\)|\b(?:AND|OR|NOT)\b|[^()]+?(?=\s*(?:\(|\)|\bAND\b|\bOR\b|\bNOT\b|$))")
-
-
 def looks_like_formula(text: str) -> bool:
     return bool(re.search(r"\b(AND|OR|NOT)\b", text)) or ("(" in text and ")" in text)
 
