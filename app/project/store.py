@@ -706,13 +706,21 @@ class Project(LanguageModelsMixin):
         with self.transaction():
             if run_id is not None and self.conn.execute("SELECT 1 FROM runs WHERE id=?", (run_id,)).fetchone():
                 run_id = None
-            cur = self.conn.execute(
-                "INSERT INTO runs (id, kind, key, model_id, dataset_id, layer_id, source_run_id, method, params, status,"
-                " pid, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (run_id, kind, key, model_id, dataset_id, layer_id, source_run_id, method, _json(params), status,
-                 os.getpid(), now()),
-            )
-            return int(cur.lastrowid)
+            return self._insert_run(run_id, kind, key, params, model_id, dataset_id, layer_id, source_run_id, method,
+                                    status)
+
+    def _insert_run(self, run_id: int | None, kind: str, key: str, params: dict[str, Any], model_id: int | None,
+                    dataset_id: int | None, layer_id: int | None, source_run_id: int | None, method: str | None,
+                    status: str) -> int:
+        """The one INSERT of a run row (inside the caller's transaction); a run created running is started now."""
+        started = now() if status == "running" else None
+        cur = self.conn.execute(
+            "INSERT INTO runs (id, kind, key, model_id, dataset_id, layer_id, source_run_id, method, params, status,"
+            " pid, created_at, started_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (run_id, kind, key, model_id, dataset_id, layer_id, source_run_id, method, _json(params), status,
+             os.getpid(), now(), started),
+        )
+        return int(cur.lastrowid)
 
     def run(self, run_id: int) -> RunInfo:
         row = self.one("SELECT * FROM runs WHERE id=?", (run_id,))
@@ -775,13 +783,8 @@ class Project(LanguageModelsMixin):
                     (os.getpid(), now(), row["id"]),
                 )
                 return int(row["id"]), None
-            cur = self.conn.execute(
-                "INSERT INTO runs (kind, key, model_id, dataset_id, layer_id, source_run_id, method, params, status,"
-                " pid, created_at, started_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (kind, key, model_id, dataset_id, layer_id, source_run_id, method, _json(params), "running",
-                 os.getpid(), now(), now()),
-            )
-            return int(cur.lastrowid), None
+            return self._insert_run(None, kind, key, params, model_id, dataset_id, layer_id, source_run_id, method,
+                                    "running"), None
 
     def finished_run(self, kind: str, key: str) -> RunInfo | None:
         row = self.one("SELECT * FROM runs WHERE kind=? AND key=? AND status='done' ORDER BY id DESC LIMIT 1", (kind, key))
