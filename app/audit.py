@@ -3,6 +3,7 @@ descriptions say something, switch them off, and measure what changes on a label
 as many random units of the same layer."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -48,23 +49,69 @@ class UnitMatch:
     reasons: list[MatchReason] = field(default_factory=list)
 
 
-def _words(text: str) -> set[str]:
-    return set(normalise(text).split())
-
-
-def _text_match(query_words: set[str], text: str) -> tuple[str | None, str]:
-    """("words" | "formula atom" | None, the text to compare for meaning). A formula matches only through a
-    positive atom: "NOT glyph" says the unit does not fire on the glyph, so it must not answer a query for glyphs
-    (nor count for meaning, which is why only the positive atoms go on to the sentence encoder)."""
+# One word rule for every search of units (`find`, the ablation's --query and the units browser's search box): a
+# label asserts the words of its text, except that a formula's atoms under an odd number of NOTs are negated words.
+# A query's words must all be asserted; a query word written `NOT word` or `-word` must be negated. So "star" does
+# not find "NOT star", and "NOT star" finds only it. Words are normalised as the comparison of labels normalises
+# them (case, plurals).
+@functools.lru_cache(maxsize=65536)
+def text_terms(text: str) -> tuple[frozenset[str], frozenset[str]]:
+    """(asserted words, negated words) of one label, name or description. Cached: the same label text recurs over
+    many units and methods."""
+    if not text.strip():
+        return frozenset(), frozenset()
     atoms = formula_atoms(text)
     if atoms is None:
-        return ("words" if query_words and query_words <= _words(text) else None), text
-    positive = [a for a, pos in atoms if pos]
-    if any(query_words and query_words <= _words(a) for a in positive):
-        return "formula atom", " and ".join(positive)
-    if any(query_words and query_words <= _words(a) for a, pos in atoms if not pos):
-        return None, ""  # only negated: excluded from meaning as well
-    return None, " and ".join(positive)
+        return frozenset(normalise(text).split()), frozenset()
+    pos: set[str] = set()
+    neg: set[str] = set()
+    for atom, positive in atoms:
+        (pos if positive else neg).update(normalise(atom).split())
+    return frozenset(pos), frozenset(neg)
+
+
+def unit_terms(texts: list[str]) -> tuple[frozenset[str], frozenset[str]]:
+    """The union of `text_terms` over all of a unit's texts."""
+    pos: set[str] = set()
+    neg: set[str] = set()
+    for text in texts:
+        p, n = text_terms(text)
+        pos |= p
+        neg |= n
+    return frozenset(pos), frozenset(neg)
+
+
+def query_terms(query: str) -> tuple[frozenset[str], frozenset[str]]:
+    """(wanted words, wanted negated words) of a query: `NOT x` or `-x` asks for a negated atom."""
+    want: set[str] = set()
+    avoid: set[str] = set()
+    negate = False
+    for raw in query.split():
+        if raw.upper() == "NOT":
+            negate = True
+            continue
+        neg = negate or raw.startswith("-")
+        (avoid if neg else want).update(normalise(raw.lstrip("-")).split())
+        negate = False
+    return frozenset(want), frozenset(avoid)
+
+
+def terms_match(query: tuple[frozenset[str], frozenset[str]], terms: tuple[frozenset[str], frozenset[str]]) -> bool:
+    """Whether texts with `terms` (from text_terms / unit_terms) answer `query` (from query_terms)."""
+    want, avoid = query
+    return bool(want or avoid) and want <= terms[0] and avoid <= terms[1]
+
+
+def _text_match(query: tuple[frozenset[str], frozenset[str]], text: str) -> tuple[str | None, str]:
+    """("words" | "formula atom" | None, the text to compare for meaning). Only a formula's positive atoms go on to
+    the sentence encoder: "NOT glyph" says the unit does not fire on the glyph, so it must not answer a query for
+    glyphs by meaning either."""
+    atoms = formula_atoms(text)
+    if terms_match(query, text_terms(text)):
+        return ("words" if atoms is None else "formula atom"), text
+    if atoms is None:
+        return None, text
+    return None, " and ".join(a for a, pos in atoms if pos)
 
 
 def _texts(project: Project, layer_id: int | None, max_rank: int | None) -> list[dict[str, Any]]:
@@ -84,10 +131,10 @@ def find_units(project: Project, query: str, *, layer_id: int | None = None, enc
                threshold: float = SEMANTIC_THRESHOLD, max_rank: int | None = 1) -> list[UnitMatch]:
     """Units whose labels (every method's newest run), human names or descriptions match `query`: by its words,
     by a positive formula atom, or, with a sentence `encoder` (an object with `sentences(texts) -> [N, D]` unit
-    vectors), by meaning. Best first, each with every reason it matched. `max_rank` 1: each method's best label
+    vectors), by meaning; `NOT word` asks for units whose formulas negate the word. Best first, each with every reason it matched. `max_rank` 1: each method's best label
     per unit only; its runners-up are what the unit is not mainly about, and matching them lists most units."""
-    qwords = _words(query)
-    if not qwords:
+    query_words = query_terms(query)
+    if not (query_words[0] or query_words[1]):
         raise JobError(f"the query {query!r} has no words to look for", fix="give a word, e.g. glyph")
     rows = _texts(project, layer_id, max_rank)
     hits: dict[int, UnitMatch] = {}
@@ -100,7 +147,7 @@ def find_units(project: Project, query: str, *, layer_id: int | None = None, enc
 
     for_meaning: list[tuple[dict[str, Any], str]] = []
     for r in rows:
-        how, meaning_text = _text_match(qwords, r["text"])
+        how, meaning_text = _text_match(query_words, r["text"])
         if how is not None:
             add(r, how, 1.0)
         elif meaning_text:

@@ -6,7 +6,6 @@ filtering 10,000 units in the table never loops over units in Python.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from collections import Counter
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from app.audit import query_terms, terms_match, unit_terms
 from app.project import labels as label_store
 from app.project.labels import latest_label_runs
 from app.project.store import Project
@@ -69,66 +69,19 @@ class UnitTable:
     def terms(self) -> list[tuple[frozenset[str], frozenset[str]]]:
         """Per unit, the words its labels and names assert and the words they negate (read once, then kept)."""
         if self._terms is None:
-            self._terms = [search_terms(h.split(" | ")) for h in self.haystack]
+            self._terms = [unit_terms(h.split(" | ")) for h in self.haystack]
         return self._terms
 
     def matching(self, query: str) -> np.ndarray:
-        """Which units match a search: every query word must be a word of a label or name, and a word written
-        `NOT word` or `-word` must be a negated atom of a formula. A negated atom never matches a plain word, so
-        "star" does not find "NOT star"; plurals match singulars ("circles" finds "circle")."""
-        want, avoid = search_query(query)
+        """Which units match a search, by the word rule `neuron-studio find` uses (app.audit.terms_match): every
+        query word a word of a label or name, `NOT word` or `-word` a negated atom of a formula, so "star" does not
+        find "NOT star"; plurals match singulars ("circles" finds "circle"). An empty query matches nothing."""
+        wanted = query_terms(query)
         terms = self.terms()
-        return np.fromiter((want <= pos and avoid <= neg for pos, neg in terms), dtype=bool, count=len(terms))
+        return np.fromiter((terms_match(wanted, t) for t in terms), dtype=bool, count=len(terms))
 
     def method(self, name: str) -> MethodColumn | None:
         return next((m for m in self.methods if m.method == name), None)
-
-
-def search_terms(texts: list[str]) -> tuple[frozenset[str], frozenset[str]]:
-    """(asserted words, negated words) of label texts: a formula's atoms under an odd number of NOTs are negated;
-    any other text asserts all its words. Words are normalised the way the comparison of labels normalises them."""
-    pos: set[str] = set()
-    neg: set[str] = set()
-    for text in texts:
-        p, n = _text_terms(text)
-        pos |= p
-        neg |= n
-    return frozenset(pos), frozenset(neg)
-
-
-@functools.lru_cache(maxsize=65536)
-def _text_terms(text: str) -> tuple[frozenset[str], frozenset[str]]:
-    # cached: the same label text recurs over many units and methods
-    from labelers.compare import formula_atoms, normalise
-
-    if not text.strip():
-        return frozenset(), frozenset()
-    atoms = formula_atoms(text)
-    if atoms is None:
-        return frozenset(normalise(text).split()), frozenset()
-    pos: set[str] = set()
-    neg: set[str] = set()
-    for atom, positive in atoms:
-        (pos if positive else neg).update(normalise(atom).split())
-    return frozenset(pos), frozenset(neg)
-
-
-def search_query(query: str) -> tuple[frozenset[str], frozenset[str]]:
-    """(wanted words, wanted negated words) of a search box text: `NOT x` or `-x` asks for a negated atom."""
-    from labelers.compare import normalise
-
-    want: set[str] = set()
-    avoid: set[str] = set()
-    negate = False
-    for raw in query.split():
-        if raw.upper() == "NOT":
-            negate = True
-            continue
-        neg = negate or raw.startswith("-")
-        words = normalise(raw.lstrip("-")).split()
-        (avoid if neg else want).update(words)
-        negate = False
-    return frozenset(want), frozenset(avoid)
 
 
 def load_unit_table(project: Project, layer_id: int) -> UnitTable:
@@ -159,7 +112,7 @@ def load_unit_table(project: Project, layer_id: int) -> UnitTable:
             raw[k] = f"{raw[k]} | {texts}"
     table = UnitTable(layer_id, layer["name"], units, unit_ids, names, methods, haystack)
     # here, on the loading thread, not on the first keystroke
-    table._terms = [search_terms(r.split(" | ")) for r in raw]
+    table._terms = [unit_terms(r.split(" | ")) for r in raw]
     return table
 
 

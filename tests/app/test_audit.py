@@ -64,6 +64,23 @@ def test_find_matches_words_and_positive_atoms_but_not_negated_ones(project):
     assert [r.how for r in next(m for m in meaning if m.unit == 4).reasons] == ["meaning"]
 
 
+def test_find_and_the_units_browser_search_apply_one_word_rule(project):
+    """`find` and the search box agree unit for unit, negated atoms included ("NOT glyph" finds only the unit whose
+    formula says it does not fire on glyphs)."""
+    from app.audit import find_units, unit_terms, query_terms, terms_match
+    from app.project.store import Project
+
+    texts = {0: ["((glyph OR star) AND (NOT sky))"], 1: ["(water AND (NOT glyph))"], 2: ["blue sky"],
+             3: ["Small glyphs stamped on images"], 4: ["letters"]}
+    with Project.open(project) as p:
+        for query in ("glyph", "NOT glyph", "-sky", "sky", "water NOT glyph", "blue sky"):
+            found = {m.unit for m in find_units(p, query)}
+            searched = {u for u, t in texts.items() if terms_match(query_terms(query), unit_terms(t))}
+            assert found == searched, query
+        assert {m.unit for m in find_units(p, "NOT glyph")} == {1}
+        assert {m.unit for m in find_units(p, "sky")} == {2}
+
+
 def _run(project, tmp_path, **kw):
     from app.audit import AblateJob, AblateOptions
     from app.jobs import JobProgress, run_job
