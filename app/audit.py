@@ -16,6 +16,7 @@ import numpy as np
 from app.errors import DatasetError, JobError
 from app.project.store import Project
 from labelers.compare import formula_atoms, normalise
+from labelers.resample import bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -186,15 +187,11 @@ class AblateResult:
 
 def paired_bootstrap(before: np.ndarray, after: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
     """95% percentile interval of mean(after) - mean(before), resampling images (pairs kept together)."""
-    n = before.size
-    if n == 0:
+    if before.size == 0:
         return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
     diff = after.astype(np.float64) - before.astype(np.float64)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    means = diff[idx].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return (float(lo), float(hi))
+    iv = bootstrap(diff, n_boot, np.random.default_rng(seed))
+    return (iv.low, iv.high)
 
 
 def ablation_stats(labels: np.ndarray, pred_before: np.ndarray, pred_after: np.ndarray, classes: list[str],
