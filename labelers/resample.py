@@ -82,19 +82,12 @@ def cluster_weights(clusters: np.ndarray, n_boot: int, rng: np.random.Generator)
     return times[:, member_of]
 
 
-def annotator_mean(matrix: np.ndarray, n_boot: int, rng: np.random.Generator, rows: np.ndarray | None = None
-                   ) -> Interval:
-    """Mean of a pairwise statistic with a 95% interval over annotators resampled with replacement.
-
-    Without `rows`, `matrix` is the symmetric [H, H] statistic between H annotators and the value is the mean over
-    pairs of distinct annotators; a resample draws H annotators and averages over the pairs of draws that are two
-    different annotators (a person is not compared with themself). With `rows` (a 1-D array of H values: one
-    method against each annotator) the value is their mean and annotators are resampled as plain items.
-    """
-    if rows is not None:
-        vals = np.asarray(rows, dtype=np.float64)
-        vals = vals[np.isfinite(vals)]
-        return bootstrap(vals, n_boot, rng)
+def annotator_mean(matrix: np.ndarray, n_boot: int, rng: np.random.Generator) -> Interval:
+    """Mean of a symmetric [H, H] pairwise statistic between H annotators over pairs of distinct annotators, with
+    a 95% interval over annotators resampled with replacement: a resample draws H annotators and averages over
+    the pairs of draws that are two different annotators (a person is not compared with themself). With two
+    annotators there is one pair and nothing to resample: the bounds are NaN. (One method against each of H
+    annotators is a plain mean over annotators: `bootstrap`.)"""
     m = np.asarray(matrix, dtype=np.float64)
     h = m.shape[0]
     if h < 2:
