@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +183,20 @@ class AblateResult:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "AblateResult":
+        """The result stored in an "ablate" run's report (fields it lacks, from an older version, keep their
+        defaults; fields this version does not know are ignored)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["per_class"] = [ClassRow(**{k: v for k, v in c.items() if k in {f.name for f in fields(ClassRow)}})
+                               for c in data.get("per_class", [])]
+        values["difference_ci"] = tuple(data.get("difference_ci") or (float("nan"), float("nan")))
+        for name in ("control", "control_units", "notes", "units"):
+            values.setdefault(name, [])
+        values.setdefault("control_as_large", float("nan"))
+        return cls(**values)
 
 
 def paired_bootstrap(before: np.ndarray, after: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:

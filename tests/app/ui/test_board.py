@@ -548,3 +548,32 @@ def test_board_jobs_run_in_a_child_process(qtbot, open_window, project_path, mon
     assert handle.state is JobState.DONE, handle.error
     assert w.board.pool_id == handle.result and len(w.board.state.maps) == 2
 
+
+
+def test_group_panels_flow_into_columns_when_the_window_is_wide(qtbot, open_window, project_path):
+    w = open_window(project_path, annotator="ann")
+    b = w.board
+    ids = saved(project_path, "ann")["unassigned"]
+    for k in range(5):
+        b.new_group(ids[3 * k:3 * k + 3], f"g{k}")
+
+    def columns() -> int:
+        QApplication.processEvents()
+        return len({p.x() for p in b._panels.values()})
+
+    def fits() -> bool:
+        right = max(p.geometry().right() for p in b._panels.values())
+        return right < b.groups_scroll.viewport().width()
+
+    w.resize(1100, 900)
+    qtbot.waitUntil(lambda: columns() == 1)
+    assert fits()
+    w.resize(1600, 900)  # the board's default width: its groups pane holds more than one panel
+    qtbot.waitUntil(lambda: columns() >= 2)
+    assert fits() and not b.groups_scroll.horizontalScrollBar().isVisible()
+    w.resize(2400, 1000)
+    qtbot.waitUntil(lambda: columns() >= 3)
+    assert fits()
+    # every panel shows the same number of thumbnails per row, and the new-group zone matches them
+    assert {p.columns for p in b._panels.values()} == {b.columns}
+    assert abs(b.new_zone.width() - next(iter(b._panels.values())).width()) < 40
