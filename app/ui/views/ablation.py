@@ -179,6 +179,7 @@ class AblationView(QWidget):
         self.info.setWordWrap(True)
         self.info.setStyleSheet("color: gray;")
         self.run_list = QListWidget()
+        self.run_list.setWordWrap(True)
         self.run_list.currentRowChanged.connect(self._show_row)
         self.header = QLabel()
         self.header.setTextFormat(Qt.TextFormat.RichText)
@@ -192,6 +193,7 @@ class AblationView(QWidget):
         self.table.setAlternatingRowColors(True)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.table.horizontalHeader().setStretchLastSection(True)
+        self.table.verticalHeader().setDefaultSectionSize(22)
         self.table.setToolTip("accuracy on the dataset with the units (before) and without them (after), overall "
                               "and per class")
         self.stats = QLabel()
@@ -203,13 +205,16 @@ class AblationView(QWidget):
         self.plot.hideButtons()
         self.plot.setYRange(0, 1)
         self.plot.setLabel("left", "accuracy")
-        self.plot.addLegend(offset=(10, 5))
+        legend = self.plot.addLegend(offset=(10, 2))
+        legend.setColumnCount(2)
+        self.plot.getAxis("left").setTicks([[(v, f"{v:.0%}") for v in (0.0, 0.25, 0.5, 0.75, 1.0)]])
         self.controls_plot = pg.PlotWidget()
         self.controls_plot.setMenuEnabled(False)
         self.controls_plot.setMouseEnabled(x=False, y=False)
         self.controls_plot.hideButtons()
         self.controls_plot.setMaximumHeight(110)
         self.controls_plot.getAxis("left").setTicks([[]])
+        self.controls_plot.getAxis("bottom").enableAutoSIPrefix(False)
         self.controls_plot.setLabel("bottom", "overall accuracy: before (grey), after (blue), random-unit controls "
                                               "(red)")
         self.plot_items: list[Any] = []
@@ -226,21 +231,15 @@ class AblationView(QWidget):
         rl = QVBoxLayout(right)
         rl.setContentsMargins(0, 0, 0, 0)
         rl.addWidget(self.header)
-        split_v = QSplitter(Qt.Orientation.Vertical)
-        upper = QWidget()
-        ul = QVBoxLayout(upper)
-        ul.setContentsMargins(0, 0, 0, 0)
-        ul.addWidget(self.table, 1)
-        ul.addWidget(self.stats)
-        ul.addWidget(self.controls_plot)
-        split_v.addWidget(upper)
-        split_v.addWidget(self.plot)
-        split_v.setSizes([360, 300])
-        rl.addWidget(split_v, 1)
+        rl.addWidget(self.table)
+        rl.addWidget(self.stats)
+        rl.addWidget(self.controls_plot)
+        self.plot.setMinimumHeight(170)
+        rl.addWidget(self.plot, 1)
         split = QSplitter(Qt.Orientation.Horizontal)
         split.addWidget(left)
         split.addWidget(right)
-        split.setSizes([330, 900])
+        split.setSizes([280, 950])
         lay = QVBoxLayout(self)
         lay.addLayout(top)
         lay.addWidget(split, 1)
@@ -382,6 +381,9 @@ class AblationView(QWidget):
                     item.setText(f"{_pts(after - before)} [{_pts(lo)}, {_pts(hi)}]")
                     item.setToolTip("95% paired bootstrap interval over images")
                 self.table.setItem(i, col, item)
+        # as tall as its rows (up to about ten): the bars below take the rest
+        shown_rows = min(len(rows), 10)
+        self.table.setFixedHeight(self.table.horizontalHeader().height() + 22 * shown_rows + 4)
         self.stats.setText(summary_text(r))
         self._draw(r)
 
@@ -399,9 +401,9 @@ class AblationView(QWidget):
         before = np.array([c.accuracy_before for c in r.per_class], dtype=np.float64)
         after = np.array([c.accuracy_after for c in r.per_class], dtype=np.float64)
         b = pg.BarGraphItem(x=xs - 0.2, height=np.nan_to_num(before), width=0.38, brush=BEFORE_COLOUR,
-                            pen=pg.mkPen(None), name="before")
+                            pen=pg.mkPen(None))
         a = pg.BarGraphItem(x=xs + 0.2, height=np.nan_to_num(after), width=0.38, brush=AFTER_COLOUR,
-                            pen=pg.mkPen(None), name="after")
+                            pen=pg.mkPen(None))
         self.plot.addItem(b)
         self.plot.addItem(a)
         if legend is not None:
@@ -409,7 +411,7 @@ class AblationView(QWidget):
             legend.addItem(a, "units ablated (after)")
         self.plot.getAxis("bottom").setTicks([[(float(x), c.name) for x, c in zip(xs, r.per_class)]])
         self.plot.setXRange(-0.7, len(xs) - 0.3, padding=0)
-        self.plot.setYRange(0, 1.08, padding=0)
+        self.plot.setYRange(0, 1.3, padding=0)  # the legend sits above the bars, never on them
         self.plot_items = [b, a]
         # the overall accuracy against the controls: is the change outside what random units do?
         cp = self.controls_plot
