@@ -198,6 +198,18 @@ class AblateResult:
         values.setdefault("control_as_large", float("nan"))
         return cls(**values)
 
+    def control_caveat(self) -> str:
+        """What makes the controls weaker than they look: fewer other units in the layer than were ablated (each
+        control then ablates fewer units, and when it takes all of the others every control is the same)."""
+        sizes = {len(u) for u in self.control_units}
+        if not sizes or min(sizes) >= len(self.units):
+            return ""
+        k = min(sizes)
+        same = len({tuple(u) for u in self.control_units}) == 1
+        return (f"Caution: the layer has only {k} units besides these {len(self.units)}, so each control ablates "
+                f"{k} units" + (", all of the others: every control is the same set and they show nothing of "
+                                "chance's spread." if same else "."))
+
 
 def paired_bootstrap(before: np.ndarray, after: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
     """95% percentile interval of mean(after) - mean(before), resampling images (pairs kept together)."""

@@ -73,6 +73,9 @@ def result_html(r: AblateResult, run_id: int | None = None) -> str:
         lines.append(f"Random-unit controls: {len(c)} × {len(r.units)} random units of {_e(r.layer)} ablated the "
                      f"same way give accuracy {_acc(c.min())} … {_acc(c.max())} (mean {_acc(c.mean())}); "
                      f"{r.control_as_large:.0%} of them change accuracy as much as this edit.")
+    caveat = r.control_caveat()
+    if caveat:
+        lines.append(_e(caveat))
     lines += [f"Note: {_e(n)}" for n in r.notes]
     head = (f"<h3>{_e(r.layer)} <small>{_e(r.model)} · {len(r.units)} unit(s) {how} · {_e(r.mode)}-ablated · "
             f"{_e(r.dataset)} ({r.images} images){f' · run {run_id}' if run_id is not None else ''}</small></h3>")

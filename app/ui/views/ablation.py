@@ -60,6 +60,9 @@ def summary_text(r: AblateResult) -> str:
                      f"{r.control_as_large:.0%} of them change accuracy as much as this edit"
                      + (" — the edit's effect is not what any units would do." if r.control_as_large == 0 else
                         " — compare before reading the change as specific to these units."))
+    caveat = r.control_caveat()
+    if caveat:
+        lines.append(caveat)
     return "\n".join(lines + [f"Note: {n}" for n in r.notes])
 
 
