@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import re
-import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +38,8 @@ import numpy as np
 
 from labelers import agreement
 from labelers.base import LabelerError, NullProgress, Progress
-from labelers.resample import Interval, bootstrap, percentile_interval  # noqa: F401 (lc.Interval, lc.bootstrap)
+from labelers.resample import Interval, bootstrap, percentile_interval
+from labelers.resample import keyed_rng as _rng
 
 MEASURES = ("exact", "cosine", "bertscore")
 CONSTANT = "object"
@@ -303,10 +303,6 @@ class LayerLabels:
 
 
 # ==== statistics ==================================================================================================
-def _rng(seed: int, *key: str) -> np.random.Generator:
-    return np.random.default_rng([seed, zlib.crc32("\0".join(key).encode())])
-
-
 def _best_over_refs(pair: np.ndarray, cand: np.ndarray, refs: np.ndarray) -> np.ndarray:
     """S[i, j] = max over the references of unit i of pair[candidate of unit j, reference].
     `pair` is [texts, texts] over the table's distinct texts; `refs` is [n, R] padded with -1."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,12 @@ class Interval:
 
 
 NAN = Interval(math.nan, math.nan, math.nan)
+
+
+def keyed_rng(seed: int, *key: str) -> np.random.Generator:
+    """A generator of its own per (seed, key): one stream per row or comparison, so that its interval does not
+    change when other rows are added or computed in another order."""
+    return np.random.default_rng([seed, zlib.crc32("\0".join(key).encode())])
 
 
 def percentile_interval(value: float, samples: np.ndarray) -> Interval:

@@ -2,7 +2,6 @@
 labelers' partitions of the same maps, and the agreement between them (`labelers.agreement`)."""
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from app.project.store import Project
 from labelers import agreement
 from labelers.base import NullProgress, Progress
 from labelers.resample import Interval, annotator_mean, bootstrap
+from labelers.resample import keyed_rng as _rng
 
 N_BOOT = agreement.N_BOOT
 N_SHUFFLES = agreement.N_SHUFFLES
@@ -74,11 +74,6 @@ def automatic_partitions(project: Project, pool_id: int) -> list[agreement.Parti
         by_method.setdefault(lab["method"], {})[lab["unit"]] = lab["label"]
     return [agreement.partition_from_labels(f"auto: {method}", [labels.get(m.unit) for m in maps])
             for method, labels in sorted(by_method.items())]
-
-
-def _rng(seed: int, *key: str) -> np.random.Generator:
-    # one stream per comparison, so that a row's interval does not change when another annotator is added
-    return np.random.default_rng([seed, zlib.crc32("\0".join(key).encode())])
 
 
 def study_report(project: Project, pool_id: int, annotator_ids: Sequence[int] | None = None,

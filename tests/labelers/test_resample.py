@@ -27,7 +27,7 @@ def test_table_measures_match_sklearn_and_pair_counts():
     a = _board("a", rng.integers(-1, 4, 40), 4, unclear=(3,))
     b = _board("b", rng.integers(-1, 5, 40), 5)
     for unclear in ag.UNCLEAR_MODES:
-        maps, la, lb = ag.comparable_labels(a, b, unclear)
+        _maps, la, lb = ag.comparable_labels(a, b, unclear)
         iv = ag.pair_intervals(a, b, np.arange(40) // 4, unclear, n_boot=50, shuffles=20)
         assert np.isclose(iv.adjusted_rand.value, adjusted_rand_score(la, lb))
         assert np.isclose(iv.agreement.value, ag.pairwise_agreement(a, b, unclear))

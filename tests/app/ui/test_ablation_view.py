@@ -46,7 +46,6 @@ def test_a_stored_ablation_shows_as_a_table_and_bars(qtbot, window, ablated):
 def test_a_new_ablation_runs_as_a_job_and_shows(qtbot, window, ablated, tmp_path):
     import shutil
 
-    from app.audit import AblateOptions
     from app.ui.views.ablation import AblateDialog
     from app.ui.workers import JobState
 
