@@ -232,9 +232,9 @@ class Board(QWidget):
         return super().eventFilter(obj, event)
 
     def _fit_columns(self) -> None:
-        """Panels side by side as many as the groups pane holds: three thumbnails per panel when at least two
-        such panels fit in a row, else two per panel when that makes two fit, then wider panels with the room
-        left over; in a narrow pane one panel per row, as narrow as it must be. A wide window thus shows several
+        """Panels side by side as many as the groups pane holds: three thumbnails a panel row when at least two
+        such panels fit in a row, else two when that makes two fit, then wider panels with the room left over; in
+        a pane too narrow for two panels, one per row, as narrow as it must be. A wide window thus shows several
         columns of groups instead of one panel per row."""
         panel = next(iter(self._panels.values()), None)
         if panel is None:
@@ -243,17 +243,17 @@ class Board(QWidget):
         avail = self.groups_scroll.viewport().width() - m.left() - m.right()
         gap = self.flow.spacing_px
 
-        def fits(columns: int) -> int:
+        def per_row(columns: int) -> int:
             return max(1, (avail + gap) // (panel.width_for(columns) + gap))
 
-        if fits(GroupPanel.COLUMNS) >= 2:
-            per_row, columns = fits(GroupPanel.COLUMNS), GroupPanel.COLUMNS
-        elif fits(2) >= 2:
-            per_row, columns = fits(2), 2
-        else:  # a narrow pane: one panel per row, narrowed until it fits
-            per_row = 1
+        if per_row(GroupPanel.COLUMNS) >= 2:
+            n, columns = per_row(GroupPanel.COLUMNS), GroupPanel.COLUMNS
+        elif per_row(2) >= 2:
+            n, columns = per_row(2), 2
+        else:
+            n = 1
             columns = next((c for c in (GroupPanel.COLUMNS, 2) if panel.width_for(c) <= avail), 1)
-        while columns < 8 and per_row * (panel.width_for(columns + 1) + gap) - gap <= avail:
+        while columns < 6 and n * (panel.width_for(columns + 1) + gap) - gap <= avail:
             columns += 1
         if columns != self.columns:
             self.columns = columns

@@ -547,6 +547,13 @@ SUMMARY_HELP = (
     "the comparisons averaged.")
 
 
+def _fit_rows(table: QTableWidget, most: int = 12) -> None:
+    """A table as tall as its rows (at least two, at most `most`; it scrolls beyond): the tab scrolls as a whole
+    instead of leaving blank space under short tables."""
+    rows = max(2, min(most, table.rowCount()))
+    table.setFixedHeight(table.horizontalHeader().sizeHint().height() + 22 * rows + 2 * table.frameWidth() + 2)
+
+
 def _iv(iv: Any, pct: bool = False) -> str:
     """"0.420 [0.33, 0.51]": the value with its 95% interval, or the value alone when there is none."""
     if iv is None or not math.isfinite(iv.value):
@@ -638,21 +645,23 @@ class StudyPanel(QWidget):
         lay = QVBoxLayout(inner)
         lay.addWidget(self.unclear)
         lay.addLayout(busy)
+        # what the study is about first (agreement, with its intervals and chance), then adequacy and concepts
         lay.addWidget(self.summary)
-        lay.addWidget(self.summary_table, 2)
+        lay.addWidget(self.summary_table)
         lay.addWidget(self.summary_help)
+        lay.addWidget(self.agreement_title)
+        lay.addWidget(self.agreement)
+        lay.addWidget(self.explain)
+        lay.addWidget(self.matches)
         lay.addWidget(QLabel("Adequacy: maps that received a concept"))
-        lay.addWidget(self.adequacy, 2)
+        lay.addWidget(self.adequacy)
         self.concepts_title = QLabel("Concepts and units")
         lay.addWidget(self.concepts_title)
-        lay.addWidget(self.concepts, 3)
-        lay.addWidget(self.agreement_title)
-        lay.addWidget(self.agreement, 3)
-        lay.addWidget(self.explain)
-        lay.addWidget(self.matches, 2)
-        for t, h in ((self.summary_table, 110), (self.adequacy, 110), (self.concepts, 150), (self.agreement, 150),
-                     (self.matches, 110)):
-            t.setMinimumHeight(h)
+        lay.addWidget(self.concepts)
+        lay.addStretch(1)
+        for t in (self.summary_table, self.adequacy, self.concepts, self.agreement, self.matches):
+            t.verticalHeader().setDefaultSectionSize(22)
+            _fit_rows(t)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QFrame.Shape.NoFrame)
@@ -787,6 +796,8 @@ class StudyPanel(QWidget):
         if rep.comparisons:
             self.agreement.selectRow(0)
         self._show_matches()
+        for t in (self.summary_table, self.adequacy, self.concepts, self.agreement, self.matches):
+            _fit_rows(t)
 
     def _show_matches(self) -> None:
         if self.report is None:
