@@ -722,7 +722,8 @@ class StudyPanel(QWidget):
         if info.total:
             self.progress.setRange(0, info.total)
             self.progress.setValue(info.done)
-        self.status.setText(f"Computing: {info.message}")
+        eta = handle.eta_text
+        self.status.setText(f"Computing: {info.message}" + (f" ({eta})" if eta else ""))
 
     def cancel(self) -> None:
         if self.handle is not None:
