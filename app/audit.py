@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import numpy as np
 from app.errors import DatasetError, JobError
 from app.project.store import Project
 from labelers.compare import formula_atoms, normalise
+from labelers.resample import bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -230,18 +231,40 @@ class AblateResult:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "AblateResult":
+        """The result stored in an "ablate" run's report (fields it lacks, from an older version, keep their
+        defaults; fields this version does not know are ignored)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["per_class"] = [ClassRow(**{k: v for k, v in c.items() if k in {f.name for f in fields(ClassRow)}})
+                               for c in data.get("per_class", [])]
+        values["difference_ci"] = tuple(data.get("difference_ci") or (float("nan"), float("nan")))
+        for name in ("control", "control_units", "notes", "units"):
+            values.setdefault(name, [])
+        values.setdefault("control_as_large", float("nan"))
+        return cls(**values)
+
+    def control_caveat(self) -> str:
+        """What makes the controls weaker than they look: fewer other units in the layer than were ablated (each
+        control then ablates fewer units, and when it takes all of the others every control is the same)."""
+        sizes = {len(u) for u in self.control_units}
+        if not sizes or min(sizes) >= len(self.units):
+            return ""
+        k = min(sizes)
+        same = len({tuple(u) for u in self.control_units}) == 1
+        return (f"Caution: the layer has only {k} units besides these {len(self.units)}, so each control ablates "
+                f"{k} units" + (", all of the others: every control is the same set and they show nothing of "
+                                "chance's spread." if same else "."))
+
 
 def paired_bootstrap(before: np.ndarray, after: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
     """95% percentile interval of mean(after) - mean(before), resampling images (pairs kept together)."""
-    n = before.size
-    if n == 0:
+    if before.size == 0:
         return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
     diff = after.astype(np.float64) - before.astype(np.float64)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    means = diff[idx].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return (float(lo), float(hi))
+    iv = bootstrap(diff, n_boot, np.random.default_rng(seed))
+    return (iv.low, iv.high)
 
 
 def ablation_stats(labels: np.ndarray, pred_before: np.ndarray, pred_after: np.ndarray, classes: list[str],

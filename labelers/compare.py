@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import re
-import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,8 @@ import numpy as np
 
 from labelers import agreement
 from labelers.base import LabelerError, NullProgress, Progress
+from labelers.resample import Interval, bootstrap, percentile_interval
+from labelers.resample import keyed_rng as _rng
 
 MEASURES = ("exact", "cosine", "bertscore")
 CONSTANT = "object"
@@ -222,18 +223,6 @@ class TextTable:
 
 # ==== records =====================================================================================================
 @dataclass
-class Interval:
-    value: float
-    low: float
-    high: float
-
-    def text(self, digits: int = 3) -> str:
-        if not math.isfinite(self.value):
-            return "—"
-        return f"{self.value:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
-
-
-@dataclass
 class SummaryRow:
     """One line of the summary: a method (or a baseline, or an annotator as the ceiling) against an annotator."""
 
@@ -314,24 +303,6 @@ class LayerLabels:
 
 
 # ==== statistics ==================================================================================================
-def _rng(seed: int, *key: str) -> np.random.Generator:
-    return np.random.default_rng([seed, zlib.crc32("\0".join(key).encode())])
-
-
-def bootstrap(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> Interval:
-    """Mean and percentile 95% interval of the mean over items resampled with replacement."""
-    values = np.asarray(values, dtype=np.float64)
-    n = len(values)
-    if n == 0:
-        return Interval(math.nan, math.nan, math.nan)
-    mean = float(values.mean())
-    if n == 1 or n_boot <= 0:
-        return Interval(mean, mean, mean)
-    means = values[rng.integers(0, n, size=(n_boot, n))].mean(1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return Interval(mean, float(low), float(high))
-
-
 def _best_over_refs(pair: np.ndarray, cand: np.ndarray, refs: np.ndarray) -> np.ndarray:
     """S[i, j] = max over the references of unit i of pair[candidate of unit j, reference].
     `pair` is [texts, texts] over the table's distinct texts; `refs` is [n, R] padded with -1."""
@@ -459,8 +430,7 @@ def _intervals(vals: Mapping[str, np.ndarray], n_boot: int, rng: np.random.Gener
         elif idx is None:
             out[m] = Interval(float(v.mean()), float(v.mean()), float(v.mean()))
         else:
-            low, high = np.percentile(v[idx].mean(1), [2.5, 97.5])
-            out[m] = Interval(float(v.mean()), float(low), float(high))
+            out[m] = percentile_interval(float(v.mean()), v[idx].mean(1))
     return out
 
 

@@ -246,6 +246,10 @@ def write_html(ctx: ExportContext) -> dict[str, Any]:
     from app.export.texplain import report_section
 
     body.append(report_section(project, chosen, svg_hbars))
+    from app.export.ablation import report_section as ablation_section
+
+    ablation = ablation_section(project, chosen)
+    body.append(ablation)
     compare_at = len(body)  # the comparison is computed after the cards, so their progress shows first
     n_cards = n_pictures = 0
     for li, (ref, units) in enumerate(plan):
@@ -276,6 +280,7 @@ def write_html(ctx: ExportContext) -> dict[str, Any]:
                     f'grey boxes (e.g. {_e(next(iter(images.problems)))}: '
                     f'{_e(next(iter(images.problems.values())))}).</p>')
     card_width = max(300, opts["exemplars"] * (opts["thumb"] + 4) + 18)
+    ablation_link = '<a href="#ablation">Ablation</a>' if ablation else ""
     toc = "".join(f'<a href="#layer-{i}">{_e(ref.layer)}</a>' for i, (ref, _) in enumerate(plan))
     page = (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -286,7 +291,7 @@ def write_html(ctx: ExportContext) -> dict[str, Any]:
         f'<header class="top"><h1>{_e(title)}</h1><p>Neuron Studio report · generated '
         f'{_dt.datetime.now().strftime("%Y-%m-%d %H:%M")} · {len(plan)} layers · {n_cards} units</p></header>'
         f'<main><nav class="toc"><a href="#overview">Overview</a><a href="#summary">Summary</a>'
-        f'<a href="#compare">Compare</a>{toc}'
+        f'<a href="#compare">Compare</a>{ablation_link}{toc}'
         '<span id="shown" class="note"></span><input id="filter" type="search" '
         'placeholder="Filter units by label, name, description…"></nav>'
         + "".join(body) + f"</main><script>{SCRIPT}</script></body></html>\n"

@@ -73,6 +73,10 @@ from app.naming.suggest import (  # noqa: F401
 )
 from app.naming.study import (  # noqa: F401
     StudyReport,
+    StudyJob,
+    SummaryRow,
+    N_BOOT,
+    N_SHUFFLES,
     board_partitions,
     automatic_partitions,
     study_report,

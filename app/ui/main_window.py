@@ -34,6 +34,7 @@ from app.errors import NeuronStudioError
 from app.ui import data as uidata
 from app.ui.settings import Preferences, RecentProjects, qsettings
 from app.ui.theme import Theme, icon
+from app.ui.views.ablation import AblationView
 from app.ui.views.compare import CompareView
 from app.ui.views.jobs_panel import JobsPanel, describe_result
 from app.ui.views.language import LanguagePanel
@@ -213,6 +214,9 @@ class MainWindow(QMainWindow):
         self.tabs.addTab(self.compare_view, icon("label"), "Compare")
         self.texplain_view = TExplainView()
         self.tabs.addTab(self.texplain_view, icon("overview"), "TExplain words")
+        self.ablation_view = AblationView(self._run_compare_job, self.refresh)
+        self.ablation_view.status.connect(lambda text: self.statusBar().showMessage(text, 8000))
+        self.tabs.addTab(self.ablation_view, icon("overview"), "Ablation")
         self.stack = QStackedWidget()
         self.stack.addWidget(self.welcome)
         self.stack.addWidget(self.tabs)
@@ -425,6 +429,7 @@ class MainWindow(QMainWindow):
         self.texplain_view.set_dark(dark)
         self.overview.set_dark(dark)
         self.compare_view.set_dark(dark)
+        self.ablation_view.set_dark(dark)
         self.language.set_dark(dark)
 
     def set_appearance(self, appearance: str) -> None:
@@ -551,6 +556,7 @@ class MainWindow(QMainWindow):
         self.project_label.setText(str(self.project_path))
         self._set_project_widgets(True)
         self.compare_view.set_project(str(self.project_path))
+        self.ablation_view.set_project(str(self.project_path))
         self.refresh()
         self.project_loaded.emit()
         return True
@@ -599,6 +605,7 @@ class MainWindow(QMainWindow):
         self.unit_view.set_layer(None)
         self.overview.set_data(None)
         self.compare_view.set_project(None)
+        self.ablation_view.set_project(None)
         self.texplain_view.set_data(None)
         self.run_history.set_runs([], {})
         self.layer_tree.set_layers([], set())
@@ -658,7 +665,9 @@ class MainWindow(QMainWindow):
         self._refresh_layers()
         layer_names = {r["id"]: r["name"] for m in p.models() for r in p.layers(m["id"])}
         self.jobs.set_resumable([r for r in p.stopped_runs() if not self._run_is_active(r.id)], layer_names)
-        self.run_history.set_runs(p.runs(), layer_names)
+        runs = p.runs()
+        self.run_history.set_runs(runs, layer_names)
+        self.ablation_view.set_runs(runs)
         self._refresh_language()
         self._update_run_buttons()
 

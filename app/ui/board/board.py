@@ -11,7 +11,7 @@ import math
 from collections.abc import Hashable, Sequence
 from typing import Any
 
-from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtCore import QEvent, Qt, QTimer, Signal
 from PySide6.QtGui import QKeyEvent, QPixmap, QUndoGroup, QUndoStack
 from PySide6.QtWidgets import (
     QFrame, QHBoxLayout, QLabel, QScrollArea, QSplitter, QToolButton, QVBoxLayout, QWidget,
@@ -104,6 +104,8 @@ class Board(QWidget):
         self.groups_scroll = QScrollArea()
         self.groups_scroll.setWidgetResizable(True)
         self.groups_scroll.setWidget(self.groups_host)
+        self.groups_scroll.viewport().installEventFilter(self)
+        self.columns = GroupPanel.COLUMNS  # thumbnails per row in every group panel (`_fit_columns`)
         self.groups_title = QLabel()
         self.groups_title.setObjectName("poolTitle")
         groups_box = QFrame()
@@ -206,6 +208,7 @@ class Board(QWidget):
                 self.flow.insert_widget(i, self._panels[gid])
             self.flow.insert_widget(len(ids), self.new_zone)
             self._order = ids
+        self._fit_columns()
         self.flow.invalidate()
         self.groups_host.updateGeometry()
         unassigned = state.unassigned
@@ -222,10 +225,48 @@ class Board(QWidget):
             f"{state.annotator}'s groups · {len(state.concepts)} concepts · {named} maps named"
             f" ({named / max(1, len(state.maps)):.0%})")
 
+    # ---- packing the group panels --------------------------------------------------------------------------
+    def eventFilter(self, obj: Any, event: Any) -> bool:
+        if obj is self.groups_scroll.viewport() and event.type() == QEvent.Type.Resize:
+            self._fit_columns()
+        return super().eventFilter(obj, event)
+
+    def _fit_columns(self) -> None:
+        """Panels side by side as many as the groups pane holds: three thumbnails a panel row when at least two
+        such panels fit in a row, else two when that makes two fit, then wider panels with the room left over; in
+        a pane too narrow for two panels, one per row, as narrow as it must be. A wide window thus shows several
+        columns of groups instead of one panel per row."""
+        panel = next(iter(self._panels.values()), None)
+        if panel is None:
+            return
+        m = self.flow.contentsMargins()
+        avail = self.groups_scroll.viewport().width() - m.left() - m.right()
+        gap = self.flow.spacing_px
+
+        def per_row(columns: int) -> int:
+            return max(1, (avail + gap) // (panel.width_for(columns) + gap))
+
+        if per_row(GroupPanel.COLUMNS) >= 2:
+            n, columns = per_row(GroupPanel.COLUMNS), GroupPanel.COLUMNS
+        elif per_row(2) >= 2:
+            n, columns = per_row(2), 2
+        else:
+            n = 1
+            columns = next((c for c in (GroupPanel.COLUMNS, 2) if panel.width_for(c) <= avail), 1)
+        while columns < 6 and n * (panel.width_for(columns + 1) + gap) - gap <= avail:
+            columns += 1
+        if columns != self.columns:
+            self.columns = columns
+            for p in self._panels.values():
+                p.set_columns(columns)
+            self.new_zone.set_icon_size(self.zoom, columns)
+            self.flow.invalidate()
+
     def _panel(self, gid: int, unclear: bool) -> GroupPanel:
         panel = self._panels.get(gid)
         if panel is None:
             panel = GroupPanel(self, gid, unclear, self.groups_host)
+            panel.columns = self.columns
             panel.set_icon_size(self.zoom)
             self._wire(panel.view)
             self._panels[gid] = panel
@@ -536,7 +577,8 @@ class Board(QWidget):
         self.pool_view.set_icon_size(self.zoom)
         for panel in self._panels.values():
             panel.set_icon_size(self.zoom)
-        self.new_zone.set_icon_size(self.zoom)
+        self.new_zone.set_icon_size(self.zoom, self.columns)
+        self._fit_columns()
         self.flow.invalidate()
         self.pool_model.repaint_all()
         for panel in self._panels.values():

@@ -13,7 +13,7 @@ from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtGui import QKeySequence, QPixmap, QShortcut
 from PySide6.QtWidgets import (
     QAbstractItemView, QComboBox, QFormLayout, QFrame, QHBoxLayout, QHeaderView, QInputDialog, QLabel, QLineEdit,
-    QListWidget, QListWidgetItem, QPlainTextEdit, QPushButton, QScrollArea, QSpinBox, QTableWidget,
+    QListWidget, QListWidgetItem, QPlainTextEdit, QProgressBar, QPushButton, QScrollArea, QSpinBox, QTableWidget,
     QTableWidgetItem, QVBoxLayout, QWidget,
 )
 
@@ -532,35 +532,100 @@ class SuggestionsPanel(QWidget):
 
 # ==== what the study measured ==================================================================================
 AGREEMENT_HELP = (
-    "ARI (adjusted Rand index): 1 = the same grouping, 0 = what random groupings of the same group sizes give "
-    "(the chance baseline), below 0 = worse than chance. Above about 0.6 two people see much the same concepts; "
-    "0.2–0.6 is partial agreement; near 0 they group differently. Pairs agree: the share of map pairs both put "
-    "together or both apart; read it against 'by chance', what independent groupings with these group sizes "
-    "reach (many small groups make both high). Matched: concepts paired one to one by their shared maps.")
+    "ARI (adjusted Rand index): 1 = the same grouping, 0 = what random groupings of the same group sizes give, "
+    "below 0 = worse than chance. Above about 0.6 two people see much the same concepts; 0.2–0.6 is partial "
+    "agreement; near 0 they group differently. [low, high] is the 95% bootstrap interval over units: whole units "
+    "are resampled with all their maps, since the maps of one unit are not independent. 'Chance ARI' is the range "
+    "95% of shuffles fall in when one board's groups are shuffled over the maps (group sizes kept): an ARI whose "
+    "interval lies above it is better than chance (✓). Pairs agree: the share of map pairs both put together or "
+    "both apart; read it against 'by chance' (many small groups make both high). Matched: concepts paired one to "
+    "one by their shared maps.")
+SUMMARY_HELP = (
+    "Mean ARI of the annotators with each other, and of each method with the annotators. With 3 or more annotators "
+    "(2 for a method) the interval resamples annotators — how another group of annotators would agree; with fewer "
+    "it is the one comparison's interval over units. 'chance up to': the highest 97.5th percentile of chance among "
+    "the comparisons averaged.")
+
+
+def _fit_rows(table: QTableWidget, most: int = 12) -> None:
+    """A table as tall as its rows (at least two, at most `most`; it scrolls beyond): the tab scrolls as a whole
+    instead of leaving blank space under short tables."""
+    rows = max(2, min(most, table.rowCount()))
+    table.setFixedHeight(table.horizontalHeader().sizeHint().height() + 22 * rows + 2 * table.frameWidth() + 2)
+
+
+def _iv(iv: Any, pct: bool = False) -> str:
+    """"0.420 [0.33, 0.51]": the value with its 95% interval, or the value alone when there is none."""
+    if iv is None or not math.isfinite(iv.value):
+        return "–"
+    if not iv.known:
+        return _fmt(iv.value, pct)
+    if pct:
+        return f"{iv.value:.0%} [{iv.low:.0%}, {iv.high:.0%}]"
+    return f"{iv.value:.3f} [{iv.low:.2f}, {iv.high:.2f}]"
+
+
+def _range(iv: Any, pct: bool = False) -> str:
+    if iv is None or not iv.known:
+        return "–"
+    return f"{iv.low:.0%} – {iv.high:.0%}" if pct else f"{iv.low:+.2f} – {iv.high:+.2f}"
+
+
 class StudyPanel(QWidget):
     """Adequacy per annotator, the concept-by-unit table of this annotator, and agreement between annotators
-    (and with automatic labels) on this pool."""
+    (and with automatic labels) on this pool, each with its 95% interval and chance baseline.
+
+    The report is computed by `naming.StudyJob` on the window's job runner (a child process): the bootstrap takes
+    a while on a large pool, and the board stays usable meanwhile. The tables keep the last result until the new
+    one arrives; the line above them names the step being computed and offers Cancel."""
 
     def __init__(self, board: Any, parent: QWidget | None = None):
         super().__init__(parent)
         self.board = board
+        self.jobs: Any = None  # the window's JobManager (set_jobs)
+        self.handle: Any = None  # the study job in flight, if any
+        self.n_boot = naming.N_BOOT
+        self.shuffles = naming.N_SHUFFLES
         self.report: naming.StudyReport | None = None
         self.unclear = QComboBox()
         self.unclear.addItem("unclear counts as a group", "group")
         self.unclear.addItem("unclear maps as singletons", "singletons")
         self.unclear.addItem("leave unclear maps out", "exclude")
         self.unclear.currentIndexChanged.connect(lambda _i: self.refresh())
-        self.adequacy = _table(["annotator", "maps", "named", "unclear", "open", "adequacy"])
+        self.status = QLabel()
+        self.status.setObjectName("studyStatus")
+        self.status.setWordWrap(True)
+        self.progress = QProgressBar()
+        self.progress.setMaximumHeight(14)
+        self.progress.setTextVisible(False)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("stop computing; the tables keep the last result")
+        self.cancel_button.clicked.connect(self.cancel)
+        self.recompute_button = QPushButton("Recompute")
+        self.recompute_button.clicked.connect(self.refresh)
+        self.adequacy = _table(["annotator", "maps", "named", "unclear", "open", "adequacy [95% CI]"])
         self.adequacy.setToolTip("adequacy: the share of the pool's maps that received a concept (named); open "
-                                 "maps are not placed yet")
+                                 "maps are not placed yet. The interval resamples units (with all their maps).")
         self.concepts = _table(["concept", "maps", "top share", "eff. units", "carried by", "units (maps)"])
         self.concepts.setToolTip("top share: the share of a concept's maps from its most frequent unit; eff. "
                                  "units: exp(entropy) of its maps over units (1 = a single unit)")
-        self.agreement = _table(["annotators", "maps", "ARI", "pairs agree", "by chance", "matched"])
-        self.agreement.setToolTip("over the maps both placed: adjusted Rand index, the share of map pairs on "
-                                  "which both agree (same group or not), and concepts matched by overlap")
+        self.agreement = _table(["annotators", "maps", "ARI [95% CI]", "chance ARI", "pairs agree [95% CI]",
+                                 "by chance", "matched"])
+        self.agreement.setToolTip("over the maps both placed: adjusted Rand index with its 95% interval over units "
+                                  "(resampled with all their maps), the range 95% of shuffled boards reach, the "
+                                  "share of map pairs on which both agree, and concepts matched by overlap")
+        for col, tip in ((2, "adjusted Rand index; [95% bootstrap interval, units resampled]; ✓ = the whole "
+                             "interval is above the chance range"),
+                         (3, "95% of ARIs with one board's groups shuffled over the maps fall in this range: "
+                             "the chance baseline"),
+                         (4, "share of map pairs both put together or both apart; [95% interval over units]"),
+                         (5, "what independent groupings with these group sizes agree on: the chance baseline "
+                             "of 'pairs agree'")):
+            self.agreement.horizontalHeaderItem(col).setToolTip(tip)
         self.agreement.itemSelectionChanged.connect(self._show_matches)
         self.matches = _table(["concept", "matches", "Jaccard", "shared"])
+        self.summary_table = _table(["mean ARI of", "value [95% CI]", "resampled", "comparisons", "chance up to"])
+        self.summary_table.setToolTip(SUMMARY_HELP)
         self.summary = QLabel()
         self.summary.setWordWrap(True)
         self.agreement_title = QLabel("Agreement on this pool")
@@ -568,22 +633,54 @@ class StudyPanel(QWidget):
         self.explain.setObjectName("studyHelp")
         self.explain.setWordWrap(True)
         self.explain.setStyleSheet("color: gray; font-size: 11px;")
-        lay = QVBoxLayout(self)
+        self.summary_help = QLabel(SUMMARY_HELP)
+        self.summary_help.setWordWrap(True)
+        self.summary_help.setStyleSheet("color: gray; font-size: 11px;")
+        busy = QHBoxLayout()
+        busy.addWidget(self.status, 1)
+        busy.addWidget(self.progress)
+        busy.addWidget(self.cancel_button)
+        busy.addWidget(self.recompute_button)
+        inner = QWidget()
+        lay = QVBoxLayout(inner)
         lay.addWidget(self.unclear)
+        lay.addLayout(busy)
+        # what the study is about first (agreement, with its intervals and chance), then adequacy and concepts
+        lay.addWidget(self.summary)
+        lay.addWidget(self.summary_table)
+        lay.addWidget(self.summary_help)
+        lay.addWidget(self.agreement_title)
+        lay.addWidget(self.agreement)
+        lay.addWidget(self.explain)
+        lay.addWidget(self.matches)
         lay.addWidget(QLabel("Adequacy: maps that received a concept"))
-        lay.addWidget(self.adequacy, 2)
+        lay.addWidget(self.adequacy)
         self.concepts_title = QLabel("Concepts and units")
         lay.addWidget(self.concepts_title)
-        lay.addWidget(self.concepts, 3)
-        lay.addWidget(self.agreement_title)
-        lay.addWidget(self.agreement, 3)
-        lay.addWidget(self.explain)
-        lay.addWidget(self.matches, 2)
-        lay.addWidget(self.summary)
+        lay.addWidget(self.concepts)
+        lay.addStretch(1)
+        for t in (self.summary_table, self.adequacy, self.concepts, self.agreement, self.matches):
+            t.verticalHeader().setDefaultSectionSize(22)
+            _fit_rows(t)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setWidget(inner)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
+        self._set_busy(False)
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
         self._timer.setInterval(300)
         self._timer.timeout.connect(self.refresh)
+
+    def set_jobs(self, jobs: Any) -> None:
+        self.jobs = jobs
+
+    @property
+    def busy(self) -> bool:
+        return self.handle is not None
 
     def schedule(self) -> None:
         if self.isVisible():
@@ -596,16 +693,69 @@ class StudyPanel(QWidget):
         super().showEvent(event)
         self._timer.start()
 
+    def _set_busy(self, on: bool) -> None:
+        self.progress.setVisible(on)
+        self.cancel_button.setVisible(on)
+        self.recompute_button.setVisible(not on and self.board.state is not None)
+
     def refresh(self) -> None:
+        """Starts computing the report of the current pool (cancelling one still computing for older boards)."""
         board = self.board
-        if board.state is None:
+        if board.state is None or self.jobs is None:
             return
-        rep = naming.study_report(board.project, board.pool_id, automatic=not board.blind,
-                                  unclear=self.unclear.currentData())
+        if self.handle is not None:
+            self.jobs.cancel(self.handle)
+        job = naming.StudyJob(board.project.path, board.pool_id, automatic=not board.blind,
+                              unclear=self.unclear.currentData(), n_boot=self.n_boot, shuffles=self.shuffles)
+        key = (board.pool_id, board.state.annotator, board.blind)
+        self.handle = self.jobs.submit(job, on_done=lambda h, k=key: self._done(h, k))
+        self.handle.changed.connect(lambda h=self.handle: self._progressed(h))
+        self.progress.setRange(0, 0)
+        self.status.setText("Computing the study with 95% intervals…" if self.report is None else
+                            "Updating (the tables show the last result)…")
+        self._set_busy(True)
+
+    def _progressed(self, handle: Any) -> None:
+        if handle is not self.handle or handle.info is None:
+            return
+        info = handle.info
+        if info.total:
+            self.progress.setRange(0, info.total)
+            self.progress.setValue(info.done)
+        eta = handle.eta_text
+        self.status.setText(f"Computing: {info.message}" + (f" ({eta})" if eta else ""))
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.jobs.cancel(self.handle)
+
+    def _done(self, handle: Any, key: tuple) -> None:
+        if handle is not self.handle:
+            return  # an older request, cancelled or overtaken
+        self.handle = None
+        self._set_busy(False)
+        from app.ui.workers import JobState
+
+        board = self.board
+        if handle.state is JobState.DONE:
+            if board.state is None or key != (board.pool_id, board.state.annotator, board.blind):
+                return
+            self.show_report(handle.result)
+            self.status.setText(f"95% intervals from {handle.result.n_boot} bootstrap resamples; chance from "
+                                f"{handle.result.shuffles} shuffles.")
+        elif handle.state is JobState.CANCELLED:
+            self.status.setText("Cancelled: the tables show the last result. Recompute to start again.")
+        else:
+            self.status.setText(f"The study could not be computed: {handle.error}")
+
+    def show_report(self, rep: naming.StudyReport) -> None:
+        board = self.board
         self.report = rep
-        _fill(self.adequacy, [[a.annotator, a.maps, a.concept, a.unclear, a.unassigned, _fmt(a.adequacy, True)]
-                              for a in rep.adequacy])
-        me = board.state.annotator
+        ad_ci = rep.adequacy_ci or [None] * len(rep.adequacy)
+        _fill(self.adequacy, [[a.annotator, a.maps, a.concept, a.unclear, a.unassigned,
+                               _iv(ci, True) if ci is not None else _fmt(a.adequacy, True)]
+                              for a, ci in zip(rep.adequacy, ad_ci)])
+        me = board.state.annotator if board.state is not None else ""
         corr = rep.correspondence.get(me)
         self.concepts_title.setText(f"Concepts of {me} and the units their maps come from")
         rows = []
@@ -615,9 +765,20 @@ class StudyPanel(QWidget):
             verdict = "one unit" if c.single_unit else f"{c.effective_units:.1f} units"
             rows.append([c.name, c.size, _fmt(c.top_share, True), _fmt(c.effective_units), verdict, units])
         _fill(self.concepts, rows)
-        _fill(self.agreement, [
-            [f"{c.a} – {c.b}", c.maps, _fmt(c.adjusted_rand), _fmt(c.pairs.agreement, True),
-             _fmt(c.pairs.chance_agreement, True), len(c.matching.matches)] for c in rep.comparisons])
+        ivs = rep.intervals or [None] * len(rep.comparisons)
+        rows = []
+        for c, iv in zip(rep.comparisons, ivs):
+            if iv is None:
+                rows.append([f"{c.a} – {c.b}", c.maps, _fmt(c.adjusted_rand), "–", _fmt(c.pairs.agreement, True),
+                             _fmt(c.pairs.chance_agreement, True), len(c.matching.matches)])
+            else:
+                mark = " ✓" if iv.above_chance else ""
+                rows.append([f"{c.a} – {c.b}", c.maps, _iv(iv.adjusted_rand) + mark, _range(iv.chance_ari),
+                             _iv(iv.agreement, True), _fmt(c.pairs.chance_agreement, True),
+                             len(c.matching.matches)])
+        _fill(self.agreement, rows)
+        _fill(self.summary_table, [[r.who, _iv(r.ari) + (" ✓" if r.ari.known and r.ari.low > r.chance_high else ""),
+                                    f"{r.resampled}", r.pairs, f"{r.chance_high:+.2f}"] for r in rep.summary])
         humans = len(rep.adequacy)
         with_auto = sum(1 for c in rep.comparisons if c.b.startswith("auto: "))
         self.agreement_title.setText(
@@ -627,7 +788,8 @@ class StudyPanel(QWidget):
         if humans >= 2:
             sub = rep.adjusted_rand[:humans, :humans]
             mean = sub[np.triu_indices(humans, 1)].mean()
-            self.summary.setText(f"Mean adjusted Rand index over {humans} annotators: {mean:.3f}")
+            self.summary.setText(f"Mean adjusted Rand index over {humans} annotators: {mean:.3f} "
+                                 "(0 = chance, 1 = the same grouping)")
         elif humans == 1:
             self.summary.setText("Agreement needs a second annotator on this pool.")
         else:
@@ -635,6 +797,8 @@ class StudyPanel(QWidget):
         if rep.comparisons:
             self.agreement.selectRow(0)
         self._show_matches()
+        for t in (self.summary_table, self.adequacy, self.concepts, self.agreement, self.matches):
+            _fit_rows(t)
 
     def _show_matches(self) -> None:
         if self.report is None:

@@ -24,6 +24,7 @@ class FlowLayout(QLayout):
         super().__init__(parent)
         self._items: list[QLayoutItem] = []
         self._spacing = spacing
+        self.spacing_px = spacing
         self.setContentsMargins(6, 6, 6, 6)
 
     def addItem(self, item: QLayoutItem) -> None:
@@ -259,7 +260,7 @@ class GroupPanel(DropFrame):
     groups; the name is edited only on purpose (double-click, F2, the menu, or right after N), is saved as you
     type, and Escape puts back the name it had when the edit began."""
 
-    COLUMNS = 3
+    COLUMNS = 3  # thumbnails per row when the board is not told otherwise (`set_columns`)
     selection_changed = Signal()
 
     def __init__(self, board: Any, gid: int, unclear: bool, parent: QWidget | None = None):
@@ -268,6 +269,7 @@ class GroupPanel(DropFrame):
         self.unclear = unclear
         self.setObjectName("unclearPanel" if unclear else "groupPanel")
         self.setFrameShape(QFrame.Shape.StyledPanel)
+        self.columns = self.COLUMNS
         self.number = QLabel()
         self.number.setObjectName("groupNumber")
         self.number.setAlignment(Qt.AlignmentFlag.AlignCenter)
@@ -411,12 +413,24 @@ class GroupPanel(DropFrame):
         self.view.set_icon_size(size)
         self._fit()
 
+    def set_columns(self, columns: int) -> None:
+        if columns != self.columns:
+            self.columns = max(1, columns)
+            self._fit()
+
+    def _view_width(self, columns: int) -> int:
+        return columns * self.view.gridSize().width() + 2 * self.view.frameWidth() + 6 + 14
+
+    def width_for(self, columns: int) -> int:
+        """The panel's width with `columns` thumbnails per row (what the board packs panels by)."""
+        return self.width() - self.view.width() + self._view_width(columns)
+
     def _fit(self) -> None:
         grid = self.view.gridSize()
         n = max(1, self.model.rowCount())
-        rows = min(3, max(1, -(-n // self.COLUMNS)))
+        rows = min(3, max(1, -(-n // self.columns)))
         frame = 2 * self.view.frameWidth() + 6
-        self.view.setFixedSize(self.COLUMNS * grid.width() + frame + 14, rows * grid.height() + frame)
+        self.view.setFixedSize(self._view_width(self.columns), rows * grid.height() + frame)
         self.setFixedSize(self.sizeHint())
 
     def _fill_menu(self) -> None:

@@ -158,6 +158,7 @@ class BoardWindow(QMainWindow):
         # The window's runner: each job in a child process, so building a pool or clustering never pauses the board.
         self.jobs = JobManager(parallel=2, parent=self)
         self.jobs.job_changed.connect(self._progressed)
+        self.study.set_jobs(self.jobs)
 
         self.board.message.connect(lambda m: self.statusBar().showMessage(m, 10000))
         self.board.edited.connect(self._on_edited)
@@ -366,7 +367,7 @@ class BoardWindow(QMainWindow):
     # ---- background work -----------------------------------------------------------------------------------
     def _start(self, job: Any, on_success: Any, on_failure: Any) -> JobHandle:
         def finished(handle: JobHandle) -> None:
-            if not self.jobs.active():
+            if not [h for h in self.jobs.active() if not self._own_progress(h)]:
                 self.progress.hide()
                 self.cancel_button.hide()
             if handle.state is JobState.DONE:
@@ -382,9 +383,14 @@ class BoardWindow(QMainWindow):
         self.cancel_button.show()
         return self.jobs.submit(job, on_done=finished)
 
+    @staticmethod
+    def _own_progress(handle: JobHandle) -> bool:
+        """The study tab shows its job's progress itself, not in the status bar."""
+        return isinstance(handle.job, naming.StudyJob)
+
     def _progressed(self, handle: JobHandle) -> None:
         info = handle.info
-        if info is None or handle.state is not JobState.RUNNING:
+        if info is None or handle.state is not JobState.RUNNING or self._own_progress(handle):
             return
         if info.total:
             self.progress.setRange(0, info.total)

@@ -334,18 +334,27 @@ def test_two_annotators_and_the_study_panel(qtbot, open_window, project_path):
     w.set_annotator("ann")
     assert shown_matches_saved(b, project_path) == ann_board
     assert b.stack.count() == 3
-    # the study panel: adequacy, concept-by-unit, agreement; checked against labelers.agreement
+    # the study panel: adequacy, concept-by-unit, agreement with intervals; checked against labelers.agreement
     w.tabs.setCurrentWidget(w.study)
-    w.study.refresh()
+    computed(qtbot, w.study)
     with Project.open(project_path) as p:
         boards, units = naming.board_partitions(p, 1)
     a, c = boards
     assert [w.study.adequacy.item(r, 0).text() for r in range(2)] == ["ann", "bob"]
     assert w.study.adequacy.item(0, 2).text() == "10" and w.study.adequacy.item(0, 3).text() == "2"
-    assert w.study.adequacy.item(0, 5).text() == f"{10 / N_MAPS:.0%}"
+    assert w.study.adequacy.item(0, 5).text().startswith(f"{10 / N_MAPS:.0%} [")
     assert w.study.agreement.item(0, 0).text() == "ann – bob"
-    assert w.study.agreement.item(0, 2).text() == f"{agreement.adjusted_rand(a, c):.3f}"
-    assert w.study.agreement.item(0, 3).text() == f"{agreement.pairwise_agreement(a, c):.0%}"
+    iv = agreement.pair_intervals(a, c, units, n_boot=w.study.n_boot, shuffles=w.study.shuffles)
+    ari = w.study.agreement.item(0, 2).text()
+    assert ari.startswith(f"{agreement.adjusted_rand(a, c):.3f} [")
+    low, high = (float(x) for x in ari.split("[")[1].split("]")[0].split(","))
+    assert low <= agreement.adjusted_rand(a, c) + 0.01 and high >= agreement.adjusted_rand(a, c) - 0.01
+    assert w.study.agreement.item(0, 3).text() != "–"  # the chance range
+    assert w.study.agreement.item(0, 4).text().startswith(f"{agreement.pairwise_agreement(a, c):.0%} [")
+    both, _, _ = agreement.comparable_labels(a, c)
+    assert iv.units == len(set(units[both].tolist())) > 1  # units, not maps, are resampled
+    assert w.study.summary_table.item(0, 0).text() == "annotators with each other"
+    assert w.study.summary_table.item(0, 2).text() == "units"  # two annotators: nothing to resample but units
     corr = agreement.concept_units(a, units)
     assert w.study.concepts.rowCount() == 2 and w.study.concepts.item(0, 0).text() == "red"
     assert w.study.concepts.item(0, 3).text() == f"{corr.concepts[0].effective_units:.3f}"
@@ -357,8 +366,51 @@ def test_two_annotators_and_the_study_panel(qtbot, open_window, project_path):
     assert w.study.agreement.rowCount() == 1
     w.set_blind(False)
     w.study.refresh()
+    computed(qtbot, w.study)
     assert w.study.agreement.rowCount() == 3
+    assert [w.study.summary_table.item(r, 2).text() for r in range(w.study.summary_table.rowCount())] == [
+        "units", "annotators"]  # a method with two annotators: annotators resampled
     assert bob_board["annotator"] == "bob"
+
+
+def computed(qtbot, panel, timeout=60000):
+    """Waits for the study job the panel started (in a child process) to be shown."""
+    qtbot.waitUntil(lambda: panel.handle is None and panel.report is not None, timeout=timeout)
+    assert panel.status.text().startswith("95% intervals"), panel.status.text()
+
+
+def test_study_runs_as_a_job_with_progress_and_cancel(qtbot, open_window, project_path, monkeypatch):
+    """The study report is computed in a run process, never in the window's; the tab says what it computes and
+    can be cancelled, keeping the last result."""
+    from app.naming import study
+
+    def broken(*_args, **_kwargs):
+        raise AssertionError("the study was computed in the window's process")
+
+    w = open_window(project_path, annotator="ann")
+    b = w.board
+    ids = saved(project_path, "ann")["unassigned"]
+    b.new_group(ids[:8], "red")
+    w.set_annotator("bob")
+    b.new_group(ids[:4], "round")
+    monkeypatch.setattr(study, "study_report", broken)
+    w.tabs.setCurrentWidget(w.study)
+    panel = w.study
+    panel.stop()
+    panel.refresh()
+    assert panel.busy and panel.cancel_button.isVisibleTo(panel) and panel.status.text().startswith("Computing")
+    computed(qtbot, panel)
+    first = panel.report
+    assert len(first.intervals) == 1 and first.n_boot == panel.n_boot
+    # a long bootstrap, cancelled: the tables keep the last result
+    panel.n_boot = 400000
+    panel.refresh()
+    qtbot.waitUntil(lambda: panel.handle is not None and panel.handle.info is not None, timeout=60000)
+    panel.cancel_button.click()
+    qtbot.waitUntil(lambda: panel.handle is None, timeout=60000)
+    assert panel.report is first
+    assert panel.status.text().startswith("Cancelled"), panel.status.text()
+    assert panel.recompute_button.isVisibleTo(panel) and not panel.cancel_button.isVisibleTo(panel)
 
 
 def test_unit_descriptions_and_blind_mode(qtbot, open_window, project_path):
@@ -496,3 +548,32 @@ def test_board_jobs_run_in_a_child_process(qtbot, open_window, project_path, mon
     assert handle.state is JobState.DONE, handle.error
     assert w.board.pool_id == handle.result and len(w.board.state.maps) == 2
 
+
+
+def test_group_panels_flow_into_columns_when_the_window_is_wide(qtbot, open_window, project_path):
+    w = open_window(project_path, annotator="ann")
+    b = w.board
+    ids = saved(project_path, "ann")["unassigned"]
+    for k in range(5):
+        b.new_group(ids[3 * k:3 * k + 3], f"g{k}")
+
+    def columns() -> int:
+        QApplication.processEvents()
+        return len({p.x() for p in b._panels.values()})
+
+    def fits() -> bool:
+        right = max(p.geometry().right() for p in b._panels.values())
+        return right < b.groups_scroll.viewport().width()
+
+    w.resize(1100, 900)
+    qtbot.waitUntil(lambda: columns() == 1)
+    assert fits()
+    w.resize(1600, 900)  # the board's default width: its groups pane holds more than one panel
+    qtbot.waitUntil(lambda: columns() >= 2)
+    assert fits() and not b.groups_scroll.horizontalScrollBar().isVisible()
+    w.resize(2400, 1000)
+    qtbot.waitUntil(lambda: columns() >= 3)
+    assert fits()
+    # every panel shows the same number of thumbnails per row, and the new-group zone matches them
+    assert {p.columns for p in b._panels.values()} == {b.columns}
+    assert abs(b.new_zone.width() - next(iter(b._panels.values())).width()) < 40
