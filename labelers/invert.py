@@ -458,6 +458,53 @@ def growth_z(
     return torch.where(ok, shift / torch.where(ok, var, torch.ones_like(var)).sqrt(), torch.zeros_like(var))
 
 
+def _beam_products(
+    sets: torch.Tensor,
+    unit: torch.Tensor,
+    r2: torch.Tensor,
+    r2_int: torch.Tensor | None,
+    weights: torch.Tensor,
+    weights_int: torch.Tensor | None,
+    presence: torch.Tensor,
+    int8: Int8Product,
+    groups: TieGroups | None,
+) -> dict[str, torch.Tensor]:
+    """Exact sums over F AND c for formula image sets F [K, N] (of units `unit` [K]) and every concept c: 2 x rank
+    ("r2"), count ("n") and fingerprint ("h"), each [K, C] float64. With `groups` (the growth test) also the sums of
+    2 x within-F ranks over F AND c ("w_in") and of 2 x within-(NOT F) ranks over (NOT F) AND c ("w_out"), and the
+    sums of squared 2 x within-class ranks over F and NOT F ("f_sq", "nf_sq", [K, 1]). Three or five products
+    rather than one of combined rows: each needs only the digits of its own largest value."""
+    k, n = sets.shape
+    out: dict[str, torch.Tensor] = {}
+    if groups is not None:
+        sub = TieGroups(groups.order[unit], groups.start[unit], groups.end[unit])
+        q2 = class_ranks2(sets[:, None, :], sub)[:, 0]  # [K, N]
+        q_in = torch.where(sets, q2, 0)
+        q_out = q2 - q_in
+        q64 = q2.to(torch.float64)
+        sq = q64 * q64
+        out["f_sq"] = (sq * sets).sum(-1, keepdim=True)
+        out["nf_sq"] = sq.sum(-1, keepdim=True) - out["f_sq"]
+        del q2, q64, sq
+    if int8.available:
+        fi = sets.to(torch.int32)
+        out["r2"] = int8.mm(fi * r2_int[unit])
+        out["n"] = int8.mm(sets)
+        out["h"] = int8.mm(fi * weights_int)
+        if groups is not None:
+            out["w_in"] = int8.mm(q_in)
+            out["w_out"] = int8.mm(q_out)
+    else:
+        f = sets.to(torch.float64)
+        out["r2"] = exact_int_matmul(f * r2[unit], presence)
+        out["n"] = exact_int_matmul(f, presence)
+        out["h"] = exact_int_matmul(f * weights, presence)
+        if groups is not None:
+            out["w_in"] = exact_int_matmul(q_in, presence)
+            out["w_out"] = exact_int_matmul(q_out, presence)
+    return out
+
+
 def invert_search(
     pooled: torch.Tensor,
     presence: torch.Tensor,
@@ -603,47 +650,36 @@ def invert_search(
         done += 1
         progress.update(done, total_steps, f"INVERT: units {sl.start}-{sl.stop - 1}, length 1")
 
+        prod = {
+            name: torch.zeros(uc, b_size, num_c if name not in ("f_sq", "nf_sq") else 1, dtype=torch.float64,
+                              device=device)
+            for name in ("r2", "n", "h", *(("w_in", "w_out", "f_sq", "nf_sq") if z_crit is not None else ()))
+        }
+        fresh = torch.ones(uc, b_size, dtype=torch.bool, device=device)
         for ell in range(2, length_max + 1):
-            # Intersections F AND c of every beam formula with every concept: rank sum, count, fingerprint.
-            # Three products (rank sums, counts, fingerprints) rather than one of combined rows: each then needs
-            # only the digits of its own largest value in the digit-split products.
+            # Intersections F AND c of every beam formula with every concept: rank sum, count, fingerprint (and,
+            # for the growth test, sums of within-class ranks). A formula carried over from the last step has the
+            # same products as then, so only the formulas new to the beam (and able to grow) are multiplied.
+            need = (beam_grow & fresh).flatten().nonzero().flatten()
+            if need.numel():
+                fresh_prod = _beam_products(
+                    beam_sets.reshape(uc * b_size, n)[need], need // b_size, r2, r2_int, weights, weights_int,
+                    presence, int8, groups if z_crit is not None else None,
+                )
+                for name, value in fresh_prod.items():
+                    prod[name].view(uc * b_size, -1)[need] = value
+                del fresh_prod
+            i_r2, i_n, i_h = prod["r2"], prod["n"], prod["h"]
             if z_crit is not None:
-                q2 = class_ranks2(beam_sets, groups)  # [Uc, B, N] 2 x rank within F or within NOT F
-                q_in = torch.where(beam_sets, q2, 0).reshape(uc * b_size, n)
-                q_out = torch.where(beam_sets, 0, q2).reshape(uc * b_size, n)
-                q64 = q2.to(torch.float64)
-                f_sq = (q64 * q64 * beam_sets).sum(-1)[..., None]  # [Uc, B, 1]
-                nf_sq = (q64 * q64).sum(-1)[..., None] - f_sq
-                del q2, q64
-            if int8.available:
-                fb = beam_sets.reshape(uc * b_size, n)
-                fi = fb.to(torch.int32)
-                i_r2 = int8.mm(fi * r2_int.repeat_interleave(b_size, dim=0)).reshape(uc, b_size, num_c)
-                i_n = int8.mm(fb).reshape(uc, b_size, num_c)
-                i_h = int8.mm(fi * weights_int).reshape(uc, b_size, num_c)
-                if z_crit is not None:
-                    w_in = int8.mm(q_in).reshape(uc, b_size, num_c)
-                    w_out = int8.mm(q_out).reshape(uc, b_size, num_c)
-                del fb, fi
-            else:
-                f = beam_sets.to(torch.float64).reshape(uc * b_size, n)
-                i_r2 = exact_int_matmul(f * r2.repeat_interleave(b_size, dim=0), presence).reshape(uc, b_size, num_c)
-                i_n = exact_int_matmul(f, presence).reshape(uc, b_size, num_c)
-                i_h = exact_int_matmul(f * weights, presence).reshape(uc, b_size, num_c)
-                if z_crit is not None:
-                    w_in = exact_int_matmul(q_in, presence).reshape(uc, b_size, num_c)
-                    w_out = exact_int_matmul(q_out, presence).reshape(uc, b_size, num_c)
-                del f
-            if z_crit is not None:
-                grow_z = growth_z(w_in, w_out, i_n, beam_n[..., None], n_c, f_sq, nf_sq, n)  # [Uc, B, 4, C]
-                del q_in, q_out, w_in, w_out
+                grow_z = growth_z(
+                    prod["w_in"], prod["w_out"], i_n, beam_n[..., None], n_c, prod["f_sq"], prod["nf_sq"], n
+                )  # [Uc, B, 4, C]
             f_r2, f_n, f_h = beam_r2[..., None], beam_n[..., None], beam_h[..., None]
             c_r2, c_n, c_h = r2_c[:, None, :], n_c, h_c
             # F AND c; F AND NOT c = F - (F AND c); F OR c = F + c - (F AND c); F OR NOT c = NOT (c AND NOT F).
             cand_r2 = torch.stack([i_r2, f_r2 - i_r2, f_r2 + c_r2 - i_r2, r2_all - c_r2 + i_r2], dim=2)
             cand_n = torch.stack([i_n, f_n - i_n, f_n + c_n - i_n, n - c_n + i_n], dim=2)
             cand_h = torch.stack([i_h, f_h - i_h, f_h + c_h - i_h, h_all - c_h + i_h], dim=2)
-            del i_r2, i_n, i_h
             valid = (
                 beam_grow[:, :, None, None]
                 & allowed_ops[:, None]
@@ -702,6 +738,8 @@ def invert_search(
             beam_first, beam_ops, beam_atoms, beam_len = new_first, new_ops, new_atoms, new_len
             beam_sets, beam_used, beam_ok = new_sets, new_used, ok
             beam_grow = ok & torch.where(from_old, beam_grow[g], True)
+            fresh = is_new
+            prod = {name: value[g] for name, value in prod.items()}
             beam_key = pool_key.gather(1, sel).masked_fill(~ok, -math.inf)
             beam_n = pool_n.gather(1, sel)
             beam_h = pool_h.gather(1, sel)
