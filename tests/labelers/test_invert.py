@@ -496,3 +496,101 @@ def test_labels_and_progress():
         assert labs[0].text == labs[0].formula and labs[0].extra["auc"] == labs[0].score
         assert 0 < labs[0].extra["positive_fraction"] <= 0.5
     assert result.for_unit(0)[0].extra["significant"] is False  # a constant unit
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the growth test: a formula grows by a term only when the term's images rank the way a better label needs
+
+
+def test_within_class_ranks_and_growth_z_match_scipy_rank_sum_tests():
+    from labelers.invert import Int8Product, _beam_products, growth_z, tie_groups
+
+    pooled, presence = tied_data(n=150, units=3, concepts=6, seed=11)
+    x = pooled.double().numpy()
+    groups = tie_groups(pooled.T.contiguous())
+    ranks, _ = average_ranks(pooled.T.contiguous(), groups)
+    formulas = torch.stack([presence[:, 0] | presence[:, 1], presence[:, 2], ~presence[:, 3]], dim=1)  # [N, 3]
+    sets = formulas.T.contiguous()  # one formula per unit
+    unit = torch.arange(3)
+    r2 = ranks * 2
+    weights = torch.arange(150, dtype=torch.float64)
+    for int8 in (Int8Product(presence), None):
+        if int8 is None:  # the float path (GPU-like)
+            int8 = Int8Product(presence)
+            int8.available = False
+        prod = _beam_products(sets, unit, r2, r2.to(torch.int32), weights, weights.to(torch.int32), presence,
+                              int8, groups)
+        f_n = sets.sum(1, keepdim=True).double()
+        z = growth_z(prod["w_in"], prod["w_out"], prod["n"], f_n, presence.sum(0).double(), prod["f_sq"],
+                     prod["nf_sq"], 150)  # [3, 4, C]
+        for u in (1, 2):  # unit 0 is constant: no spread, z 0
+            f = sets[u].numpy()
+            for c in range(presence.shape[1]):
+                a = presence[:, c].numpy()
+                for op, (changed, parent, greater) in enumerate(
+                    [(f & ~a, f, False), (f & a, f, False), (~f & a, ~f, True), (~f & ~a, ~f, True)]
+                ):
+                    d, rest = x[changed, u], x[parent & ~changed, u]
+                    if len(d) == 0 or len(rest) == 0:
+                        continue
+                    # within-class ranks are what a rank-sum test of D against the rest of its class uses
+                    inside = rankdata(x[parent, u])
+                    assert prod["w_in" if not greater else "w_out"][u, c].item() == pytest.approx(
+                        2 * inside[(a if op in (0, 2) else a)[parent]].sum() if op != 3 else
+                        2 * inside[a[parent]].sum(), abs=1e-9)
+                    p = mannwhitneyu(d, rest, alternative="greater" if greater else "less",
+                                     method="asymptotic", use_continuity=False).pvalue
+                    assert z[u, op, c].item() == pytest.approx(-norm_ppf(p), abs=1e-6)
+        assert (z[0] == 0).all()
+
+
+def norm_ppf(p: float) -> float:
+    from scipy.stats import norm
+
+    return float(norm.ppf(p))
+
+
+def atom_planted_inputs(units=40, n=1200, concepts=30, seed=12, effect=2.0):
+    g = torch.Generator().manual_seed(seed)
+    presence = torch.rand(n, concepts, generator=g) < torch.linspace(0.05, 0.3, concepts)
+    pooled = torch.randn(n, units, generator=g)
+    planted = torch.arange(units) % concepts
+    pooled += effect * presence[:, planted].float()
+    return LabelerInputs(layer="atoms", num_units=units, pooled_mean=pooled,
+                         concepts=[Concept(f"c{i}") for i in range(concepts)], concept_presence=presence), planted
+
+
+def test_noise_does_not_grow_planted_atoms_at_the_defaults():
+    inputs, planted = atom_planted_inputs()
+    units = len(planted)
+    names = [c.name for c in inputs.concepts]
+    grown = {}
+    for growth in (0.0, 0.05):
+        result = get("invert")(inputs, {"growth_alpha": growth, "max_length": 2, "top_n": 1})
+        top = [result.for_unit(u)[0] for u in range(units)]
+        grown[growth] = sum(lab.extra["length"] > 1 for lab in top)
+        if growth:
+            exact = sum(lab.formula == names[int(planted[u])] for u, lab in enumerate(top))
+            assert exact >= units - 3
+    # Without the test the best of 4 x 30 extensions beats the planted atom by chance for most units; with it,
+    # noise grows a label with chance <= growth_alpha (0.05, +3 standard errors).
+    assert grown[0.0] > units / 2
+    assert grown[0.05] <= units * (0.05 + 3 * math.sqrt(0.05 * 0.95 / units))
+
+
+def test_three_concept_formula_is_reached_with_the_growth_test():
+    g = torch.Generator().manual_seed(13)
+    n, concepts = 2000, 30
+    presence = torch.rand(n, concepts, generator=g) < 0.15
+    target = (presence[:, 0] & ~presence[:, 1]) | presence[:, 2]
+    pooled = torch.randn(n, 4, generator=g)
+    pooled[:, 0] += 4.0 * target.float()
+    inputs = LabelerInputs(layer="l", num_units=4, pooled_mean=pooled,
+                           concepts=[Concept(f"c{i}") for i in range(concepts)], concept_presence=presence)
+    names = [c.name for c in inputs.concepts]
+    top = get("invert")(inputs).for_unit(0)[0]
+    assert torch.equal(parse(top.formula, names).evaluate(presence.T), target)
+    # Without the test the beam fills with noise extensions of "c2" and "(c0 OR c2)", "c0 AND NOT c1" never stays
+    # in it, and the label misses the images of c2 AND c1.
+    top = get("invert")(inputs, {"growth_alpha": 0.0}).for_unit(0)[0]
+    assert not torch.equal(parse(top.formula, names).evaluate(presence.T), target)
