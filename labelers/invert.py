@@ -122,15 +122,21 @@ def class_ranks2(sets: torch.Tensor, groups: TieGroups) -> torch.Tensor:
     other images) elsewhere. Each class's values are then a permutation of 2, 4, ..., 2 x size (ties averaged)."""
     u, num_sets, n = sets.shape
     out = torch.empty(u, num_sets, n, dtype=torch.int32, device=sets.device)
-    for k in range(num_sets):  # one set at a time keeps the int64 temporaries at [U, N]
-        s_sorted = sets[:, k].gather(1, groups.order).to(torch.int64)
-        cum = s_sorted.cumsum(dim=1)
-        below_in = (cum - s_sorted).gather(1, groups.start)  # set members before the tie group
-        within_in = cum.gather(1, groups.end) - below_in  # set members in the tie group
-        below_out = groups.start - below_in
-        within_out = (groups.end - groups.start + 1) - within_in
-        twice = torch.where(s_sorted.bool(), 2 * below_in + within_in + 1, 2 * below_out + within_out + 1)
-        out[:, k].scatter_(1, groups.order, twice.to(torch.int32))
+    no_ties = bool((groups.start == groups.end).all())
+    pos = torch.arange(n, dtype=torch.int32, device=sets.device)
+    for k in range(num_sets):  # one set at a time keeps the temporaries at [U, N]
+        s_sorted = sets[:, k].gather(1, groups.order)
+        cum = s_sorted.to(torch.int32).cumsum(dim=1, dtype=torch.int32)  # set members up to here, inclusive
+        if no_ties:
+            # A member's rank in the set is `cum`; a non-member's rank among the others is pos + 1 - cum.
+            twice = torch.where(s_sorted, 2 * cum, 2 * (pos + 1 - cum))
+        else:
+            below_in = (cum - s_sorted.to(torch.int32)).gather(1, groups.start)  # members before the tie group
+            within_in = cum.gather(1, groups.end) - below_in  # members in the tie group
+            below_out = groups.start.to(torch.int32) - below_in
+            within_out = (groups.end - groups.start + 1).to(torch.int32) - within_in
+            twice = torch.where(s_sorted, 2 * below_in + within_in + 1, 2 * below_out + within_out + 1)
+        out[:, k].scatter_(1, groups.order, twice)
     return out
 
 

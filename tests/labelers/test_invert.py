@@ -571,7 +571,7 @@ def test_noise_does_not_grow_planted_atoms_at_the_defaults():
         grown[growth] = sum(lab.extra["length"] > 1 for lab in top)
         if growth:
             exact = sum(lab.formula == names[int(planted[u])] for u, lab in enumerate(top))
-            assert exact >= units - 3
+            assert exact >= 0.95 * units
     # Without the test the best of 4 x 30 extensions beats the planted atom by chance for most units; with it,
     # noise grows a label with chance <= growth_alpha (0.05, +3 standard errors).
     assert grown[0.0] > units / 2
@@ -594,3 +594,19 @@ def test_three_concept_formula_is_reached_with_the_growth_test():
     # in it, and the label misses the images of c2 AND c1.
     top = get("invert")(inputs, {"growth_alpha": 0.0}).for_unit(0)[0]
     assert not torch.equal(parse(top.formula, names).evaluate(presence.T), target)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_class_ranks_are_ranks_within_each_class(tied):
+    from labelers.invert import class_ranks2, tie_groups
+
+    g = torch.Generator().manual_seed(14)
+    values = torch.randint(0, 7, (3, 400), generator=g).float() if tied else torch.randn(3, 400, generator=g)
+    sets = torch.rand(3, 2, 400, generator=g) < 0.3
+    q = class_ranks2(sets, tie_groups(values))
+    for u in range(3):
+        x = values[u].numpy()
+        for k in range(2):
+            s = sets[u, k].numpy()
+            assert (q[u, k].numpy()[s] == 2 * rankdata(x[s])).all()
+            assert (q[u, k].numpy()[~s] == 2 * rankdata(x[~s])).all()
