@@ -440,11 +440,11 @@ def test_registered_with_reference_defaults():
     assert defaults["pooling"] == "mean" and defaults["mode"] == "positive"
     assert (defaults["min_fraction"], defaults["min_images"], defaults["max_fraction"]) == (0.002, 20, 0.5)
     assert (defaults["alpha"], defaults["correction"], defaults["limit_search"]) == (0.05, "holm", 0)
-    assert defaults["split_half"] is True
+    assert defaults["split_half"] is True and defaults["growth_alpha"] == 0.05
     # the reference code's settings are one preset away
     reference = Invert.resolve_params(Invert.presets["reference"])
     assert (reference["min_fraction"], reference["min_images"], reference["split_half"]) == (0.0, 0, False)
-    assert reference["correction"] == "bonferroni"
+    assert reference["correction"] == "bonferroni" and reference["growth_alpha"] == 0.0
 
 
 @pytest.mark.parametrize(
