@@ -489,7 +489,6 @@ def _beam_products(
     2 x within-F ranks over F AND c ("w_in") and of 2 x within-(NOT F) ranks over (NOT F) AND c ("w_out"), and the
     sums of squared 2 x within-class ranks over F and NOT F ("f_sq", "nf_sq", [K, 1]). Three or five products
     rather than one of combined rows: each needs only the digits of its own largest value."""
-    k, n = sets.shape
     out: dict[str, torch.Tensor] = {}
     if groups is not None:
         sub = TieGroups(groups.order[unit], groups.start[unit], groups.end[unit])
