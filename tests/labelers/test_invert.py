@@ -217,10 +217,11 @@ def test_short_list_selection_equals_full_selection_under_heavy_ties():
     assert torch.equal(full[0][full[1]], fast[0][fast[1]])
 
 
-def test_unit_chunks_do_not_change_results():
+@pytest.mark.parametrize("growth", [0.0, 0.05])
+def test_unit_chunks_do_not_change_results(growth):
     pooled, presence = tied_data(seed=7)
-    whole = invert_search(pooled, presence, beam_size=4, max_length=3)
-    parts = invert_search(pooled, presence, beam_size=4, max_length=3, chunk=2)
+    whole = invert_search(pooled, presence, beam_size=4, max_length=3, growth_alpha=growth)
+    parts = invert_search(pooled, presence, beam_size=4, max_length=3, chunk=2, growth_alpha=growth)
     for field in ("first", "ops", "atoms", "length", "ok", "count", "tests"):
         assert torch.equal(getattr(whole, field), getattr(parts, field))
     assert torch.equal(whole.auc[whole.ok], parts.auc[parts.ok])
