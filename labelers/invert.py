@@ -19,13 +19,22 @@ Where we deliberately differ from the reference, for labels a user can read:
 - candidates whose image set equals one already in the pool (a formula that changes nothing, "dog AND animal" next
   to "dog", or the same set reached twice) are scored once; the shortest, earliest spelling is kept;
 - an atom is not combined with a formula that already contains its concept (sympy, which the reference uses,
-  collapses such formulas to shorter ones anyway).
+  collapses such formulas to shorter ones anyway);
+- the growth test (`growth_alpha`, off in the `reference` preset): a formula F grows to F AND c / F OR c only when
+  the images the term removes (AND) or adds (OR) rank lower than the rest of F (resp. higher than the rest of
+  NOT F) by a Wilcoxon rank-sum test with ranks taken within that class, Bonferroni over every extension the
+  search may try for a unit; a first atom must pass the same test against all images to be extended at all.
+  Without it the best of thousands of extensions always beats its parent by chance, so the label of a planted
+  "a" becomes "a AND NOT x" for a noise concept x, and such variants crowd out of the beam the partial formula a
+  longer planted formula needs (decision record 0102).
 
 Speed: nothing is ever re-sorted. Each unit's activations are ranked once (average ranks for ties); a formula's rank
 sum, positive count and a set fingerprint over all concepts come from one matrix product with the concept matrix,
 and AND / AND NOT / OR / OR NOT of a beam formula with every atom follow by inclusion-exclusion from those products.
-All sums are integer-valued and computed exactly (float64 on the CPU; on a GPU float32 with TF32 off, on 12-bit
-digits in blocks of 4096 images, so that every partial sum stays below 2^24).
+All sums are integer-valued and computed exactly (int8 digit products on the CPU; on a GPU float32 with TF32 off,
+on 12-bit digits in blocks of 4096 images, so that every partial sum stays below 2^24). A formula carried over in
+the beam from the previous length keeps its products; only formulas new to the beam (and allowed to grow) are
+multiplied.
 """
 from __future__ import annotations
 
@@ -61,6 +70,8 @@ CORRECTIONS = ("bonferroni", "holm", "fdr_bh", "none")
 # Minimum support (see the `min_fraction` / `min_images` help and benchmarks/invert_planted.py for the measurements).
 MIN_FRACTION = 0.002
 MIN_IMAGES = 20
+# Level of the test a formula must pass to grow by a term (see the `growth_alpha` help).
+GROWTH_ALPHA = 0.05
 
 # Operations on a beam formula F and an atom's concept c, in the order candidates are laid out.
 OP_AND, OP_AND_NOT, OP_OR, OP_OR_NOT = range(4)
@@ -80,9 +91,16 @@ _ROW_BUDGET = 1 << 25  # float64 entries of the matrix-product rows held at once
 # Ranks, AUC and the Mann-Whitney test
 
 
-def average_ranks(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ranks of each row of `values` [U, N] with ties averaged (1-based, float64), and each row's tie term
-    sum over tie groups of (t^3 - t), which the variance of the Mann-Whitney U statistic needs."""
+@dataclass
+class TieGroups:
+    """Each row's sort order and, per sorted position, the first and last sorted position of its tie group."""
+
+    order: torch.Tensor  # [U, N] int64
+    start: torch.Tensor  # [U, N] int64
+    end: torch.Tensor  # [U, N] int64
+
+
+def tie_groups(values: torch.Tensor) -> TieGroups:
     num_rows, n = values.shape
     sorted_vals, order = torch.sort(values, dim=1, stable=True)
     pos = torch.arange(n, device=values.device).expand(num_rows, n)
@@ -92,12 +110,43 @@ def average_ranks(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     is_end = torch.cat([change, edge], dim=1)
     start = torch.where(is_start, pos, torch.zeros_like(pos)).cummax(dim=1).values
     end = torch.where(is_end, pos, torch.full_like(pos, n - 1)).flip(1).cummin(dim=1).values.flip(1)
-    avg = (start + end).to(torch.float64) / 2 + 1
-    ranks = torch.empty_like(avg).scatter_(1, order, avg)
-    size = (end - start + 1).to(torch.float64)
+    return TieGroups(order, start, end)
+
+
+def average_ranks(values: torch.Tensor, groups: TieGroups | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranks of each row of `values` [U, N] with ties averaged (1-based, float64), and each row's tie term
+    sum over tie groups of (t^3 - t), which the variance of the Mann-Whitney U statistic needs."""
+    g = groups or tie_groups(values)
+    avg = (g.start + g.end).to(torch.float64) / 2 + 1
+    ranks = torch.empty_like(avg).scatter_(1, g.order, avg)
+    size = (g.end - g.start + 1).to(torch.float64)
     # Each member of a group of size t contributes t^2 - 1, so the group contributes t^3 - t.
     tie_term = (size * size - 1).sum(dim=1)
     return ranks, tie_term
+
+
+def class_ranks2(sets: torch.Tensor, groups: TieGroups) -> torch.Tensor:
+    """Twice the rank of each image within its own class, ties averaged: sets [U, S, N] bool (S sets per row of
+    `groups`) -> int32 [U, S, N], 2 x (rank among the set's images) on the set's images and 2 x (rank among the
+    other images) elsewhere. Each class's values are then a permutation of 2, 4, ..., 2 x size (ties averaged)."""
+    u, num_sets, n = sets.shape
+    out = torch.empty(u, num_sets, n, dtype=torch.int32, device=sets.device)
+    no_ties = bool((groups.start == groups.end).all())
+    pos = torch.arange(n, dtype=torch.int32, device=sets.device)
+    for k in range(num_sets):  # one set at a time keeps the temporaries at [U, N]
+        s_sorted = sets[:, k].gather(1, groups.order)
+        cum = s_sorted.to(torch.int32).cumsum(dim=1, dtype=torch.int32)  # set members up to here, inclusive
+        if no_ties:
+            # A member's rank in the set is `cum`; a non-member's rank among the others is pos + 1 - cum.
+            twice = torch.where(s_sorted, 2 * cum, 2 * (pos + 1 - cum))
+        else:
+            below_in = (cum - s_sorted.to(torch.int32)).gather(1, groups.start)  # members before the tie group
+            within_in = cum.gather(1, groups.end) - below_in  # members in the tie group
+            below_out = groups.start.to(torch.int32) - below_in
+            within_out = (groups.end - groups.start + 1).to(torch.int32) - within_in
+            twice = torch.where(s_sorted, 2 * below_in + within_in + 1, 2 * below_out + within_out + 1)
+        out[:, k].scatter_(1, groups.order, twice)
+    return out
 
 
 def auc_from_rank_sum(rank_sum: torch.Tensor, n_pos: torch.Tensor, n: int) -> torch.Tensor:
@@ -381,6 +430,95 @@ def _select_fast(key, count, fingerprint, tiebreak, k, short: int | None = None)
     return idx, ok
 
 
+def growth_z(
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    i_n: torch.Tensor,
+    f_n: torch.Tensor,
+    c_n: torch.Tensor,
+    f_sq: torch.Tensor,
+    nf_sq: torch.Tensor,
+    n: int,
+) -> torch.Tensor:
+    """z of the images each extension of a formula F changes, [..., 4, C] laid out as OP_AND, OP_AND_NOT, OP_OR,
+    OP_OR_NOT.
+
+    Extending F by AND removes the images D = F minus F'; by OR it adds D = F' minus F. If the term carried nothing
+    about the unit beyond F, D would be a random draw of |D| of F's images (AND) or of NOT F's (OR). The test is
+    the Wilcoxon rank-sum test of D against the rest of its class, with ranks taken within the class (so the null
+    distribution is that of |D| draws from 1..size, whatever the activations): z > 0 when D ranks lower than the
+    rest of F (AND) or higher than the rest of NOT F (OR), i.e. the term moved images the way a better label
+    must. Normal approximation with the exact finite-population variance (ties included through the sum of
+    squared ranks); at small |D| it errs on the safe side, since a sum of few uniform draws has short tails.
+
+    Inputs, in units of 2 x rank: w_in = sum over F AND c of the within-F ranks, w_out = sum over (NOT F) AND c
+    of the within-(NOT F) ranks, [..., C]; i_n = |F AND c|, f_n = |F|, c_n = |c|; f_sq / nf_sq = sums of squared
+    within-class ranks over F / NOT F. `f_*` broadcast against the candidates (trailing size 1)."""
+    nf_n = n - f_n
+    t_in, t_out = f_n * (f_n + 1), nf_n * (nf_n + 1)  # sums of 2 x rank over each class
+    # D and its class per operation: F AND c drops F AND NOT c; F AND NOT c drops F AND c; F OR c adds
+    # (NOT F) AND c; F OR NOT c adds (NOT F) AND (NOT c).
+    out_n = c_n - i_n
+    d = torch.stack([f_n - i_n, i_n, out_n, nf_n - out_n], dim=-2)
+    w = torch.stack([t_in - w_in, w_in, w_out, t_out - w_out], dim=-2)
+    is_or = torch.tensor([False, False, True, True], device=d.device)[:, None]
+    p_n = torch.where(is_or, nf_n[..., None, :], f_n[..., None, :])
+    p_sum = torch.where(is_or, t_out[..., None, :], t_in[..., None, :])
+    p_sq = torch.where(is_or, nf_sq[..., None, :], f_sq[..., None, :])
+    mean = p_sum / p_n.clamp_min(1)
+    var_p = (p_sq / p_n.clamp_min(1) - mean * mean).clamp_min(0)
+    var = d * var_p * (p_n - d) / (p_n - 1).clamp_min(1)
+    shift = torch.where(is_or, w - d * mean, d * mean - w)
+    ok = var > 0
+    return torch.where(ok, shift / torch.where(ok, var, torch.ones_like(var)).sqrt(), torch.zeros_like(var))
+
+
+def _beam_products(
+    sets: torch.Tensor,
+    unit: torch.Tensor,
+    r2: torch.Tensor,
+    r2_int: torch.Tensor | None,
+    weights: torch.Tensor,
+    weights_int: torch.Tensor | None,
+    presence: torch.Tensor,
+    int8: Int8Product,
+    groups: TieGroups | None,
+) -> dict[str, torch.Tensor]:
+    """Exact sums over F AND c for formula image sets F [K, N] (of units `unit` [K]) and every concept c: 2 x rank
+    ("r2"), count ("n") and fingerprint ("h"), each [K, C] float64. With `groups` (the growth test) also the sums of
+    2 x within-F ranks over F AND c ("w_in") and of 2 x within-(NOT F) ranks over (NOT F) AND c ("w_out"), and the
+    sums of squared 2 x within-class ranks over F and NOT F ("f_sq", "nf_sq", [K, 1]). Three or five products
+    rather than one of combined rows: each needs only the digits of its own largest value."""
+    out: dict[str, torch.Tensor] = {}
+    if groups is not None:
+        sub = TieGroups(groups.order[unit], groups.start[unit], groups.end[unit])
+        q2 = class_ranks2(sets[:, None, :], sub)[:, 0]  # [K, N]
+        q_in = torch.where(sets, q2, 0)
+        q_out = q2 - q_in
+        q64 = q2.to(torch.float64)
+        sq = q64 * q64
+        out["f_sq"] = (sq * sets).sum(-1, keepdim=True)
+        out["nf_sq"] = sq.sum(-1, keepdim=True) - out["f_sq"]
+        del q2, q64, sq
+    if int8.available:
+        fi = sets.to(torch.int32)
+        out["r2"] = int8.mm(fi * r2_int[unit])
+        out["n"] = int8.mm(sets)
+        out["h"] = int8.mm(fi * weights_int)
+        if groups is not None:
+            out["w_in"] = int8.mm(q_in)
+            out["w_out"] = int8.mm(q_out)
+    else:
+        f = sets.to(torch.float64)
+        out["r2"] = exact_int_matmul(f * r2[unit], presence)
+        out["n"] = exact_int_matmul(f, presence)
+        out["h"] = exact_int_matmul(f * weights, presence)
+        if groups is not None:
+            out["w_in"] = exact_int_matmul(q_in, presence)
+            out["w_out"] = exact_int_matmul(q_out, presence)
+    return out
+
+
 def invert_search(
     pooled: torch.Tensor,
     presence: torch.Tensor,
@@ -395,10 +533,13 @@ def invert_search(
     progress: Progress | None = None,
     chunk: int | None = None,
     min_count: int = 0,
+    growth_alpha: float = 0.0,
 ) -> InvertSearch:
     """INVERT's beam search for every unit: pooled [N, U] activations, presence [N, C] bool. Runs on
     `pooled.device`. `limit_search` 0 means every atom; `keep_tested` keeps every scored formula's log p-value
-    (for Holm / Benjamini-Hochberg corrections)."""
+    (for Holm / Benjamini-Hochberg corrections). `growth_alpha` > 0 lets a formula grow by a term only when the
+    term's images pass `growth_z` at that level (Bonferroni over the 4C extensions of a formula); 0 = the
+    reference (any extension competes on its AUC alone)."""
     progress = progress or NullProgress()
     device = pooled.device
     n, num_units = pooled.shape
@@ -424,6 +565,14 @@ def invert_search(
     lo, hi = max(min_fraction * n, float(min_count)), max_fraction * n
     atom_valid = (atom_n > 0) & (atom_n < n) & (atom_n >= lo) & (atom_n <= hi)
     presence_t = presence.T.contiguous()  # [C, N] to gather atom image sets
+    # One-sided normal quantile for the growth test: alpha split over every extension the search may try for a
+    # unit (B formulas x 4C extensions x L-1 steps), so that noise grows a unit's label with chance <= alpha.
+    family = b_size * 4 * num_c * max(length_max - 1, 1)
+    z_crit = -float(torch.special.ndtri(torch.tensor(growth_alpha / family, dtype=torch.float64))) \
+        if growth_alpha > 0 else None
+    # The first term's test (from the empty formula) is over the 2C atoms.
+    z_atom = -float(torch.special.ndtri(torch.tensor(growth_alpha / (2 * num_c), dtype=torch.float64))) \
+        if growth_alpha > 0 else None
 
     pool_m = b_size + 4 * b_size * num_c
     if chunk is None:
@@ -448,7 +597,10 @@ def invert_search(
     for sl in chunks:
         uc = sl.stop - sl.start
         rows_u = torch.arange(uc, device=device)
-        ranks, tie = average_ranks(pooled[:, sl].T.contiguous())
+        groups = tie_groups(pooled[:, sl].T.contiguous())
+        ranks, tie = average_ranks(pooled[:, sl].T, groups)
+        if z_crit is None:
+            del groups
         r2 = ranks * 2  # integers, so every sum below is exact
         del ranks
         r2_int = r2.to(torch.int32) if int8.available else None
@@ -472,6 +624,21 @@ def invert_search(
         beam_atoms = torch.zeros(uc, b_size, steps, dtype=torch.int64, device=device)
         beam_len = torch.ones(uc, b_size, dtype=torch.int64, device=device)
         beam_ok = ok
+        if z_crit is not None:
+            # The first term passes the same test from the empty formula: the atom's images against all others
+            # (global ranks are then the within-class ranks). Atoms that fail may still be labels; they cannot grow.
+            r2_sq_all = (r2 * r2).sum(dim=1, keepdim=True)
+            mean_all = float(n + 1)
+            var_all = (r2_sq_all / n - mean_all * mean_all).clamp_min(0)
+            var_a = atom_n * var_all * (n - atom_n) / max(n - 1, 1)
+            pos_var = var_a > 0
+            atom_z = torch.where(
+                pos_var, (atom_r2 - atom_n * mean_all) / torch.where(pos_var, var_a, 1.0).sqrt(), 0.0
+            )
+            beam_grow = ok & (sign * atom_z.gather(1, idx) > z_atom)
+            del atom_z, var_a, pos_var
+        else:
+            beam_grow = ok
         beam_key = key.gather(1, idx).masked_fill(~ok, -math.inf)
         beam_n = atom_n[idx]
         beam_r2 = atom_r2.gather(1, idx)
@@ -497,32 +664,38 @@ def invert_search(
         done += 1
         progress.update(done, total_steps, f"INVERT: units {sl.start}-{sl.stop - 1}, length 1")
 
+        prod = {
+            name: torch.zeros(uc, b_size, num_c if name not in ("f_sq", "nf_sq") else 1, dtype=torch.float64,
+                              device=device)
+            for name in ("r2", "n", "h", *(("w_in", "w_out", "f_sq", "nf_sq") if z_crit is not None else ()))
+        }
+        fresh = torch.ones(uc, b_size, dtype=torch.bool, device=device)
         for ell in range(2, length_max + 1):
-            # Intersections F AND c of every beam formula with every concept: rank sum, count, fingerprint.
-            # Three products (rank sums, counts, fingerprints) rather than one of combined rows: each then needs
-            # only the digits of its own largest value in the digit-split products.
-            if int8.available:
-                fb = beam_sets.reshape(uc * b_size, n)
-                fi = fb.to(torch.int32)
-                i_r2 = int8.mm(fi * r2_int.repeat_interleave(b_size, dim=0)).reshape(uc, b_size, num_c)
-                i_n = int8.mm(fb).reshape(uc, b_size, num_c)
-                i_h = int8.mm(fi * weights_int).reshape(uc, b_size, num_c)
-                del fb, fi
-            else:
-                f = beam_sets.to(torch.float64).reshape(uc * b_size, n)
-                i_r2 = exact_int_matmul(f * r2.repeat_interleave(b_size, dim=0), presence).reshape(uc, b_size, num_c)
-                i_n = exact_int_matmul(f, presence).reshape(uc, b_size, num_c)
-                i_h = exact_int_matmul(f * weights, presence).reshape(uc, b_size, num_c)
-                del f
+            # Intersections F AND c of every beam formula with every concept: rank sum, count, fingerprint (and,
+            # for the growth test, sums of within-class ranks). A formula carried over from the last step has the
+            # same products as then, so only the formulas new to the beam (and able to grow) are multiplied.
+            need = (beam_grow & fresh).flatten().nonzero().flatten()
+            if need.numel():
+                fresh_prod = _beam_products(
+                    beam_sets.reshape(uc * b_size, n)[need], need // b_size, r2, r2_int, weights, weights_int,
+                    presence, int8, groups if z_crit is not None else None,
+                )
+                for name, value in fresh_prod.items():
+                    prod[name].view(uc * b_size, -1)[need] = value
+                del fresh_prod
+            i_r2, i_n, i_h = prod["r2"], prod["n"], prod["h"]
+            if z_crit is not None:
+                grow_z = growth_z(
+                    prod["w_in"], prod["w_out"], i_n, beam_n[..., None], n_c, prod["f_sq"], prod["nf_sq"], n
+                )  # [Uc, B, 4, C]
             f_r2, f_n, f_h = beam_r2[..., None], beam_n[..., None], beam_h[..., None]
             c_r2, c_n, c_h = r2_c[:, None, :], n_c, h_c
             # F AND c; F AND NOT c = F - (F AND c); F OR c = F + c - (F AND c); F OR NOT c = NOT (c AND NOT F).
             cand_r2 = torch.stack([i_r2, f_r2 - i_r2, f_r2 + c_r2 - i_r2, r2_all - c_r2 + i_r2], dim=2)
             cand_n = torch.stack([i_n, f_n - i_n, f_n + c_n - i_n, n - c_n + i_n], dim=2)
             cand_h = torch.stack([i_h, f_h - i_h, f_h + c_h - i_h, h_all - c_h + i_h], dim=2)
-            del i_r2, i_n, i_h
             valid = (
-                beam_ok[:, :, None, None]
+                beam_grow[:, :, None, None]
                 & allowed_ops[:, None]
                 & ~beam_used[:, :, None, :]
                 & (cand_n > 0)
@@ -531,6 +704,9 @@ def invert_search(
                 & (cand_n <= hi)
                 & (cand_n != f_n[..., None])  # a formula that changes nothing is not a new test
             )  # [Uc, B, 4, C]
+            if z_crit is not None:
+                valid &= sign * grow_z > z_crit
+                del grow_z
             cand_auc = auc_from_rank_sum(cand_r2 / 2, cand_n, n)
             cand_key = torch.where(valid, sign * cand_auc, torch.full_like(cand_auc, -math.inf))
             out_tests[sl] += valid.flatten(1).sum(dim=1)
@@ -575,6 +751,9 @@ def invert_search(
 
             beam_first, beam_ops, beam_atoms, beam_len = new_first, new_ops, new_atoms, new_len
             beam_sets, beam_used, beam_ok = new_sets, new_used, ok
+            beam_grow = ok & torch.where(from_old, beam_grow[g], True)
+            fresh = is_new
+            prod = {name: value[g] for name, value in prod.items()}
             beam_key = pool_key.gather(1, sel).masked_fill(~ok, -math.inf)
             beam_n = pool_n.gather(1, sel)
             beam_h = pool_h.gather(1, sel)
@@ -660,6 +839,17 @@ class Invert(Labeler):
             "combine beam formulas only with this many atoms, the most differentiable (2|0.5-AUC|); 0 = all",
             minimum=0,
         ),
+        Param(
+            "growth_alpha", float, GROWTH_ALPHA,
+            "a formula grows by a term only when the images the term removes (AND) or adds (OR) rank lower (higher) "
+            "than the rest of the formula's images, at this level, Bonferroni over the 4 x concepts ways to extend "
+            "a formula (a rank-sum test on the searched images). Without it the best of thousands of extensions "
+            "always scores a little higher by chance, so a noise term rides on the real label and crowds the beam: "
+            "on 20,000 planted images (4 seeds, 3 SD effect) 39 of 128 planted formulas were recovered without it "
+            "and 127 of 128 with it, no noise unit flagged either way (decision record 0102). 0 = off (the "
+            "reference: any extension competes on its AUC alone)",
+            minimum=0.0, maximum=1.0,
+        ),
         Param("top_n", int, 5, "labels reported per unit, from the final beam", minimum=1),
         Param(
             "split_half", bool, True,
@@ -681,7 +871,9 @@ class Invert(Labeler):
     )
     # The reference code's settings (lapalap/invert): no minimum support, in-sample statistics, Bonferroni.
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "reference": {"min_fraction": 0.0, "min_images": 0, "split_half": False, "correction": "bonferroni"},
+        "reference": {
+            "min_fraction": 0.0, "min_images": 0, "split_half": False, "correction": "bonferroni", "growth_alpha": 0.0,
+        },
     }
 
     def run(self, inputs: LabelerInputs, params: dict[str, Any], progress: Progress) -> LabelingResult:
@@ -750,6 +942,7 @@ class Invert(Labeler):
             max_fraction=params["max_fraction"],
             mode=params["mode"],
             limit_search=params["limit_search"],
+            growth_alpha=params["growth_alpha"],
             keep_tested=correction in ("holm", "fdr_bh") and not split,
             progress=progress,
         )

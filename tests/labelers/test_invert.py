@@ -217,10 +217,11 @@ def test_short_list_selection_equals_full_selection_under_heavy_ties():
     assert torch.equal(full[0][full[1]], fast[0][fast[1]])
 
 
-def test_unit_chunks_do_not_change_results():
+@pytest.mark.parametrize("growth", [0.0, 0.05])
+def test_unit_chunks_do_not_change_results(growth):
     pooled, presence = tied_data(seed=7)
-    whole = invert_search(pooled, presence, beam_size=4, max_length=3)
-    parts = invert_search(pooled, presence, beam_size=4, max_length=3, chunk=2)
+    whole = invert_search(pooled, presence, beam_size=4, max_length=3, growth_alpha=growth)
+    parts = invert_search(pooled, presence, beam_size=4, max_length=3, chunk=2, growth_alpha=growth)
     for field in ("first", "ops", "atoms", "length", "ok", "count", "tests"):
         assert torch.equal(getattr(whole, field), getattr(parts, field))
     assert torch.equal(whole.auc[whole.ok], parts.auc[parts.ok])
@@ -440,11 +441,11 @@ def test_registered_with_reference_defaults():
     assert defaults["pooling"] == "mean" and defaults["mode"] == "positive"
     assert (defaults["min_fraction"], defaults["min_images"], defaults["max_fraction"]) == (0.002, 20, 0.5)
     assert (defaults["alpha"], defaults["correction"], defaults["limit_search"]) == (0.05, "holm", 0)
-    assert defaults["split_half"] is True
+    assert defaults["split_half"] is True and defaults["growth_alpha"] == 0.05
     # the reference code's settings are one preset away
     reference = Invert.resolve_params(Invert.presets["reference"])
     assert (reference["min_fraction"], reference["min_images"], reference["split_half"]) == (0.0, 0, False)
-    assert reference["correction"] == "bonferroni"
+    assert reference["correction"] == "bonferroni" and reference["growth_alpha"] == 0.0
 
 
 @pytest.mark.parametrize(
@@ -496,3 +497,116 @@ def test_labels_and_progress():
         assert labs[0].text == labs[0].formula and labs[0].extra["auc"] == labs[0].score
         assert 0 < labs[0].extra["positive_fraction"] <= 0.5
     assert result.for_unit(0)[0].extra["significant"] is False  # a constant unit
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the growth test: a formula grows by a term only when the term's images rank the way a better label needs
+
+
+def test_within_class_ranks_and_growth_z_match_scipy_rank_sum_tests():
+    from labelers.invert import Int8Product, _beam_products, growth_z, tie_groups
+
+    pooled, presence = tied_data(n=150, units=3, concepts=6, seed=11)
+    x = pooled.double().numpy()
+    groups = tie_groups(pooled.T.contiguous())
+    ranks, _ = average_ranks(pooled.T.contiguous(), groups)
+    formulas = torch.stack([presence[:, 0] | presence[:, 1], presence[:, 2], ~presence[:, 3]], dim=1)  # [N, 3]
+    sets = formulas.T.contiguous()  # one formula per unit
+    unit = torch.arange(3)
+    r2 = ranks * 2
+    weights = torch.arange(150, dtype=torch.float64)
+    for int8 in (Int8Product(presence), None):
+        if int8 is None:  # the float path (GPU-like)
+            int8 = Int8Product(presence)
+            int8.available = False
+        prod = _beam_products(sets, unit, r2, r2.to(torch.int32), weights, weights.to(torch.int32), presence,
+                              int8, groups)
+        f_n = sets.sum(1, keepdim=True).double()
+        z = growth_z(prod["w_in"], prod["w_out"], prod["n"], f_n, presence.sum(0).double(), prod["f_sq"],
+                     prod["nf_sq"], 150)  # [3, 4, C]
+        for u in (1, 2):  # unit 0 is constant: no spread, z 0
+            f = sets[u].numpy()
+            for c in range(presence.shape[1]):
+                a = presence[:, c].numpy()
+                for op, (changed, parent, greater) in enumerate(
+                    [(f & ~a, f, False), (f & a, f, False), (~f & a, ~f, True), (~f & ~a, ~f, True)]
+                ):
+                    d, rest = x[changed, u], x[parent & ~changed, u]
+                    if len(d) == 0 or len(rest) == 0:
+                        continue
+                    # within-class ranks are what a rank-sum test of D against the rest of its class uses
+                    inside = rankdata(x[parent, u])
+                    # sums of 2 x within-class rank over F AND c ("w_in") and (NOT F) AND c ("w_out")
+                    assert prod["w_out" if greater else "w_in"][u, c].item() == 2 * inside[a[parent]].sum()
+                    p = mannwhitneyu(d, rest, alternative="greater" if greater else "less",
+                                     method="asymptotic", use_continuity=False).pvalue
+                    assert z[u, op, c].item() == pytest.approx(-norm_ppf(p), abs=1e-6)
+        assert (z[0] == 0).all()
+
+
+def norm_ppf(p: float) -> float:
+    from scipy.stats import norm
+
+    return float(norm.ppf(p))
+
+
+def atom_planted_inputs(units=40, n=1200, concepts=30, seed=12, effect=2.0):
+    g = torch.Generator().manual_seed(seed)
+    presence = torch.rand(n, concepts, generator=g) < torch.linspace(0.05, 0.3, concepts)
+    pooled = torch.randn(n, units, generator=g)
+    planted = torch.arange(units) % concepts
+    pooled += effect * presence[:, planted].float()
+    return LabelerInputs(layer="atoms", num_units=units, pooled_mean=pooled,
+                         concepts=[Concept(f"c{i}") for i in range(concepts)], concept_presence=presence), planted
+
+
+def test_noise_does_not_grow_planted_atoms_at_the_defaults():
+    inputs, planted = atom_planted_inputs()
+    units = len(planted)
+    names = [c.name for c in inputs.concepts]
+    grown = {}
+    for growth in (0.0, 0.05):
+        result = get("invert")(inputs, {"growth_alpha": growth, "max_length": 2, "top_n": 1})
+        top = [result.for_unit(u)[0] for u in range(units)]
+        grown[growth] = sum(lab.extra["length"] > 1 for lab in top)
+        if growth:
+            exact = sum(lab.formula == names[int(planted[u])] for u, lab in enumerate(top))
+            assert exact >= 0.95 * units
+    # Without the test the best of 4 x 30 extensions beats the planted atom by chance for most units; with it,
+    # noise grows a label with chance <= growth_alpha (0.05, +3 standard errors).
+    assert grown[0.0] > units / 2
+    assert grown[0.05] <= units * (0.05 + 3 * math.sqrt(0.05 * 0.95 / units))
+
+
+def test_three_concept_formula_is_reached_with_the_growth_test():
+    g = torch.Generator().manual_seed(13)
+    n, concepts = 2000, 30
+    presence = torch.rand(n, concepts, generator=g) < 0.15
+    target = (presence[:, 0] & ~presence[:, 1]) | presence[:, 2]
+    pooled = torch.randn(n, 4, generator=g)
+    pooled[:, 0] += 4.0 * target.float()
+    inputs = LabelerInputs(layer="l", num_units=4, pooled_mean=pooled,
+                           concepts=[Concept(f"c{i}") for i in range(concepts)], concept_presence=presence)
+    names = [c.name for c in inputs.concepts]
+    top = get("invert")(inputs).for_unit(0)[0]
+    assert torch.equal(parse(top.formula, names).evaluate(presence.T), target)
+    # Without the test the beam fills with noise extensions of "c2" and "(c0 OR c2)", "c0 AND NOT c1" never stays
+    # in it, and the label misses the images of c2 AND c1.
+    top = get("invert")(inputs, {"growth_alpha": 0.0}).for_unit(0)[0]
+    assert not torch.equal(parse(top.formula, names).evaluate(presence.T), target)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_class_ranks_are_ranks_within_each_class(tied):
+    from labelers.invert import class_ranks2, tie_groups
+
+    g = torch.Generator().manual_seed(14)
+    values = torch.randint(0, 7, (3, 400), generator=g).float() if tied else torch.randn(3, 400, generator=g)
+    sets = torch.rand(3, 2, 400, generator=g) < 0.3
+    q = class_ranks2(sets, tie_groups(values))
+    for u in range(3):
+        x = values[u].numpy()
+        for k in range(2):
+            s = sets[u, k].numpy()
+            assert (q[u, k].numpy()[s] == 2 * rankdata(x[s])).all()
+            assert (q[u, k].numpy()[~s] == 2 * rankdata(x[~s])).all()
