@@ -21,9 +21,7 @@ from typing import Any
 
 import labelers.base as lb
 from app.demo.agreement import clip_dissect_baselines, milan_agreement
-from app.demo.shapes import (
-    DEFAULT_IMAGES,  # re-exported: the window and tests read it here
-)
+from app.demo.shapes import DEFAULT_IMAGES  # re-exported: the window and tests read it here
 from app.jobs import JobProgress
 
 log = logging.getLogger(__name__)

@@ -58,10 +58,10 @@ class TrainOptions:
     lr: float | None = None
     image_size: int = 64
     patch_size: int = 8  # the ViT towers' patch side in pixels
-    # The dual encoder's image tower: "convnext" (a small ConvNeXt inside a VisionTextDualEncoderModel) or "vit"
-    # (CLIPModel's own ViT). On the demo's 64-pixel shapes a ViT of this size learns colours but stays at chance
-    # on shapes within the default steps; the convolutional tower learns both (see the model card's figures).
-    vision: str = "convnext"
+    # The image tower (None: DEFAULT_VISION of the kind). The dual encoder: "convnext" (in a
+    # VisionTextDualEncoderModel), "swin" or "vit" (CLIPModel's own); the captioner: "swin" or "vit". On the demo's
+    # 64-pixel shapes a ViT of this size learns colours but stays at chance on shapes within the default steps.
+    vision: str | None = None
     hidden: int = 128
     layers: int = 2
     vocab_size: int = 1000
@@ -98,33 +98,67 @@ class TrainReport:
 
 
 # ---- models ------------------------------------------------------------------------------------------------------
+# The image tower of each kind when TrainOptions.vision is None, and the towers each kind may use.
+DEFAULT_VISION = {"clip": "convnext", "captioner": "swin"}
+VISION_TOWERS = {"clip": ("convnext", "swin", "vit"), "captioner": ("swin", "vit")}
+
+
+def vision_tower(kind: str, opts: TrainOptions) -> str:
+    tower = opts.vision or DEFAULT_VISION[kind]
+    if tower not in VISION_TOWERS[kind]:
+        raise JobError(f"a {kind} cannot have a {tower!r} image tower",
+                       fix=f"choose one of {', '.join(VISION_TOWERS[kind])}")
+    return tower
+
+
+def _vision_config(tower: str, opts: TrainOptions) -> Any:
+    """Small image towers over S x S pictures. ConvNeXt: a 4 x 4 patchify convolution and two convolutional stages
+    (the second halves the grid); one pooled vector per image. Swin: 4 x 4 patches, attention inside 4 x 4 windows
+    and patch merging over up to three stages (a 4 x 4 grid of tokens at 64 pixels: a sequence a decoder attends to).
+    ViT: 8 x 8 patches (`patch_size`), global attention."""
+    import transformers as tf
+
+    h, n = opts.hidden, opts.layers
+    if tower == "convnext":
+        cfg = tf.ConvNextConfig(image_size=opts.image_size, patch_size=4, num_stages=2, hidden_sizes=[h // 4, h // 2],
+                                depths=[1, n], layer_scale_init_value=1.0)  # 1e-6 would mute the blocks
+        cfg.hidden_size = h // 2  # the width VisionTextDualEncoderModel and VisionEncoderDecoderModel read
+        return cfg
+    if tower == "swin":
+        # up to three stages, as many as keep the last grid at least one 4 x 4 window (Swin fails below that)
+        stages, grid = 1, opts.image_size // 4
+        while stages < 3 and grid // 2 >= 4:
+            stages, grid = stages + 1, grid // 2
+        embed = max(8, h >> (stages - 1))
+        return tf.SwinConfig(image_size=opts.image_size, patch_size=4, embed_dim=embed,
+                             depths=[1] * (stages - 1) + [n], window_size=min(4, grid),
+                             num_heads=[max(1, (embed << i) // 32) for i in range(stages)])
+    return tf.ViTConfig(image_size=opts.image_size, patch_size=opts.patch_size, hidden_size=h,
+                        intermediate_size=2 * h, num_hidden_layers=n, num_attention_heads=max(1, h // 32))
+
+
 def build_model(kind: str, vocab: int, opts: TrainOptions) -> Any:
     import transformers as tf
 
     h, n, heads = opts.hidden, opts.layers, max(1, opts.hidden // 32)
     special = {"pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID}
-    vision = dict(image_size=opts.image_size, patch_size=opts.patch_size, hidden_size=h, intermediate_size=2 * h,
-                  num_hidden_layers=n, num_attention_heads=heads)
-    if kind == "clip" and opts.vision == "convnext":
-        # ConvNeXt's pooler_output is one vector per image, which is what the dual encoder projects. Stem: a 4 x 4
-        # patchify convolution, then two stages (the second downsamples by 2): a receptive field that spans a shape.
-        text = tf.CLIPTextConfig(vocab_size=vocab, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=n,
-                                 num_attention_heads=heads, max_position_embeddings=opts.max_text_tokens, **special)
-        conv = tf.ConvNextConfig(image_size=opts.image_size, patch_size=4, num_stages=2, hidden_sizes=[h // 4, h // 2],
-                                 depths=[1, n])
-        conv.hidden_size = h // 2  # the width VisionTextDualEncoderModel reads to size its projection
-        cfg = tf.VisionTextDualEncoderConfig.from_vision_text_configs(conv, text, projection_dim=h)
-        return tf.VisionTextDualEncoderModel(config=cfg)
     if kind == "clip":
-        if opts.vision != "vit":
-            raise JobError(f"unknown vision tower {opts.vision!r}", fix="use vision 'convnext' or 'vit'")
         text = tf.CLIPTextConfig(vocab_size=vocab, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=n,
                                  num_attention_heads=heads, max_position_embeddings=opts.max_text_tokens, **special)
-        cfg = tf.CLIPConfig(text_config=text.to_dict(), vision_config=tf.CLIPVisionConfig(**vision).to_dict(),
-                            projection_dim=h)
-        return tf.CLIPModel(cfg)
+        tower = vision_tower(kind, opts)
+        if tower == "vit":
+            vit = _vision_config("vit", opts).to_dict()
+            vision = tf.CLIPVisionConfig(**{k: vit[k] for k in ("image_size", "patch_size", "hidden_size",
+                                                                  "intermediate_size", "num_hidden_layers",
+                                                                  "num_attention_heads")})
+            cfg = tf.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=h)
+            return tf.CLIPModel(cfg)
+        # any transformers image model whose pooler_output is one vector per image, as a regular dual encoder
+        cfg = tf.VisionTextDualEncoderConfig.from_vision_text_configs(_vision_config(tower, opts), text,
+                                                                      projection_dim=h)
+        return tf.VisionTextDualEncoderModel(config=cfg)
     if kind == "captioner":
-        enc = tf.ViTConfig(**vision)
+        enc = _vision_config(vision_tower(kind, opts), opts)
         dec = tf.GPT2Config(vocab_size=vocab, n_embd=h, n_layer=n, n_head=heads, n_positions=opts.max_text_tokens,
                             add_cross_attention=True, is_decoder=True, **special)
         cfg = tf.VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
