@@ -422,7 +422,8 @@ def format_summary(summary: DemoSummary) -> str:
             lines.append(f"  baselines: its most frequent label ({cb['most_frequent_label']}) for every unit "
                          f"{cb['most_frequent']} of {cb['detectors']}; the same soft-WPMI (lambda {cb['lambda']:g}) "
                          f"with the dataset's true image labels in place of the dual encoder {cb['ceiling']} of "
-                         f"{cb['detectors']} (the method's ceiling on this data)")
+                         f"{cb['detectors']} (the method's ceiling on this data; {cb['ceiling_lambda_0']} without "
+                         f"the layer prior, lambda 0)")
     mg = summary.milan_agreement
     if mg.get("detectors"):
         lines.append(f"MILAN's description names Network Dissection's concept for {mg['agree']} of "

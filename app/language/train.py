@@ -44,6 +44,8 @@ KIND_TITLES = {"clip": "dual encoder (CLIP)", "captioner": "exemplar-set caption
 RUN_KIND = "train_language"
 WORK_DIR = ".work"
 CARD_JSON = "card.json"
+# Two regions of an image with at least this IoU are the same pixels under two names (training and scoring agree).
+SAME_PIXELS_IOU = 0.8
 
 
 @dataclass
@@ -208,6 +210,7 @@ class Batches:
                 members = self.regions[ph == p]
                 if len(members) >= 2:
                     self.by_phrase.append((p, members))
+        self.same_pixels = self._same_pixel_phrases() if kind == "clip" and len(self.regions) else []
         if not self.texts:
             raise JobError("the dataset has no text to learn from (no captions, no concept names, no unit "
                            "descriptions)", fix="add a dataset with captions (COCO captions JSON) or concept "
@@ -276,9 +279,40 @@ class Batches:
                     if texts[a] == texts[b]:
                         grown[a, b] = grown[b, a] = True
             same = grown
+        if n_reg:
+            # One set of pixels carries several names (a red dotted circle is "red", "dotted", "circle", "red circle"):
+            # a region is a positive of every text in the batch that names (nearly) its pixels, not only of its own
+            # phrase; otherwise a red circle drawn for "red" would be pushed away from "circle".
+            for k, ri in enumerate(r.tolist()):
+                names = self.same_pixels[ri]
+                for b, t in enumerate(texts):
+                    if t in names:
+                        same[n_cap + k, b] = True
         ids, att = self.tokens(texts)
-        same = same.float()
+        same = same.float()  # [image, text]: rows for the image-to-text loss, columns for text-to-image
         return {"pixels": torch.cat(imgs), "ids": ids, "att": att, "targets": same}
+
+    def _same_pixel_phrases(self) -> list[frozenset[str]]:
+        """For every region, the phrases of the regions of its image with nearly the same pixels (IoU >= 0.8, the
+        rule the held-out region naming is scored by), its own phrase included."""
+        import torch
+
+        c = self.corpus
+        out: list[frozenset[str]] = [frozenset()] * len(c.region_image)
+        order = torch.argsort(c.region_image, stable=True)
+        counts = torch.unique_consecutive(c.region_image[order], return_counts=True)[1].tolist()
+        start = 0
+        for n in counts:
+            idx = order[start:start + n]
+            start += n
+            m = c.region_masks[idx].flatten(1).float()
+            inter = m @ m.T
+            area = m.sum(1)
+            iou = inter / (area[:, None] + area[None, :] - inter).clamp(min=1)
+            ph = c.region_phrase[idx]
+            for a, ri in enumerate(idx.tolist()):
+                out[ri] = frozenset(c.phrases[j] for j in ph[iou[a] >= SAME_PIXELS_IOU].tolist())
+        return out
 
     def _draw_captioner(self, g: Any) -> dict[str, Any]:
         import torch
@@ -461,7 +495,7 @@ def evaluate(kind: str, tm: Any, corpus: Any, batches: Batches, vocab: int, limi
                     m = corpus.region_masks[r].flatten()
                     others = corpus.region_masks[same_img].flatten(1)
                     iou = (others & m).sum(1).double() / (others | m).sum(1).clamp(min=1).double()
-                    right[j, corpus.region_phrase[same_img[iou >= 0.8]]] = True
+                    right[j, corpus.region_phrase[same_img[iou >= SAME_PIXELS_IOU]]] = True
                 heldout["region_to_phrase_accuracy"] = float(right[torch.arange(len(reg)), pred].float().mean())
                 heldout["region_to_phrase_candidates"] = len(phrases)
                 counts = torch.bincount(corpus.region_phrase[corpus.region_split(False)], minlength=len(phrases))
