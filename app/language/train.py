@@ -2,11 +2,13 @@
 from the last checkpoint), on the GPU with mixed precision where there is one.
 
 Kinds (all small configs of real transformers classes, saved with save_pretrained):
-- clip: `CLIPModel`, ViT image tower (S x S input, 8-pixel patches) and a text tower, trained contrastively on
+- clip: a dual encoder, image tower (`TrainOptions.vision`: `CLIPModel` with its ViT, or
+  `VisionTextDualEncoderModel` with a ConvNeXt or Swin tower) and a text tower, trained contrastively on
   (image, caption), (masked region, concept phrase) and (whole image, name of a concept it contains) pairs. Identical
-  texts in a batch are all positives of each other, so two "red" regions do not push each other apart, and a whole
-  image is a positive of every concept name in the batch that it contains.
-- captioner: `VisionEncoderDecoderModel` (ViT encoder, GPT-2 decoder with cross-attention), config flag
+  texts in a batch are all positives of each other, so two "red" regions do not push each other apart; a region is a
+  positive of every text that names its pixels ("red", "circle" and "red circle" of one object), and a whole image
+  is a positive of every concept name in the batch that it contains.
+- captioner: `VisionEncoderDecoderModel` (ViT or Swin encoder, GPT-2 decoder with cross-attention), config flag
   `neuron_studio_set_captioner: true`: conditioned on a set of k masked exemplars whose encoder outputs are
   concatenated (`labelers.textmodels.encode_exemplar_sets`). Trained on captions (sets of one image), on sets of
   regions sharing a concept phrase -> the phrase in the plural ("red circles"), and on unit descriptions with their
@@ -101,8 +103,8 @@ class TrainReport:
 
 # ---- models ------------------------------------------------------------------------------------------------------
 # The image tower of each kind when TrainOptions.vision is None, and the towers each kind may use.
-DEFAULT_VISION = {"clip": "convnext", "captioner": "swin"}
-VISION_TOWERS = {"clip": ("convnext", "swin", "vit"), "captioner": ("swin", "vit")}
+DEFAULT_VISION = {"clip": "mobilenet", "captioner": "vit"}
+VISION_TOWERS = {"clip": ("mobilenet", "convnext", "swin", "vit"), "captioner": ("vit", "swin")}
 
 
 def vision_tower(kind: str, opts: TrainOptions) -> str:
@@ -121,6 +123,11 @@ def _vision_config(tower: str, opts: TrainOptions) -> Any:
     import transformers as tf
 
     h, n = opts.hidden, opts.layers
+    if tower == "mobilenet":
+        # convolutions with batch normalisation, the kind of network that learns the demo's shapes fastest
+        cfg = tf.MobileNetV2Config(image_size=opts.image_size, depth_multiplier=0.35, finegrained_output=False)
+        cfg.hidden_size = int(tf.MobileNetV2Model(cfg).conv_1x1.convolution.out_channels)  # its pooled width
+        return cfg
     if tower == "convnext":
         cfg = tf.ConvNextConfig(image_size=opts.image_size, patch_size=4, num_stages=2, hidden_sizes=[h // 4, h // 2],
                                 depths=[1, n], layer_scale_init_value=1.0)  # 1e-6 would mute the blocks
