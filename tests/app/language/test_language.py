@@ -270,3 +270,29 @@ def test_captioner_learns_unit_descriptions_and_records_which(extracted):
     seen, held = card["descriptions_seen"], card["descriptions_heldout"]
     assert sorted(seen + held) == [f"tiny/conv1/{u}" for u in range(4)] and not set(seen) & set(held)
     assert card["data"]["heldout_descriptions"] == len(held)
+
+
+def test_dual_encoder_targets_a_region_to_every_name_of_its_pixels():
+    from app.language.data import Corpus
+    from app.language.tokenizer import train_tokenizer
+    from app.language.train import Batches
+
+    # image 0: one object named "red", "circle" and "red circle" (same pixels); image 1: a "blue" object elsewhere
+    a = torch.zeros(8, 8, dtype=torch.bool)
+    a[1:5, 1:5] = True
+    b = torch.zeros(8, 8, dtype=torch.bool)
+    b[4:8, 4:8] = True
+    phrases = ["red", "circle", "red circle", "blue"]
+    corpus = Corpus(image_size=8, dataset="t", images=torch.zeros(2, 3, 8, 8, dtype=torch.uint8),
+                    heldout=torch.tensor([False, False]), region_image=torch.tensor([0, 0, 0, 1]),
+                    region_phrase=torch.tensor([0, 1, 2, 3]), region_masks=torch.stack([a, a, a, b]),
+                    phrases=phrases)
+    tok = train_tokenizer(phrases * 4, 100, 8)
+    batches = Batches("clip", corpus, tok, TrainOptions(kind="clip", image_size=8, max_text_tokens=8), 12)
+    assert batches.same_pixels == [frozenset(phrases[:3])] * 3 + [frozenset({"blue"})]
+    drawn = batches.draw(0)
+    texts = [x.strip() for x in tok.batch_decode(drawn["ids"], skip_special_tokens=True)]
+    t = drawn["targets"]
+    for i, ti in enumerate(texts):  # every row is a region: its text says which object it is
+        for j, tj in enumerate(texts):
+            assert bool(t[i, j]) == ((ti == "blue") == (tj == "blue")), (ti, tj)
