@@ -46,6 +46,8 @@ KIND_TITLES = {"clip": "dual encoder (CLIP)", "captioner": "exemplar-set caption
 RUN_KIND = "train_language"
 WORK_DIR = ".work"
 CARD_JSON = "card.json"
+# How often the captioner's steps draw each kind of batch (relative weights, over the kinds the data has).
+CAPTIONER_MIX = {"caption": 1.0, "regions": 1.0, "descriptions": 0.2}
 # Two regions of an image with at least this IoU are the same pixels under two names (training and scoring agree).
 SAME_PIXELS_IOU = 0.8
 
@@ -334,7 +336,7 @@ class Batches:
         choices = [name for name, ok in (("caption", bool(self.caps)), ("regions", bool(self.by_phrase)),
                                          ("descriptions", bool(self.descs))) if ok]
         # descriptions are few and precious: a fifth of the steps when there are any
-        weights = torch.tensor([0.2 if ch == "descriptions" else 1.0 for ch in choices])
+        weights = torch.tensor([CAPTIONER_MIX[ch] for ch in choices])
         what = choices[int(torch.multinomial(weights, 1, generator=g))] if choices else "caption"
         if what == "caption":
             pick = torch.randint(len(self.caps), (self.batch,), generator=g).tolist()
