@@ -438,7 +438,8 @@ def cmd_language(args: argparse.Namespace) -> int:
         for kind in kinds:
             job = TrainJob(args.project, TrainOptions(kind=kind, dataset=args.dataset, steps=args.steps,
                                                       batch_size=args.batch_size, device=args.device,
-                                                      name=args.name, seed=args.seed))
+                                                      name=args.name, seed=args.seed,
+                                                      vision=args.vision if kind != "lm" else None))
             rep = run_with_bar(job, args.quiet)
             figures = ", ".join(f"{k.replace('_', ' ')} {v:.3g} (baseline {rep.baselines[k]:.3g})"
                                 for k, v in rep.heldout.items() if k in rep.baselines)
@@ -701,6 +702,9 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--batch-size", type=int)
     lp.add_argument("--name", help="name in the project (default: KIND-DATASET)")
     lp.add_argument("--seed", type=int, default=0)
+    lp.add_argument("--vision", choices=["vit", "mobilenet", "convnext", "swin"],
+                    help="image tower (default vit; the captioner takes vit or swin): on the demo's budget the ViT "
+                         "learns colours best and no tower learns shapes, so the others are for longer training")
     lp.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     lp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     lp = lsub.add_parser("add", help="add a local transformers folder (checked before anything is written)")

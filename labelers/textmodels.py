@@ -6,7 +6,8 @@ turns such a folder into a loaded model bundle for a labeler; `app/language` tra
 labeler input providers hand the bundles to the methods.
 
 Kinds:
-- "clip": a dual encoder (`CLIPModel`), image and text embeddings in one space (CLIP-Dissect).
+- "clip": a dual encoder (`CLIPModel`, or `VisionTextDualEncoderModel` with any vision tower), image and text
+  embeddings in one space (CLIP-Dissect).
 - "captioner": p(text | images). A `VisionEncoderDecoderModel` (or another image-to-text model). When its config
   carries `neuron_studio_set_captioner: true` it was trained on *sets* of masked exemplars: the encoder's outputs
   for the k images are concatenated along the sequence axis and the decoder cross-attends over all of them (MILAN's
@@ -33,7 +34,7 @@ KINDS = ("clip", "captioner", "lm", "sentence")
 
 # model_type values each kind accepts; anything else is refused with the folder named, before weights load
 ACCEPTED_TYPES: dict[str, tuple[str, ...]] = {
-    "clip": ("clip",),
+    "clip": ("clip", "vision-text-dual-encoder"),
     "captioner": ("vision-encoder-decoder", "blip", "git"),
     "lm": ("gpt2", "gpt_neo", "gpt_neox", "gptj", "llama", "mistral", "opt", "qwen2", "phi", "bloom", "codegen"),
     "sentence": ("bert", "roberta", "distilbert", "mpnet", "xlm-roberta", "electra", "albert", "deberta-v2"),
@@ -108,6 +109,8 @@ def load(path: str | Path, kind: str, device: "torch.device | str" = "cpu") -> T
     }[kind]
     if kind == "captioner" and config.get("model_type") == "vision-encoder-decoder":
         cls = tf.VisionEncoderDecoderModel
+    if kind == "clip" and config.get("model_type") == "vision-text-dual-encoder":
+        cls = tf.VisionTextDualEncoderModel  # any vision tower (the in-app one is convolutional) and a text tower
     # safetensors first; a .bin goes through transformers' torch.load(weights_only=True) on torch >= 2.10
     kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
     if list(path.glob("*.safetensors")):

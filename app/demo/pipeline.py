@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import labelers.base as lb
+from app.demo.agreement import clip_dissect_baselines, milan_agreement
 from app.demo.shapes import DEFAULT_IMAGES  # re-exported: the window and tests read it here
 from app.jobs import JobProgress
 
@@ -60,6 +61,8 @@ class DemoSummary:
     seconds: float = 0.0
     language: dict[str, Any] = field(default_factory=dict)  # per trained kind: name, seconds, held-out figures
     clip_agreement: dict[str, Any] = field(default_factory=dict)  # see clip_dissect_agreement
+    clip_baselines: dict[str, Any] = field(default_factory=dict)  # see agreement.clip_dissect_baselines
+    milan_agreement: dict[str, Any] = field(default_factory=dict)  # see agreement.milan_agreement
 
 
 @dataclass
@@ -367,6 +370,10 @@ class DemoJob:
             with Project.open(ctx.project_dir) as project:
                 summary.layers = layer_summaries(project, project.model()["id"], list(DEMO_LAYERS))
                 summary.clip_agreement = clip_dissect_agreement(project, project.model()["id"], list(DEMO_LAYERS))
+                cd_params = self.params.get("clip_dissect", DEMO_PARAMS["clip_dissect"])
+                summary.clip_baselines = clip_dissect_baselines(project, project.model()["id"], list(DEMO_LAYERS),
+                                                                cd_params)
+                summary.milan_agreement = milan_agreement(project, project.model()["id"], list(MILAN_LAYERS))
         summary.seconds = time.monotonic() - t_start
         return summary
 
@@ -410,6 +417,19 @@ def format_summary(summary: DemoSummary) -> str:
     if ag.get("detectors"):
         lines.append(f"CLIP-Dissect names the same concept as Network Dissection for {ag['agree']} of "
                      f"{ag['detectors']} colour/shape detector units ({ag['fraction']:.0%})")
+        cb = summary.clip_baselines
+        if cb.get("detectors"):
+            lines.append(f"  baselines: its most frequent label ({cb['most_frequent_label']}) for every unit "
+                         f"{cb['most_frequent']} of {cb['detectors']}; the same soft-WPMI (lambda {cb['lambda']:g}) "
+                         f"with the dataset's true image labels in place of the dual encoder {cb['ceiling']} of "
+                         f"{cb['detectors']} (the method's ceiling on this data; {cb['ceiling_lambda_0']} without "
+                         f"the layer prior, lambda 0)")
+    mg = summary.milan_agreement
+    if mg.get("detectors"):
+        lines.append(f"MILAN's description names Network Dissection's concept for {mg['agree']} of "
+                     f"{mg['detectors']} detector units of {', '.join(mg['layers'])} ({mg['fraction']:.0%}); "
+                     f"the most frequent description ({mg['most_frequent_description']!r}) for every unit: "
+                     f"{mg['most_frequent']} ({mg['baseline_fraction']:.0%})")
     for method, why in summary.skipped_methods.items():
         lines.append(f"skipped {method}: {why}")
     if summary.steps:

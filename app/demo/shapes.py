@@ -250,6 +250,25 @@ _TEX_ADJ = {"solid": ["solid", "plain", ""], "striped": ["striped"], "dotted": [
             "checkered": ["checkered", "checked"]}
 
 
+# Other words the captions above use for a concept (a description using them names the concept).
+SYNONYMS: dict[str, tuple[str, ...]] = {
+    "solid": ("plain",), "striped": ("stripes",), "dotted": ("spotted", "dots", "polka"),
+    "checkered": ("checked", "checks", "checkerboard"),
+    "sky": ("cloudy",), "grass": ("grassy", "lawn", "field"), "sand": ("sandy", "beach", "desert"),
+    "water": ("waves", "sea"), "brick": ("bricks", "wall"),
+}
+
+
+def concept_words(concept: str) -> set[str]:
+    """Lower-case words that name `concept` in the demo's vocabulary: its name, its plural and its synonyms."""
+    from app.language.data import plural
+
+    words = {concept.lower(), plural(concept.lower())}
+    for w in SYNONYMS.get(concept.lower(), ()):
+        words |= {w, plural(w)}
+    return words
+
+
 def _tex_with(texture: str, color: str, rng: np.random.Generator) -> str:
     options = {
         "solid": [f"painted solid {color}", f"in plain {color}"],

@@ -33,6 +33,14 @@ def test_small_demo_builds_a_labeled_project(tmp_path):
     assert set(summary.language) == {"clip", "captioner", "lm"}
     assert all(m["heldout"] for m in summary.language.values())
     assert summary.clip_agreement["detectors"] >= 0
+    # beside the agreement: the most frequent label for every unit, and the method with the true image labels
+    cb = summary.clip_baselines
+    assert cb["detectors"] == summary.clip_agreement["detectors"] and 0 <= cb["ceiling"] <= cb["detectors"]
+    assert 0 <= cb["most_frequent"] <= cb["detectors"]
+    mg = summary.milan_agreement
+    assert mg["units_described"] == sum(layer["methods"]["milan"]["units"] for layer in summary.layers
+                                        if "milan" in layer["methods"])
+    assert 0 <= mg["agree"] <= mg["detectors"] and 0 <= mg["most_frequent"] <= mg["detectors"]
 
     # every step ran once, in order, reported as "step k of n" with its own name; its time is in the summary
     steps = demo_steps()

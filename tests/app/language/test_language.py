@@ -16,7 +16,7 @@ from app.errors import JobError, ModelLoadError
 from app.jobs import Cancelled, JobProgress
 from app.language.registry import add_folder, list_models
 from app.language.tokenizer import train_tokenizer
-from app.language.train import TrainJob, TrainOptions, read_card
+from app.language.train import VISION_TOWERS, TrainJob, TrainOptions, read_card
 from app.project.store import Project
 from labelers import textmodels
 
@@ -93,6 +93,28 @@ def _tokenizer(folder: Path):
     return tok
 
 
+@pytest.mark.parametrize("kind,tower", [(k, t) for k, towers in VISION_TOWERS.items() for t in towers])
+def test_every_image_tower_is_a_regular_folder_that_loads_and_encodes(tmp_path, kind, tower):
+    from app.language.train import build_model, image_processor
+
+    tok = _tokenizer(tmp_path)
+    build_model(kind, len(tok), TrainOptions(kind=kind, image_size=16, hidden=32, layers=1, max_text_tokens=16,
+                                             vision=tower)).save_pretrained(str(tmp_path))
+    image_processor(16).save_pretrained(str(tmp_path))
+    assert "auto_map" not in json.loads((tmp_path / "config.json").read_text())
+    tm = textmodels.load(tmp_path, kind)
+    pixels = textmodels.normalize_pixels(tm, torch.rand(2, 3, 3, 16, 16))
+    with torch.no_grad():
+        if kind == "clip":
+            out = tm.model.get_image_features(pixel_values=pixels[:, 0])
+            feats = out if isinstance(out, torch.Tensor) else out.pooler_output
+            assert feats.shape == (2, 32)  # one projected vector per image
+        else:
+            enc = textmodels.encode_exemplar_sets(tm, pixels)
+            assert enc.last_hidden_state.shape[0] == 2 and enc.last_hidden_state.shape[1] % 3 == 0
+            assert textmodels.text_log_likelihood(tm, ["red squares", "blue"], enc).shape == (2,)
+
+
 def make_clip(folder: Path) -> Path:
     import transformers as tf
 
@@ -115,7 +137,7 @@ def make_captioner(folder: Path) -> Path:
 
     tok = _tokenizer(folder)
     model = build_model("captioner", len(tok), TrainOptions(kind="captioner", image_size=16, hidden=32, layers=1,
-                                                             max_text_tokens=16))
+                                                             max_text_tokens=16, vision="vit"))
     model.save_pretrained(str(folder))
     image_processor(16).save_pretrained(str(folder))
     return folder
@@ -248,3 +270,29 @@ def test_captioner_learns_unit_descriptions_and_records_which(extracted):
     seen, held = card["descriptions_seen"], card["descriptions_heldout"]
     assert sorted(seen + held) == [f"tiny/conv1/{u}" for u in range(4)] and not set(seen) & set(held)
     assert card["data"]["heldout_descriptions"] == len(held)
+
+
+def test_dual_encoder_targets_a_region_to_every_name_of_its_pixels():
+    from app.language.data import Corpus
+    from app.language.tokenizer import train_tokenizer
+    from app.language.train import Batches
+
+    # image 0: one object named "red", "circle" and "red circle" (same pixels); image 1: a "blue" object elsewhere
+    a = torch.zeros(8, 8, dtype=torch.bool)
+    a[1:5, 1:5] = True
+    b = torch.zeros(8, 8, dtype=torch.bool)
+    b[4:8, 4:8] = True
+    phrases = ["red", "circle", "red circle", "blue"]
+    corpus = Corpus(image_size=8, dataset="t", images=torch.zeros(2, 3, 8, 8, dtype=torch.uint8),
+                    heldout=torch.tensor([False, False]), region_image=torch.tensor([0, 0, 0, 1]),
+                    region_phrase=torch.tensor([0, 1, 2, 3]), region_masks=torch.stack([a, a, a, b]),
+                    phrases=phrases)
+    tok = train_tokenizer(phrases * 4, 100, 8)
+    batches = Batches("clip", corpus, tok, TrainOptions(kind="clip", image_size=8, max_text_tokens=8), 12)
+    assert batches.same_pixels == [frozenset(phrases[:3])] * 3 + [frozenset({"blue"})]
+    drawn = batches.draw(0)
+    texts = [x.strip() for x in tok.batch_decode(drawn["ids"], skip_special_tokens=True)]
+    t = drawn["targets"]
+    for i, ti in enumerate(texts):  # every row is a region: its text says which object it is
+        for j, tj in enumerate(texts):
+            assert bool(t[i, j]) == ((ti == "blue") == (tj == "blue")), (ti, tj)
