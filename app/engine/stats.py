@@ -308,28 +308,16 @@ class MaskCounts:
         self.update(batch.maps, batch.masks)
 
     def update(self, maps: torch.Tensor, masks: MaskBatch) -> None:
-        from labelers.netdissect import iou_counts, threshold_and_upsample
+        from labelers.netdissect import iou_counts_from_maps
 
-        size = (self.mask_size, self.mask_size)
         present = masks.present.to(self.device)
-        annotated = masks.annotated.to(self.device)
-        u_total = maps.shape[1]
-        # Chunk units so the upsampled masks stay within ~256 MB.
-        per_unit = maps.shape[0] * self.mask_size * self.mask_size * 5
-        chunk = max(1, min(u_total, (256 * 2**20) // max(per_unit, 1)))
-        for s in range(0, u_total, chunk):
-            sl = slice(s, min(s + chunk, u_total))
-            active = threshold_and_upsample(maps[:, sl], self.thresholds[sl], size)
-            if present.numel():
-                inter, area, c_area = iou_counts(active, masks.dense.to(self.device), annotated,
-                                                 self.concept_category[present])
-                self.inter[sl].index_add_(1, present, inter.to(self.inter))
-                if s == 0:
-                    self.concept_area.index_add_(0, present, c_area.to(self.concept_area))
-            else:
-                empty = torch.zeros((maps.shape[0], 0, *size), dtype=torch.bool, device=self.device)
-                _, area, _ = iou_counts(active, empty, annotated, torch.zeros(0, dtype=torch.int64, device=self.device))
-            self.unit_area[sl] += area.to(self.unit_area)
+        inter, area, c_area = iou_counts_from_maps(
+            maps.to(self.device), self.thresholds, (self.mask_size, self.mask_size), masks.dense.to(self.device),
+            masks.annotated.to(self.device), self.concept_category[present])
+        if present.numel():
+            self.inter.index_add_(1, present, inter.to(self.inter))
+            self.concept_area.index_add_(0, present, c_area.to(self.concept_area))
+        self.unit_area += area.to(self.unit_area)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"inter": self.inter, "unit_area": self.unit_area, "concept_area": self.concept_area}
