@@ -236,7 +236,10 @@ def extract_options(device: str) -> Any:
     from app.engine.extract import ExtractOptions
 
     # No decoding processes: the demo's images are 64-pixel PNGs, decoded faster than worker processes start.
-    return ExtractOptions(layers=list(DEMO_LAYERS), device=device, num_workers=0)
+    # One torch thread: the demo CNN's operations are small, so a second thread saves little on an idle machine,
+    # while on a busy one threads that wait for each other cost many times over (measured on 2 cores at load 11-14:
+    # the demo's extraction took 376 s of wall time and 126 s of CPU with 2 threads, 52 s and 17 s with one).
+    return ExtractOptions(layers=list(DEMO_LAYERS), device=device, num_workers=0, threads=1)
 
 
 def _label_step(method: str, layer: str) -> Callable[[DemoContext, JobProgress], str]:

@@ -74,6 +74,7 @@ class ExtractOptions:
     # Pass 1 loads the masks too and keeps its decoded batches for pass 2 while they fit this (the demo's 3000
     # images and masks: about 250 MB), so pass 2 decodes nothing a second time. 0: decode twice.
     reuse_mb: int = 512
+    threads: int | None = None  # torch's CPU threads for this job; None: torch's default (one per core)
 
     def key_fields(self) -> dict[str, Any]:
         # What changes the results (not batch size, workers, device or checkpoint cadence).
@@ -503,6 +504,9 @@ class ExtractJob:
                                     if k in {f.name for f in dataclasses.fields(ExtractReport)}})
         t_start = time.monotonic()
         prior_seconds = project.run(run_id).seconds
+        threads_before = torch.get_num_threads()
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
         try:
             report = self._extract(project, run_id, model, reader, ds_row, layer_rows, device, progress)
         except (Cancelled, KeyboardInterrupt):  # Ctrl+C in the CLI is a cancel, as it reports
@@ -516,6 +520,8 @@ class ExtractJob:
             except Exception:  # e.g. the disk that just filled up holds the database too: report the first error
                 log.warning("could not record the failure of run %d", run_id, exc_info=True)
             raise
+        finally:
+            torch.set_num_threads(threads_before)
         report.seconds = prior_seconds + time.monotonic() - t_start
         total = project.run(run_id).total
         if total:  # the last checkpoint may be a few batches behind: a finished run has done them all
