@@ -43,7 +43,8 @@ def child(mode: str, folder: Path, images: int, device: str, t_start: float) -> 
 
     import logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # stderr: shown on failure
+    # stderr: shown on failure; the job lines give the timeline (their time since the measured process started)
+    logging.basicConfig(level=logging.INFO, format="%(created).3f %(name)s: %(message)s")
     app = QApplication.instance() or QApplication(["bench"])
     window = MainWindow(prefs=Preferences(path=folder / "prefs.json"))
     window.show()
@@ -78,6 +79,19 @@ def child(mode: str, folder: Path, images: int, device: str, t_start: float) -> 
     os._exit(0)
 
 
+def timeline(stderr: str, t0: float) -> str:
+    """The window's job lines ("run <title>: process N started/ended"), each at its second since the start."""
+    out = []
+    for line in stderr.splitlines():
+        stamp, _, rest = line.partition(" ")
+        if "app.ui.workers: run" in rest:
+            try:
+                out.append(f"  {float(stamp) - t0:6.1f} s  {rest.split(': run ', 1)[1]}")
+            except ValueError:
+                out.append("  " + line)
+    return "\n".join(out)
+
+
 def measure(mode: str, images: int, device: str, timeout: float) -> list[dict]:
     import resource
 
@@ -92,10 +106,10 @@ def measure(mode: str, images: int, device: str, timeout: float) -> list[dict]:
         except subprocess.TimeoutExpired as exc:
             err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
             print(f"{mode}: no result within {timeout:.0f} s; the window's jobs so far:")
-            print("\n".join(line for line in err.splitlines() if "app.ui.workers: run" in line))
+            print(timeline(err, t0))
             raise SystemExit(1) from None
         if mode == "demo":  # when each job started and ended, for the record
-            print("\n".join(line for line in proc.stderr.splitlines() if "app.ui.workers: run" in line))
+            print(timeline(proc.stderr, t0))
         events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         if not events:
             raise SystemExit(f"{mode} run reported nothing (exit {proc.returncode}):\n{proc.stderr[-3000:]}")

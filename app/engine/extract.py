@@ -5,7 +5,8 @@ Pass 1, every image: per-image spatial max and mean (memory-mapped [N, U] arrays
 (`stats.TopQuantiles`) and the top-k exemplars with their maps (`stats.TopKExemplars`).
 Pass 2, only when the dataset has per-pixel masks: unit maps upsampled to the mask size, thresholded at the
 Network Dissection quantile, counted against every concept present in the batch (intersection, active area per
-annotated category, concept area): the `MaskCounts` of Network Dissection.
+annotated category, concept area): the `MaskCounts` of Network Dissection. Pass 1 then also loads the masks and
+keeps its decoded batches for pass 2 while they fit `reuse_mb`, so a small dataset is decoded once.
 
 Every statistic follows the merge protocol of `stats` and is fed by one loop, `tally`, which a single process runs
 over the whole dataset and a Ray worker over its shard (`distributed.RayExtractJob`: same arrays, bit for bit).
