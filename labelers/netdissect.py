@@ -9,9 +9,9 @@ compared with every concept's mask over the whole dataset:
 where the active area in the union is counted only in images in which the concept's category is annotated
 (NetDissect-Lite's ``tally_units_cat``). A unit is a detector ("interpretable") when its best IoU >= 0.04.
 
-This module holds the per-batch counting helpers that the extraction engine calls (`threshold_and_upsample`,
-`iou_counts`, `overlap_counts`; compexp reuses them) and the labeler that turns the dataset-wide counts
-(`MaskCounts`) into ranked labels.
+This module holds the per-batch counting helpers that the extraction engine calls (`iou_counts_from_maps`, which
+gives `iou_counts` of `threshold_and_upsample` while resizing only the maps that can fire; `overlap_counts`;
+compexp reuses them) and the labeler that turns the dataset-wide counts (`MaskCounts`) into ranked labels.
 
 Differences from the reference, on purpose:
 - NetDissect-Lite decides whether the active area of an image counts for category k by whether some active
