@@ -9,9 +9,9 @@ compared with every concept's mask over the whole dataset:
 where the active area in the union is counted only in images in which the concept's category is annotated
 (NetDissect-Lite's ``tally_units_cat``). A unit is a detector ("interpretable") when its best IoU >= 0.04.
 
-This module holds the per-batch counting helpers that the extraction engine calls (`threshold_and_upsample`,
-`iou_counts`, `overlap_counts`; compexp reuses them) and the labeler that turns the dataset-wide counts
-(`MaskCounts`) into ranked labels.
+This module holds the per-batch counting helpers that the extraction engine calls (`iou_counts_from_maps`, which
+gives `iou_counts` of `threshold_and_upsample` while resizing only the maps that can fire; `overlap_counts`;
+compexp reuses them) and the labeler that turns the dataset-wide counts (`MaskCounts`) into ranked labels.
 
 Differences from the reference, on purpose:
 - NetDissect-Lite decides whether the active area of an image counts for category k by whether some active
@@ -164,6 +164,49 @@ def overlap_counts(a: torch.Tensor, b: torch.Tensor, budget_bytes: int = _DEFAUL
     return total
 
 
+# Bilinear resizing makes every output pixel a convex combination of input pixels, so a resized map can exceed a
+# threshold only if its maximum can. Float rounding can lift a computed combination above the true one by a few
+# ulp of the largest magnitude involved (~1e-7 relative); this margin covers that a thousand times over.
+_ROUNDING_MARGIN = 1e-4
+
+
+def may_fire(maps: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Unit maps [B, U, h, w] -> [B, U] bool: the maps that can have a pixel above their unit's threshold once
+    bilinearly resized (to any size). A map left out is all False after `threshold_and_upsample`, for certain."""
+    B, U = maps.shape[:2]
+    flat = maps.reshape(B, U, -1)
+    if flat.shape[2] == 0:
+        return torch.zeros((B, U), dtype=torch.bool, device=maps.device)
+    low, top = torch.aminmax(flat, dim=2)
+    top = top.float()
+    big = torch.maximum(top.abs(), low.float().abs())
+    thr = thresholds.to(device=maps.device, dtype=torch.float32).view(1, U)
+    # Written as "not certainly below" so that NaN and infinite maps count as candidates and go the full way.
+    return ~(top + _ROUNDING_MARGIN * big < thr)
+
+
+# PyTorch's CPU kernel resizes the channels of a tensor in groups of its float vector width (8 with AVX2, 16 with
+# AVX-512) and the channels left over one by one, and the two round the last bit differently. Padding the selected
+# maps to a multiple of the widest width puts every map in a full group: its result then does not depend on which
+# other maps are resized with it, and equals the whole-layer resize for layers whose unit count is a multiple of
+# the vector width.
+_VECTOR_LANES = 16
+
+
+def _upsample_selected(maps: torch.Tensor, b: torch.Tensor, u: torch.Tensor, thr: torch.Tensor,
+                       size: tuple[int, int]) -> torch.Tensor:
+    """The active masks [k, H, W] of the maps (b[i], u[i]): bilinear resizing (`threshold_and_upsample`), then
+    `> thr[u[i]]`."""
+    part = maps[b, u].float()  # [k, h, w]
+    k = part.shape[0]
+    if tuple(part.shape[1:]) != tuple(size):
+        pad = -k % _VECTOR_LANES
+        if pad:
+            part = torch.cat([part, part.new_zeros((pad, *part.shape[1:]))])
+        part = F.interpolate(part[None], size=size, mode="bilinear", align_corners=False)[0, :k]
+    return part > thr[u].view(-1, 1, 1)
+
+
 def threshold_and_upsample(
     maps: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int], budget_bytes: int = _DEFAULT_BUDGET
 ) -> torch.Tensor:
@@ -171,8 +214,9 @@ def threshold_and_upsample(
 
     NetDissect-Lite resizes each map with PIL's bilinear filter (``scipy.misc.imresize(..., mode='F')``), which
     for enlargement samples at pixel centres with clamped edges: the same as ``F.interpolate(..., 'bilinear',
-    align_corners=False)``. The comparison is strict, as in the reference. Units are processed in chunks so the
-    float copy stays near `budget_bytes`.
+    align_corners=False)``. The comparison is strict, as in the reference. Only the maps that can fire
+    (`may_fire`) are resized: at a top-quantile threshold most are certainly all False. Maps are processed in
+    chunks so the float copy stays near `budget_bytes`.
     """
     if maps.dim() != 4:
         raise ValueError(f"threshold_and_upsample needs maps [B, U, h, w], got {tuple(maps.shape)}")
@@ -180,17 +224,84 @@ def threshold_and_upsample(
     H, W = int(size[0]), int(size[1])
     if thresholds.shape != (U,):
         raise ValueError(f"need one threshold per unit ({U}), got shape {tuple(thresholds.shape)}")
-    thr = thresholds.to(device=maps.device, dtype=torch.float32).view(1, U, 1, 1)
-    out = torch.empty((B, U, H, W), dtype=torch.bool, device=maps.device)
+    thr = thresholds.to(device=maps.device, dtype=torch.float32)
+    out = torch.zeros((B, U, H, W), dtype=torch.bool, device=maps.device)
     if B == 0 or U == 0:
         return out
-    per_unit = max(1, B * H * W * 4)
-    for sl in unit_chunks(U, max(1, budget_bytes // per_unit)):
-        part = maps[:, sl].float()
-        if (h, w) != (H, W):
-            part = F.interpolate(part, size=(H, W), mode="bilinear", align_corners=False)
-        out[:, sl] = part > thr[:, sl]
+    bi, ui = may_fire(maps, thr).nonzero(as_tuple=True)
+    step = max(1, budget_bytes // max(1, H * W * 4))
+    for s in range(0, bi.numel(), step):
+        b, u = bi[s:s + step], ui[s:s + step]
+        out[b, u] = _upsample_selected(maps, b, u, thr, (H, W))
     return out
+
+
+def iou_counts_from_maps(
+    maps: torch.Tensor,
+    thresholds: torch.Tensor,
+    size: tuple[int, int],
+    concept_masks: torch.Tensor,
+    category_annotated: torch.Tensor,
+    concept_category: torch.Tensor,
+    budget_bytes: int = _DEFAULT_BUDGET,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``iou_counts(threshold_and_upsample(maps, thresholds, size), concept_masks, ...)``: the same counts, bit
+    for bit, without building the [B, U, H, W] active masks. Only the maps that can fire (`may_fire`; at the
+    top-0.5% threshold a minority) are resized and counted against their own image's concept masks, so the cost
+    follows the number of such maps, not B x U."""
+    if maps.dim() != 4 or concept_masks.dim() != 4:
+        raise ValueError(f"iou_counts_from_maps needs maps [B, U, h, w] and masks [B, C, H, W], got "
+                         f"{tuple(maps.shape)} and {tuple(concept_masks.shape)}")
+    B, U = maps.shape[:2]
+    H, W = int(size[0]), int(size[1])
+    C = concept_masks.shape[1]
+    if thresholds.shape != (U,):
+        raise ValueError(f"need one threshold per unit ({U}), got shape {tuple(thresholds.shape)}")
+    if concept_masks.shape[0] != B or tuple(concept_masks.shape[2:]) != (H, W):
+        raise ValueError(f"maps {tuple(maps.shape)} and concept masks {tuple(concept_masks.shape)} differ")
+    if category_annotated.dim() != 2 or category_annotated.shape[0] != B:
+        raise ValueError(f"category_annotated must be [B={B}, K], got {tuple(category_annotated.shape)}")
+    if concept_category.shape != (C,):
+        raise ValueError(f"concept_category must be [C={C}], got {tuple(concept_category.shape)}")
+    device = maps.device
+    cm = concept_masks.to(device)
+    cm = cm if cm.dtype == torch.bool else cm != 0
+    annotated = category_annotated.to(device=device, dtype=torch.bool)
+    if C:
+        concept_ok = annotated[:, concept_category.to(device=device, dtype=torch.int64)]  # [B, C]
+        if not bool(concept_ok.all()):
+            cm = cm & concept_ok[:, :, None, None]
+    concept_area = count_rows(cm.reshape(B * C, H * W)).view(B, C).sum(0).to(torch.float64)
+    inter = torch.zeros((U, C), dtype=torch.float64, device=device)
+    active_per_image = torch.zeros((B, U), dtype=torch.float64, device=device)
+    if B and U:
+        thr = thresholds.to(device=device, dtype=torch.float32)
+        bi, ui = may_fire(maps, thr).nonzero(as_tuple=True)  # row-major: each image's maps are consecutive
+        # 0/1 products summed in float32 are exact up to 2**24 pixels per image
+        dtype = torch.float32 if H * W < _MAX_EXACT_PIXELS else torch.float64
+        flat_masks = cm.reshape(B, C, H * W)
+        limit = budget_bytes if device.type == "cuda" else min(budget_bytes, _CPU_TEMP_TARGET)
+        # the masks as numbers once for all images when that fits the budget, else image by image
+        masks_f = flat_masks.to(dtype) if C and B * C * H * W * 4 <= limit else None
+        step = max(1, limit // max(1, H * W * 4))
+        for s in range(0, bi.numel(), step):
+            b, u = bi[s:s + step], ui[s:s + step]
+            act = _upsample_selected(maps, b, u, thr, (H, W)).reshape(len(b), H * W)
+            active_per_image[b, u] = count_rows(act).to(torch.float64)
+            if not C:
+                continue
+            act_f = act.to(dtype)
+            per = torch.empty((len(b), C), dtype=dtype, device=device)
+            # one product per image: its active maps against its own concept masks
+            images, counts = torch.unique_consecutive(b, return_counts=True)
+            start = 0
+            for img, n in zip(images.tolist(), counts.tolist()):
+                m = masks_f[img] if masks_f is not None else flat_masks[img].to(dtype)
+                per[start:start + n] = act_f[start:start + n] @ m.T
+                start += n
+            inter.index_add_(0, u, per.to(torch.float64))
+    unit_area = active_per_image.T @ annotated.to(torch.float64)  # [U, K]
+    return inter, unit_area, concept_area
 
 
 def iou_counts(

@@ -38,6 +38,11 @@ MILAN_LAYERS = ("block3", "block4", "fc")
 LANGUAGE_INPUTS = {lb.Input.CLIP_MODEL, lb.Input.CAPTIONER, lb.Input.CAUSAL_LM, lb.Input.SENTENCE_ENCODER,
                    lb.Input.TRANSLATOR}
 
+# Methods the demo runs on one torch thread. Compositional explanations do many small tensor operations whose
+# second thread only waits: on 2 cores at load 4.5, compexp on block2 took 45 s of wall time and 42 s of CPU with
+# 2 threads, 11 s and 4 s with one (the same labels).
+ONE_THREAD_METHODS = ("compexp",)
+
 # ShapesCNN's four blocks and its classifier: the layers the demo extracts and labels. Their inner conv/bn/relu are
 # left out, and so is the global pooling, which only repeats block4's per-image means. Known before the project
 # exists, so that every step can be listed (and counted) up front.
@@ -239,7 +244,10 @@ def extract_options(device: str) -> Any:
     from app.engine.extract import ExtractOptions
 
     # No decoding processes: the demo's images are 64-pixel PNGs, decoded faster than worker processes start.
-    return ExtractOptions(layers=list(DEMO_LAYERS), device=device, num_workers=0)
+    # One torch thread: the demo CNN's operations are small, so a second thread saves little on an idle machine,
+    # while on a busy one threads that wait for each other cost many times over (measured on 2 cores at load 11-14:
+    # the demo's extraction took 376 s of wall time and 126 s of CPU with 2 threads, 52 s and 17 s with one).
+    return ExtractOptions(layers=list(DEMO_LAYERS), device=device, num_workers=0, threads=1)
 
 
 def _label_step(method: str, layer: str) -> Callable[[DemoContext, JobProgress], str]:
@@ -259,11 +267,18 @@ def _label_step(method: str, layer: str) -> Callable[[DemoContext, JobProgress],
             if any(r.method == method and r.layer_id == layer_id and r.status == "done"
                    and all(r.params.get(k) == v for k, v in params.items()) for r in project.runs("label")):
                 return "already done"
+        import torch
+
+        threads = torch.get_num_threads()
+        if method in ONE_THREAD_METHODS:
+            torch.set_num_threads(1)
         try:
             rep = LabelJob(ctx.project_dir, method, layer, params, device=ctx.device).execute(progress)
         except lb.MissingInputError as exc:
             ctx.summary.skipped_methods[method] = str(exc)
             return f"skipped: {exc}"
+        finally:
+            torch.set_num_threads(threads)
         return f"done ({rep.labels} labels)"
 
     return run

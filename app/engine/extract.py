@@ -5,7 +5,8 @@ Pass 1, every image: per-image spatial max and mean (memory-mapped [N, U] arrays
 (`stats.TopQuantiles`) and the top-k exemplars with their maps (`stats.TopKExemplars`).
 Pass 2, only when the dataset has per-pixel masks: unit maps upsampled to the mask size, thresholded at the
 Network Dissection quantile, counted against every concept present in the batch (intersection, active area per
-annotated category, concept area): the `MaskCounts` of Network Dissection.
+annotated category, concept area): the `MaskCounts` of Network Dissection. Pass 1 then also loads the masks and
+keeps its decoded batches for pass 2 while they fit `reuse_mb`, so a small dataset is decoded once.
 
 Every statistic follows the merge protocol of `stats` and is fed by one loop, `tally`, which a single process runs
 over the whole dataset and a Ray worker over its shard (`distributed.RayExtractJob`: same arrays, bit for bit).
@@ -71,6 +72,10 @@ class ExtractOptions:
     memory_budget_mb: int = 512  # per layer, for the exact quantile buffers
     checkpoint_seconds: float = 10.0
     max_images: int | None = None
+    # Pass 1 loads the masks too and keeps its decoded batches for pass 2 while they fit this (the demo's 3000
+    # images and masks: about 250 MB), so pass 2 decodes nothing a second time. 0: decode twice.
+    reuse_mb: int = 512
+    threads: int | None = None  # torch's CPU threads for this job; None: torch's default (one per core)
 
     def key_fields(self) -> dict[str, Any]:
         # What changes the results (not batch size, workers, device or checkpoint cadence).
@@ -383,6 +388,31 @@ def new_mask_counts(layer: LayerState, reader: Any, thresholds: torch.Tensor, ma
                       concept_categories(reader, device), mask_size, device)
 
 
+class KeptBatches:
+    """Pass 1's collated batches (images and masks, as decoded), kept for pass 2 up to a byte budget; past it,
+    they are dropped and pass 2 decodes everything again."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self.batches: list[dict[str, Any]] = []
+        self.bytes = 0
+        self.complete = budget_bytes > 0
+
+    def keep(self, batches: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+        for batch in batches:
+            if self.complete:
+                # A copy: a batch from a loader process lives in shared memory that its worker would have to hold
+                kept = {k: v.clone() if isinstance(v, torch.Tensor) else
+                        [t.clone() for t in v] if k in ("concepts", "masks") else v for k, v in batch.items()}
+                self.bytes += kept["x"].nbytes + sum(m.nbytes for m in kept["masks"])
+                if self.bytes > self.budget:
+                    self.complete = False
+                    self.batches.clear()
+                else:
+                    self.batches.append(kept)
+            yield batch
+
+
 @dataclass
 class PassesDone:
     """What the passes leave for the commit, whichever way they ran."""
@@ -475,6 +505,9 @@ class ExtractJob:
                                     if k in {f.name for f in dataclasses.fields(ExtractReport)}})
         t_start = time.monotonic()
         prior_seconds = project.run(run_id).seconds
+        threads_before = torch.get_num_threads()
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
         try:
             report = self._extract(project, run_id, model, reader, ds_row, layer_rows, device, progress)
         except (Cancelled, KeyboardInterrupt):  # Ctrl+C in the CLI is a cancel, as it reports
@@ -488,6 +521,8 @@ class ExtractJob:
             except Exception:  # e.g. the disk that just filled up holds the database too: report the first error
                 log.warning("could not record the failure of run %d", run_id, exc_info=True)
             raise
+        finally:
+            torch.set_num_threads(threads_before)
         report.seconds = prior_seconds + time.monotonic() - t_start
         total = project.run(run_id).total
         if total:  # the last checkpoint may be a few batches behind: a finished run has done them all
@@ -604,11 +639,15 @@ class ExtractJob:
                     checkpoint(stage_now, next_idx)
             return on_batch
 
+        # Pass 2 needs every image again, from the first: a pass 1 that starts there can keep them for it.
+        kept = (KeptBatches(opts.reuse_mb * 2**20) if stage == 1 and next_index == 0 and with_masks and opts.reuse_mb > 0
+                else None)
         if stage == 1:
             msg = "pass 1: activations, quantiles, exemplars"
             progress.begin_stage(msg, next_index)
-            tally(loader(next_index, masks=False), runner, {n: ls.pass1() for n, ls in layers.items()}, problems,
-                  after_batch(1, msg))
+            batches: Iterable[dict[str, Any]] = loader(next_index, masks=kept is not None)
+            tally(kept.keep(batches) if kept is not None else batches, runner,
+                  {n: ls.pass1() for n, ls in layers.items()}, problems, after_batch(1, msg))
             self.write_pass1(layers)
             stage, next_index = 2, 0
             if with_masks:
@@ -619,8 +658,11 @@ class ExtractJob:
         if with_masks:
             msg = "pass 2: mask overlap counts"
             progress.begin_stage(msg, n_images + next_index)
-            tally(loader(next_index, masks=True), runner, {n: [ls.counts] for n, ls in layers.items()},
-                  mask_problems, after_batch(2, msg), mask_size=mask_size)
+            again = kept.batches if kept is not None and kept.complete and next_index == 0 else None
+            tally(again if again is not None else loader(next_index, masks=True), runner,
+                  {n: [ls.counts] for n, ls in layers.items()}, mask_problems, after_batch(2, msg), mask_size=mask_size)
+            if kept is not None:
+                kept.batches.clear()
             self.write_pass2(layers, reader)
         return PassesDone(problems, mask_problems, done_at_start, runner.micro, describe(device))
 

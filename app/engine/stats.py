@@ -116,6 +116,11 @@ class TopQuantiles:
         self.buffer = torch.full((units, 0), float("-inf"), device=device)
         self.count = torch.zeros(units, dtype=torch.int64, device=device)
         self.generator = torch.Generator(device=device).manual_seed(seed) if self.rate < 1 else None
+        # Candidates waiting to be merged into the full buffer. Merging is a top-m of m + k values per unit: done
+        # for every batch, it was most of pass 1's time; done once about m candidates have gathered, it is rare.
+        # The m largest of the union do not depend on when the parts are merged, so the buffer is the same.
+        self._pending: list[torch.Tensor] = []
+        self._pending_cols = 0
 
     @property
     def exact(self) -> bool:
@@ -135,18 +140,29 @@ class TopQuantiles:
             return
         self.count += n
         if self.buffer.shape[1] >= self.m:
-            # Values at or below each unit's current m-th largest can never enter its top m.
+            # Values at or below each unit's m-th largest as of the last merge can never enter its top m.
             floor = self.buffer[:, -1:]
             k = int((values > floor).sum(dim=1).max())
             if k == 0:
                 return
-            values = values.topk(min(k, n), dim=1).values
-        elif n > self.m:
+            self._pending.append(values.topk(min(k, n), dim=1).values.float())
+            self._pending_cols += self._pending[-1].shape[1]
+            if self._pending_cols >= self.m:
+                self._merge_pending()
+            return
+        if n > self.m:
             values = values.topk(self.m, dim=1).values
         merged = torch.cat([self.buffer, values.float()], dim=1)
         self.buffer = merged.topk(min(self.m, merged.shape[1]), dim=1).values
 
+    def _merge_pending(self) -> None:
+        if self._pending:
+            merged = torch.cat([self.buffer, *self._pending], dim=1)
+            self.buffer = merged.topk(min(self.m, merged.shape[1]), dim=1).values
+            self._pending, self._pending_cols = [], 0
+
     def result(self) -> QuantileResult:
+        self._merge_pending()
         vals = torch.stack([_interpolated_quantile(self.buffer, self.count, q) for q in self.quantiles])
         err = 0.0
         if not self.exact:
@@ -155,12 +171,14 @@ class TopQuantiles:
         return QuantileResult(self.quantiles, vals.float().cpu(), self.exact, self.rate, err)
 
     def state(self) -> dict[str, torch.Tensor]:
+        self._merge_pending()
         out = {"buffer": self.buffer, "count": self.count}
         if self.generator is not None:
             out["rng"] = self.generator.get_state()
         return out
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self._pending, self._pending_cols = [], 0
         self.buffer = state["buffer"].to(self.device)
         self.count = state["count"].to(self.device)
         if self.generator is not None and "rng" in state:
@@ -168,6 +186,7 @@ class TopQuantiles:
 
     def merge(self, state: dict[str, torch.Tensor]) -> None:
         """The m largest of the union are among the m largest of each part: exact, whatever the split."""
+        self._merge_pending()
         merged = torch.cat([self.buffer, state["buffer"].to(self.device, torch.float32)], dim=1)
         self.buffer = merged.topk(min(self.m, merged.shape[1]), dim=1).values
         self.count = self.count + state["count"].to(self.device)
@@ -308,28 +327,16 @@ class MaskCounts:
         self.update(batch.maps, batch.masks)
 
     def update(self, maps: torch.Tensor, masks: MaskBatch) -> None:
-        from labelers.netdissect import iou_counts, threshold_and_upsample
+        from labelers.netdissect import iou_counts_from_maps
 
-        size = (self.mask_size, self.mask_size)
         present = masks.present.to(self.device)
-        annotated = masks.annotated.to(self.device)
-        u_total = maps.shape[1]
-        # Chunk units so the upsampled masks stay within ~256 MB.
-        per_unit = maps.shape[0] * self.mask_size * self.mask_size * 5
-        chunk = max(1, min(u_total, (256 * 2**20) // max(per_unit, 1)))
-        for s in range(0, u_total, chunk):
-            sl = slice(s, min(s + chunk, u_total))
-            active = threshold_and_upsample(maps[:, sl], self.thresholds[sl], size)
-            if present.numel():
-                inter, area, c_area = iou_counts(active, masks.dense.to(self.device), annotated,
-                                                 self.concept_category[present])
-                self.inter[sl].index_add_(1, present, inter.to(self.inter))
-                if s == 0:
-                    self.concept_area.index_add_(0, present, c_area.to(self.concept_area))
-            else:
-                empty = torch.zeros((maps.shape[0], 0, *size), dtype=torch.bool, device=self.device)
-                _, area, _ = iou_counts(active, empty, annotated, torch.zeros(0, dtype=torch.int64, device=self.device))
-            self.unit_area[sl] += area.to(self.unit_area)
+        inter, area, c_area = iou_counts_from_maps(
+            maps.to(self.device), self.thresholds, (self.mask_size, self.mask_size), masks.dense.to(self.device),
+            masks.annotated.to(self.device), self.concept_category[present])
+        if present.numel():
+            self.inter.index_add_(1, present, inter.to(self.inter))
+            self.concept_area.index_add_(0, present, c_area.to(self.concept_area))
+        self.unit_area += area.to(self.unit_area)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"inter": self.inter, "unit_area": self.unit_area, "concept_area": self.concept_area}

@@ -27,6 +27,8 @@ from labelers.netdissect import (
     _dense_counts,
     _gather_counts,
     iou_counts,
+    iou_counts_from_maps,
+    may_fire,
     overlap_counts,
     threshold_and_upsample,
 )
@@ -381,3 +383,55 @@ def test_missing_and_mismatched_inputs(planted: Planted):
     with pytest.raises(LabelerError, match="'material'"):
         NetDissect()(LabelerInputs(layer="l", num_units=NUM_UNITS, concepts=CONCEPTS, mask_counts=counts),
                      {"categories": "color,material"})
+
+
+def _skip_test_maps() -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps where the shortcut of skipping maps that cannot fire is at its edge: thresholds at a map's exact maximum
+    (an interpolated quantile often is one of the values), constant maps at the threshold, negative maps, all-zero
+    (ReLU) maps, a NaN, and units whose every map is below or above the threshold. 16 units: a multiple of the CPU
+    kernel's vector width, where the whole-batch resize and the resize of the selected maps round alike."""
+    g = torch.Generator().manual_seed(11)
+    B, U, h, w = 9, 16, 5, 4
+    maps = torch.randn((B, U, h, w), generator=g).relu() * torch.rand((B, U, 1, 1), generator=g) * 3
+    maps[:, 1] = -maps[:, 1] - 0.5  # negative maps, threshold below zero
+    maps[2, 2] = 0.75  # constant map equal to the threshold
+    maps[3, 3] = 0.0
+    maps[4, 4, 1, 1] = float("nan")
+    thr = torch.quantile(maps.transpose(0, 1).reshape(U, -1).nan_to_num(0.0), 0.9, dim=1)
+    thr[0] = maps[5, 0].max()  # exactly a map's maximum
+    thr[1] = -0.6
+    thr[2] = 0.75
+    thr[5] = 100.0  # no map can fire
+    thr[6] = -1.0  # every map fires
+    return maps, thr
+
+
+def test_threshold_and_upsample_skips_only_maps_that_cannot_fire():
+    maps, thr = _skip_test_maps()
+    for size in ((17, 13), (5, 4), (3, 3), (64, 64)):
+        dense = F.interpolate(maps, size=size, mode="bilinear", align_corners=False) if size != (5, 4) else maps
+        ref = dense > thr[None, :, None, None]
+        fire = may_fire(maps, thr)
+        assert not ref[~fire].any()  # a skipped map is all False for certain
+        assert fire.sum() < fire.numel()  # and some are skipped
+        assert torch.equal(threshold_and_upsample(maps, thr, size), ref)
+        assert torch.equal(threshold_and_upsample(maps, thr, size, budget_bytes=1), ref)  # one map per chunk
+
+
+def test_iou_counts_from_maps_equals_upsample_then_count():
+    maps, thr = _skip_test_maps()
+    B, U = maps.shape[:2]
+    g = torch.Generator().manual_seed(12)
+    size = (16, 12)
+    concept_masks = torch.rand((B, 5, *size), generator=g) < 0.3
+    concept_category = torch.tensor([0, 1, 1, 2, 0])
+    annotated = torch.rand((B, 3), generator=g) < 0.7  # masks of unannotated categories are ignored by both
+    ref_active = F.interpolate(maps, size=size, mode="bilinear", align_corners=False) > thr[None, :, None, None]
+    ref = iou_counts(ref_active, concept_masks, annotated, concept_category)
+    for budget in (256 * 2**20, 1):  # all maps at once, one map at a time
+        got = iou_counts_from_maps(maps, thr, size, concept_masks, annotated, concept_category, budget_bytes=budget)
+        for r, x in zip(ref, got):
+            assert x.dtype == torch.float64 and torch.equal(r, x)
+    # no concept in the batch: areas only
+    none = iou_counts_from_maps(maps, thr, size, concept_masks[:, :0], annotated, concept_category[:0])
+    assert none[0].shape == (U, 0) and torch.equal(none[1], ref[1]) and none[2].shape == (0,)

@@ -202,3 +202,28 @@ def test_kill_mid_extraction_then_resume(tmp_path):
     job, rep = run_extract(proj, batch_size=4)
     assert job.run_id == run.id and rep.images == 23
     check_against_direct(proj)
+
+
+def test_pass2_on_pass1_batches_equals_decoding_again(tiny_project, tmp_path, monkeypatch):
+    """Pass 2 runs on the batches pass 1 kept (images decoded once) or, past the budget, decodes them again: the
+    stored arrays are the same either way."""
+    import shutil
+
+    import app.sources.datasets as datasets
+
+    again = tmp_path / "again.nstudio"
+    shutil.copytree(tiny_project, again)
+    decoded = []
+    real = datasets.load_rgb
+    monkeypatch.setattr(datasets, "load_rgb", lambda path: decoded.append(path) or real(path))
+    job_kept, _ = run_extract(tiny_project)
+    kept_decodes = len(decoded)
+    decoded.clear()
+    job_again, _ = run_extract(again, reuse_mb=0)
+    assert kept_decodes == 24 and len(decoded) == 48  # every image once, or once per pass
+    a = tiny_project / "arrays" / f"run-{job_kept.run_id}"
+    b = again / "arrays" / f"run-{job_again.run_id}"
+    files = sorted(p.relative_to(a) for p in a.rglob("*.npy"))
+    assert files and files == sorted(p.relative_to(b) for p in b.rglob("*.npy"))
+    for f in files:
+        assert np.array_equal(np.load(a / f), np.load(b / f), equal_nan=True), f

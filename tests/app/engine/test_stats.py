@@ -29,6 +29,24 @@ def test_top_quantiles_exact_matches_torch_quantile(dist):
     assert res.expected_relative_error == 0
 
 
+def test_top_quantiles_buffer_is_the_exact_top_m_whenever_candidates_are_merged():
+    """Candidates gather between merges: the buffer (what checkpoints and shards hand on) is still exactly each unit's
+    m largest values, sorted, at any point, and so are the quantiles read from it."""
+    g = torch.Generator().manual_seed(4)
+    v = torch.randn(5, 30_000, generator=g).clamp(min=0)  # ReLU-like: many ties
+    v[2] = torch.round(v[2] * 8) / 8
+    tq = TopQuantiles(5, v.shape[1], [0.99, 0.995], torch.device("cpu"))
+    for s in range(0, v.shape[1], 700):
+        tq.update(v[:, s:s + 700])
+        if s in (7_000, 21_000):  # mid-stream, with candidates pending
+            assert tq._pending
+            seen = v[:, :s + 700]
+            assert torch.equal(tq.state()["buffer"], seen.topk(min(tq.m, seen.shape[1]), dim=1).values)
+    assert torch.equal(tq.state()["buffer"], v.topk(tq.m, dim=1).values)
+    expected = torch.quantile(v.double(), torch.tensor([0.99, 0.995], dtype=torch.float64), dim=1).float()
+    torch.testing.assert_close(tq.result().values, expected, rtol=0, atol=1e-6)
+
+
 def test_top_quantiles_state_round_trip_resumes_identically():
     v = torch.randn(3, 9_000, generator=torch.Generator().manual_seed(1))
     a = TopQuantiles(3, 9_000, [0.995], torch.device("cpu"))
