@@ -668,8 +668,11 @@ class MainWindow(QMainWindow):
         if self.project is None:
             self.language.set_models([], [])
             return
+        from app.language.data import description_split
+
         names = [d["name"] for d in self.project.datasets()]
-        self.language.set_models(list_models(self.project), names)
+        seen, held = description_split(self.project)
+        self.language.set_models(list_models(self.project), names, (len(seen), len(held)))
 
     def train_language_model(self, values: dict[str, Any]) -> JobHandle | None:
         from app.language.train import TrainJob, TrainOptions
