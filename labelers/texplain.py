@@ -433,10 +433,11 @@ class TExplain(Labeler):
               minimum=1),
         Param("images_per_class", int, 100,
               "images whose sentences are sampled, per class: a seeded random sample of each class's images "
-              "(predicted or labelled as it). 100 images x 50 sentences estimates a word's frequency within about "
-              "+-0.05 (the spread between images dominates) and keeps a 1,000-class model to 100k images; 0 samples "
-              "every image (the paper's full count). Per unit, every unit's top images are always sampled and this "
-              "many images per class (or in all, without classes) give the overall frequency the lift divides by",
+              "(predicted or labelled as it; the spurious-cue accuracies are over the same sample). 100 images x 50 "
+              "sentences gives a word's frequency within about +-0.05 (the spread between images dominates, not "
+              "the sentences) at a cost that grows with the classes, not the dataset; 0 samples every image (the "
+              "paper's full count). Per unit, every unit's top images are sampled, and this many images per class "
+              "(in all, without classes) give the overall frequency the lift divides by",
               minimum=0),
     )
 
