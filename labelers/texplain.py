@@ -483,7 +483,7 @@ class TExplain(Labeler):
         labels: list[Label] = []
         summary: dict[str, Any] = {"mode": "classes" if class_mode else "units", "translator": tr.name,
                                    "translator_layer": tr.layer, "vocabulary_size": len(words.vocabulary),
-                                   "images": n, "images_sampled": int(len(rows)),
+                                   "images": n, "images_sampled": len(rows),
                                    "images_per_class": per_class, "sentences_per_image": words.sentences_per_image}
         if class_mode:
             labels, report = self._classes(tr, words, overall_all, num_units, params, pos)

@@ -223,7 +223,11 @@ def train_language_models(project_dir: Path, device: str, progress: JobProgress,
 
 
 def _translator_step(ctx: DemoContext, progress: JobProgress) -> str:
-    from app.language.translator import TranslatorJob, TranslatorOptions, translator_cards
+    from app.language.translator import (
+        TranslatorJob,
+        TranslatorOptions,
+        translator_cards,
+    )
     from app.project.store import Project
 
     with Project.open(ctx.project_dir) as project:

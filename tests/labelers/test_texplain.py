@@ -178,7 +178,7 @@ def test_a_brought_gpt2_folder_with_a_byte_level_tokenizer_works(tmp_path):
 def test_a_sample_of_images_per_class_counts_the_same_sentences(lm, trained):
     """images_per_class draws a seeded sample per class; each sampled image's sentences are those a full run gives
     it (its seed is its dataset index), so a class's counts are the full run's counts over the sampled images."""
-    mapper, feats, _, cls, bg = trained
+    mapper, feats, _, cls, _ = trained
     params = {"sentences": 4, "top_n": 40, "images_per_class": 0}
     full = TExplain()(_inputs(lm, mapper, feats, cls), params)
     part = TExplain()(_inputs(lm, mapper, feats, cls), {**params, "images_per_class": 7})
