@@ -456,20 +456,23 @@ class TExplain(Labeler):
         if isolated and inputs.layer != tr.layer:
             raise LabelerError(f"texplain: unit_images='isolated' needs the translator's own layer ({tr.layer}), "
                                f"not {inputs.layer}; use unit_images='top' or label {tr.layer}")
+        if isolated:  # sentences of made-up feature vectors only: no image's sentences are needed
+            labels = self._isolated(tr, acts, num_units, params, progress)
+            return LabelingResult(labels, {"mode": "units", "unit_images": "isolated", "translator": tr.name,
+                                           "translator_layer": tr.layer, "images": n,
+                                           "sentences_per_image": params["sentences"]})
 
         per_class = params["images_per_class"]
         top = None
-        if not class_mode and not isolated:
+        if not class_mode:
             k = min(params["top_images"], n)
             top = torch.topk(acts.float().cpu(), k=k, dim=0).indices.numpy()  # [k, U]
         if class_mode:
-            rows = np.sort(np.concatenate([s for s in self._class_samples(tr, num_units, params).values()]
-                                          or [np.zeros(0, np.int64)]))
-            rows = np.unique(rows)
+            rows = np.unique(np.concatenate([*self._class_samples(tr, num_units, params).values(),
+                                             np.zeros(0, np.int64)]))
         elif per_class:
             rows = self._overall_sample(tr, n, params)
-            if top is not None:
-                rows = np.union1d(rows, top.ravel())
+            rows = np.union1d(rows, top.ravel())
         else:
             rows = np.arange(n)
         if not len(rows):
@@ -490,8 +493,6 @@ class TExplain(Labeler):
             summary["spurious"] = report
             summary.update({k: params[k] for k in ("min_lift", "min_frequency", "said_fraction")})
             summary["class_images"] = params["class_images"] if tr.class_labels is not None else "predicted"
-        elif isolated:
-            labels = self._isolated(tr, acts, words, num_units, params, progress)
         else:
             k = top.shape[0]
             for unit in range(num_units):
@@ -631,7 +632,7 @@ class TExplain(Labeler):
         return labels, report
 
     # -- per unit, isolated
-    def _isolated(self, tr: TranslatorInputs, acts: torch.Tensor, words: SentenceWords, num_units: int,
+    def _isolated(self, tr: TranslatorInputs, acts: torch.Tensor, num_units: int,
                   params: dict, progress: Progress) -> list[Label]:
         feats = tr.features.float()
         mean = feats.mean(0)
