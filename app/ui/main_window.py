@@ -790,10 +790,11 @@ class MainWindow(QMainWindow):
     # ---- runs ----------------------------------------------------------------------------------------------
     def train_translator(self, lm: str | None = None) -> JobHandle | None:
         """Queue a TExplain translator for the current model (its layer: the input of the final linear layer),
-        asking for the frozen language model's folder unless given; the texplain method then labels with it."""
+        on the project's own causal LM, or (when it has none) a folder asked for unless given; the texplain method
+        then labels with it."""
         if self.project is None or self.project_path is None:
             return None
-        if not lm:
+        if not lm and self.project.language_model(kind="lm") is None:
             lm = QFileDialog.getExistingDirectory(self, "Frozen causal language model folder (transformers format)",
                                                   str(self.project_path))
             if not lm:
