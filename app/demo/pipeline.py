@@ -40,9 +40,11 @@ TEXPLAIN_LAYERS = ("fc",)
 # The translator is small and short-trained for the demo's six classes: a 4-vector deep prefix and 300 steps of 64
 # captions; its card gives the held-out caption loss beside the LM without a prefix.
 DEMO_TRANSLATOR: dict[str, Any] = {"steps": 300, "prefix_length": 4, "batch_size": 64}
-# Per class 24 images x 12 sentences (288 sentences; users get 100 x 50): enough to rank a class's words, which
-# is all the demo's summary reads (whether the class's own shape word is among its 10 most frequent words).
-DEMO_PARAMS["texplain"] = {"sentences": 12, "images_per_class": 24}
+# Per class 96 images x 4 sentences (users get 100 x 50): a class's word frequencies vary between images far more
+# than between one image's sentences, so many images with few sentences each rank the words best for the cost. With
+# 24 images x 12 sentences chance background shares in the small sample got flagged as cues (the demo has none);
+# with 96 images none is. The summary reads whether the class's own shape word is among its 10 most frequent words.
+DEMO_PARAMS["texplain"] = {"sentences": 4, "images_per_class": 96, "batch_images": 64}
 # inputs only the language step provides (the TExplain translator is trained by its own command)
 LANGUAGE_INPUTS = {lb.Input.CLIP_MODEL, lb.Input.CAPTIONER, lb.Input.CAUSAL_LM, lb.Input.SENTENCE_ENCODER,
                    lb.Input.TRANSLATOR}
