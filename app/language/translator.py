@@ -343,6 +343,7 @@ class TranslatorJob:
             raise JobError("no captioned image is left for training after the held-out split",
                            fix="lower the held-out fraction or add images")
 
+        torch.manual_seed(opts.seed)  # the mapper's initial weights: the same seed trains the same translator
         mapper = PrefixMapper.for_lm(layer_row["units"], opts.prefix_length, lm, opts.hidden, opts.mode)
         train_idx = torch.tensor(sorted({i for i, _ in train}))
         mapper.set_normalisation(features[train_idx])
