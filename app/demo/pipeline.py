@@ -45,7 +45,7 @@ DEMO_TRANSLATOR: dict[str, Any] = {"steps": 300, "prefix_length": 4, "batch_size
 # 24 images x 12 sentences chance background shares in the small sample got flagged as cues (the demo has none);
 # with 96 images none is. The summary reads whether the class's own shape word is among its 10 most frequent words.
 DEMO_PARAMS["texplain"] = {"sentences": 4, "images_per_class": 96, "batch_images": 64}
-# inputs only the language step provides (the TExplain translator is trained by its own command)
+# inputs only the language step provides (and the TExplain translator step, which runs just before TExplain)
 LANGUAGE_INPUTS = {lb.Input.CLIP_MODEL, lb.Input.CAPTIONER, lb.Input.CAUSAL_LM, lb.Input.SENTENCE_ENCODER,
                    lb.Input.TRANSLATOR}
 
