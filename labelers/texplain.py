@@ -132,10 +132,18 @@ def special_ids(lm: Any) -> tuple[int, int, int]:
 def encode_captions(lm: Any, captions: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids [B, T] of each caption followed by end-of-text (truncated to max_tokens), and their mask [B, T]."""
     _, eos, pad = special_ids(lm)
-    rows = []
-    for text in captions:
-        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][: max_tokens - 1]
-        rows.append(list(ids) + [eos])
+    return pad_token_rows(caption_token_rows(lm, captions, max_tokens, eos), pad)
+
+
+def caption_token_rows(lm: Any, captions: list[str], max_tokens: int, eos: int) -> list[list[int]]:
+    """Token ids of each caption (truncated to max_tokens - 1) followed by end-of-text; one tokenizer call."""
+    if not captions:
+        return []
+    got = lm.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
+    return [list(ids[: max_tokens - 1]) + [eos] for ids in got]
+
+
+def pad_token_rows(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -212,13 +220,15 @@ def train_steps(lm: Any, mapper: PrefixMapper, optim: torch.optim.Optimizer, fea
     mapper.to(device).train()
     per_epoch = max(1, math.ceil(len(pairs) / batch_size))
     warmup = max(1, steps // 20)
+    _, eos, pad = special_ids(lm)
+    tokens = caption_token_rows(lm, [c for _, c in pairs], max_tokens, eos)  # once, not per step
     step = start
     while step < steps:
         epoch, pos = divmod(step, per_epoch)
         order = np.random.default_rng([seed, epoch]).permutation(len(pairs))
-        chosen = [pairs[j] for j in order[pos * batch_size:(pos + 1) * batch_size]]
-        ids, mask = encode_captions(lm, [c for _, c in chosen], max_tokens)
-        x = features[torch.tensor([i for i, _ in chosen])].to(device)
+        chosen = order[pos * batch_size:(pos + 1) * batch_size]
+        ids, mask = pad_token_rows([tokens[j] for j in chosen], pad)
+        x = features[torch.tensor([pairs[j][0] for j in chosen])].to(device)
         for g in optim.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps)))
         loss = caption_loss(lm, ids, mask, mapper(x), mapper.mode)
@@ -421,6 +431,14 @@ class TExplain(Labeler):
                                            "do (for accuracy when said vs not said)", minimum=0.0, maximum=1.0),
         Param("batch_images", int, 32, "images decoded together (memory: batch_images x sentences sequences)",
               minimum=1),
+        Param("images_per_class", int, 100,
+              "images whose sentences are sampled, per class: a seeded random sample of each class's images "
+              "(predicted or labelled as it; the spurious-cue accuracies are over the same sample). 100 images x 50 "
+              "sentences gives a word's frequency within about +-0.05 (the spread between images dominates, not "
+              "the sentences) at a cost that grows with the classes, not the dataset; 0 samples every image (the "
+              "paper's full count). Per unit, every unit's top images are sampled, and this many images per class "
+              "(in all, without classes) give the overall frequency the lift divides by",
+              minimum=0),
     )
 
     def run(self, inputs: LabelerInputs, params: dict, progress: Progress) -> LabelingResult:
@@ -438,40 +456,101 @@ class TExplain(Labeler):
         if isolated and inputs.layer != tr.layer:
             raise LabelerError(f"texplain: unit_images='isolated' needs the translator's own layer ({tr.layer}), "
                                f"not {inputs.layer}; use unit_images='top' or label {tr.layer}")
+        if isolated:  # sentences of made-up feature vectors only: no image's sentences are needed
+            labels = self._isolated(tr, acts, num_units, params, progress)
+            return LabelingResult(labels, {"mode": "units", "unit_images": "isolated", "translator": tr.name,
+                                           "translator_layer": tr.layer, "images": n,
+                                           "sentences_per_image": params["sentences"]})
 
-        words = self._image_words(tr, params, progress)
-        overall_all = _group_stats(words, np.arange(n), np.ones(len(words.vocabulary)))["frequency"]
+        per_class = params["images_per_class"]
+        top = None
+        if not class_mode:
+            k = min(params["top_images"], n)
+            top = torch.topk(acts.float().cpu(), k=k, dim=0).indices.numpy()  # [k, U]
+        if class_mode:
+            rows = np.unique(np.concatenate([*self._class_samples(tr, num_units, params).values(),
+                                             np.zeros(0, np.int64)]))
+        elif per_class:
+            rows = self._overall_sample(tr, n, params)
+            rows = np.union1d(rows, top.ravel())
+        else:
+            rows = np.arange(n)
+        if not len(rows):
+            raise LabelerError("texplain: no image to sample sentences for (no image is predicted as any class)")
+        words = self._image_words(tr, params, progress, rows)
+        # words are counted for `rows` only; pos maps a dataset image to its row of the counts
+        pos = np.full(n, -1, dtype=np.int64)
+        pos[rows] = np.arange(len(rows))
+        baseline = pos[self._overall_sample(tr, n, params)] if not class_mode and per_class else np.arange(len(rows))
+        overall_all = _group_stats(words, baseline, np.ones(len(words.vocabulary)))["frequency"]
         labels: list[Label] = []
         summary: dict[str, Any] = {"mode": "classes" if class_mode else "units", "translator": tr.name,
                                    "translator_layer": tr.layer, "vocabulary_size": len(words.vocabulary),
-                                   "images": n, "sentences_per_image": words.sentences_per_image}
+                                   "images": n, "images_sampled": len(rows),
+                                   "images_per_class": per_class, "sentences_per_image": words.sentences_per_image}
         if class_mode:
-            labels, report = self._classes(tr, words, overall_all, num_units, params)
+            labels, report = self._classes(tr, words, overall_all, num_units, params, pos)
             summary["spurious"] = report
             summary.update({k: params[k] for k in ("min_lift", "min_frequency", "said_fraction")})
             summary["class_images"] = params["class_images"] if tr.class_labels is not None else "predicted"
-        elif isolated:
-            labels = self._isolated(tr, acts, words, num_units, params, progress)
         else:
-            k = min(params["top_images"], n)
-            top = torch.topk(acts.float().cpu(), k=k, dim=0).indices.numpy()  # [k, U]
+            k = top.shape[0]
             for unit in range(num_units):
-                stats = _group_stats(words, top[:, unit], overall_all)
+                stats = _group_stats(words, pos[top[:, unit]], overall_all)
                 labels += self._labels(unit, words.vocabulary, stats, params, {"images": k})
         return LabelingResult(labels, summary)
 
     # -- per image sentences
-    def _image_words(self, tr: TranslatorInputs, params: dict, progress: Progress) -> SentenceWords:
-        n = len(tr.features)
+    def _image_words(self, tr: TranslatorInputs, params: dict, progress: Progress,
+                     rows: np.ndarray) -> SentenceWords:
+        """Words of the sentences of the images `rows` (in that order). An image's seed is its dataset index, so
+        its sentences are the same whichever sample it is part of."""
+        n = len(rows)
         batch = params["batch_images"]
         sentences: list[list[str]] = []
         for s in range(0, n, batch):
-            progress.update(s, n, "sampling sentences")
-            seeds = [params["seed"] * 1_000_003 + i for i in range(s, min(s + batch, n))]
-            sentences += sample_sentences(tr.lm, tr.mapper, tr.features[s:s + batch], params["sentences"], seeds,
-                                          params["top_p"], params["max_tokens"])
+            progress.update(s, n, f"sampling sentences ({n} images x {params['sentences']})")
+            chunk = rows[s:s + batch]
+            seeds = [params["seed"] * 1_000_003 + int(i) for i in chunk]
+            sentences += sample_sentences(tr.lm, tr.mapper, tr.features[torch.from_numpy(chunk)], params["sentences"],
+                                          seeds, params["top_p"], params["max_tokens"])
         progress.update(n, n, "counting words")
         return count_sentence_words(sentences)
+
+    @staticmethod
+    def _class_groups(tr: TranslatorInputs, num_units: int, params: dict) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Per class: the images whose words describe it (predicted as it, and labelled as it when the dataset
+        says and class_images is 'correct'), and the images labelled as it (None without labels)."""
+        pred = tr.predictions.cpu().numpy()
+        truth = tr.class_labels.cpu().numpy() if tr.class_labels is not None else None
+        out = []
+        for c in range(num_units):
+            members = pred == c
+            if truth is not None and params["class_images"] == "correct":
+                members &= truth == c
+            out.append((np.flatnonzero(members), np.flatnonzero(truth == c) if truth is not None else None))
+        return out
+
+    def _class_samples(self, tr: TranslatorInputs, num_units: int, params: dict) -> dict[int, np.ndarray]:
+        """Per class, the images sampled (sorted dataset indices): a seeded random `images_per_class` of the
+        class's group and labelled images together, or all of them."""
+        per_class = params["images_per_class"]
+        out = {}
+        for c, (members, labelled) in enumerate(self._class_groups(tr, num_units, params)):
+            pool = members if labelled is None else np.union1d(members, labelled)
+            if per_class and len(pool) > per_class:
+                pool = np.sort(np.random.default_rng([params["seed"], c]).choice(pool, per_class, replace=False))
+            out[c] = pool
+        return out
+
+    @staticmethod
+    def _overall_sample(tr: TranslatorInputs, n: int, params: dict) -> np.ndarray:
+        """Images that stand for all images in a per-unit lift: images_per_class per class (or in all)."""
+        classes = len(tr.class_names) if tr.class_names else 1
+        m = params["images_per_class"] * classes
+        if not m or m >= n:
+            return np.arange(n)
+        return np.sort(np.random.default_rng([params["seed"], n]).choice(n, m, replace=False))
 
     def _labels(self, unit: int, vocab: list[str], stats: dict[str, np.ndarray], params: dict,
                 extra: dict[str, Any]) -> list[Label]:
@@ -502,10 +581,11 @@ class TExplain(Labeler):
 
     # -- per class
     def _classes(self, tr: TranslatorInputs, words: SentenceWords, overall: np.ndarray, num_units: int,
-                 params: dict) -> tuple[list[Label], list[dict[str, Any]]]:
+                 params: dict, pos: np.ndarray) -> tuple[list[Label], list[dict[str, Any]]]:
         pred = tr.predictions.cpu().numpy()
-        truth = tr.class_labels.cpu().numpy() if tr.class_labels is not None else None
         names = tr.class_names or [str(c) for c in range(num_units)]
+        groups = self._class_groups(tr, num_units, params)
+        samples = self._class_samples(tr, num_units, params)
         per_image = words.sentences_per_image
         # [N, V] fraction of each image's sentences that say the word
         said_frac = words.sentences_with.multiply(1.0 / per_image).tocsc()
@@ -513,20 +593,18 @@ class TExplain(Labeler):
         labels: list[Label] = []
         report: list[dict[str, Any]] = []
         for c in range(num_units):
-            members = pred == c
-            if truth is not None and params["class_images"] == "correct":
-                members &= truth == c
-            idx = np.flatnonzero(members)
+            group, labelled_all = groups[c]
+            idx = np.intersect1d(group, samples[c])
             name = names[c] if c < len(names) else str(c)
             if not len(idx):
-                report.append({"class": c, "name": name, "images": 0, "words": []})
+                report.append({"class": c, "name": name, "images": 0, "images_in_class": len(group), "words": []})
                 continue
-            stats = _group_stats(words, idx, overall)
+            stats = _group_stats(words, pos[idx], overall)
             own = name_words(name)
             class_labels = self._labels(c, words.vocabulary, stats, params, {"images": len(idx),
                                                                               "class": name})
             cues = []
-            labelled = np.flatnonzero(truth == c) if truth is not None else None
+            labelled = np.intersect1d(labelled_all, samples[c]) if labelled_all is not None else None
             for lab in class_labels:
                 j = index[lab.text]
                 lab.extra["own_word"] = lab.text in own
@@ -536,7 +614,7 @@ class TExplain(Labeler):
                 entry: dict[str, Any] = {"word": lab.text, "frequency": float(stats["frequency"][j]),
                                          "lift": float(stats["lift"][j]), "flagged": bool(flagged)}
                 if labelled is not None and len(labelled):
-                    frac = said_frac[labelled, j].toarray().ravel()
+                    frac = said_frac[pos[labelled], j].toarray().ravel()
                     said = frac >= params["said_fraction"]
                     right = pred[labelled] == c
                     entry.update(
@@ -547,14 +625,14 @@ class TExplain(Labeler):
                 lab.extra["spurious"] = lab.extra.pop("flagged")
                 cues.append(entry)
             labels += class_labels
-            report.append({"class": c, "name": name, "images": len(idx),
+            report.append({"class": c, "name": name, "images": len(idx), "images_in_class": len(group),
                            "accuracy": float((pred[labelled] == c).mean()) if labelled is not None and len(labelled)
                            else None,
                            "words": sorted(cues, key=lambda e: -e["frequency"])})
         return labels, report
 
     # -- per unit, isolated
-    def _isolated(self, tr: TranslatorInputs, acts: torch.Tensor, words: SentenceWords, num_units: int,
+    def _isolated(self, tr: TranslatorInputs, acts: torch.Tensor, num_units: int,
                   params: dict, progress: Progress) -> list[Label]:
         feats = tr.features.float()
         mean = feats.mean(0)

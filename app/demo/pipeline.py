@@ -34,7 +34,19 @@ LANGUAGE_KINDS = ("clip", "captioner", "lm")
 DEMO_PARAMS: dict[str, dict[str, Any]] = {"clip_dissect": {"vocabulary": "dataset"}}
 # MILAN runs a beam search per unit: the demo describes the layers whose units detect shapes, not the colour blobs
 MILAN_LAYERS = ("block3", "block4", "fc")
-# inputs only the language step provides (the TExplain translator is trained by its own command)
+# TExplain in the demo: the translator maps the classifier's input (block4's pooled features) to the demo's own LM,
+# and the words are counted per class on the classifier layer. Per-unit words on the other layers would sample
+# sentences for every unit's top images; the demo leaves them to the user.
+TEXPLAIN_LAYERS = ("fc",)
+# The translator is small and short-trained for the demo's six classes: a 4-vector deep prefix and 300 steps of 64
+# captions; its card gives the held-out caption loss beside the LM without a prefix.
+DEMO_TRANSLATOR: dict[str, Any] = {"steps": 300, "prefix_length": 4, "batch_size": 64}
+# Per class 96 images x 4 sentences (users get 100 x 50): a class's word frequencies vary between images far more
+# than between one image's sentences, so many images with few sentences each rank the words best for the cost. With
+# 24 images x 12 sentences chance background shares in the small sample got flagged as cues (the demo has none);
+# with 96 images none is. The summary reads whether the class's own shape word is among its 10 most frequent words.
+DEMO_PARAMS["texplain"] = {"sentences": 4, "images_per_class": 96, "batch_images": 64}
+# inputs only the language step provides (and the TExplain translator step, which runs just before TExplain)
 LANGUAGE_INPUTS = {lb.Input.CLIP_MODEL, lb.Input.CAPTIONER, lb.Input.CAUSAL_LM, lb.Input.SENTENCE_ENCODER,
                    lb.Input.TRANSLATOR}
 
@@ -65,6 +77,7 @@ class DemoSummary:
     steps: list[StepTime] = field(default_factory=list)
     seconds: float = 0.0
     language: dict[str, Any] = field(default_factory=dict)  # per trained kind: name, seconds, held-out figures
+    texplain: dict[str, Any] = field(default_factory=dict)  # see texplain_own_words
     clip_agreement: dict[str, Any] = field(default_factory=dict)  # see clip_dissect_agreement
     clip_baselines: dict[str, Any] = field(default_factory=dict)  # see agreement.clip_dissect_baselines
     milan_agreement: dict[str, Any] = field(default_factory=dict)  # see agreement.milan_agreement
@@ -84,6 +97,8 @@ class DemoContext:
     params: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> parameters other than its defaults
     # overrides of app.language.train.TrainOptions for the demo's language models (tests make them tiny)
     language_options: dict[str, Any] = field(default_factory=dict)
+    # overrides of DEMO_TRANSLATOR (app.language.translator.TranslatorOptions)
+    translator_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def data_dir(self) -> Path:
@@ -217,6 +232,53 @@ def train_language_models(project_dir: Path, device: str, progress: JobProgress,
     return out
 
 
+def _translator_step(ctx: DemoContext, progress: JobProgress) -> str:
+    from app.language.translator import (
+        TranslatorJob,
+        TranslatorOptions,
+        translator_cards,
+    )
+    from app.project.store import Project
+
+    with Project.open(ctx.project_dir) as project:
+        if project.language_model(kind="lm") is None:
+            why = "no causal language model in the project (the language step trains one)"
+            ctx.summary.skipped_methods["TExplain translator"] = why
+            return f"skipped: {why}"
+        had = {c["name"] for c in translator_cards(project)}
+    job = TranslatorJob(ctx.project_dir, TranslatorOptions(device=ctx.device,
+                                                           **{**DEMO_TRANSLATOR, **ctx.translator_options}))
+    rep = job.execute(progress)
+    return (("already done" if rep.name in had else "done") + f" (held-out caption loss {rep.heldout_loss:.3f} per token, "
+            f"{rep.baseline_loss:.3f} for the LM without a prefix; trained in {rep.seconds:.0f} s)")
+
+
+def texplain_own_words(project: Any, model_id: int, layer: str = "fc", top: int = 10) -> dict[str, Any]:
+    """Of the classes TExplain describes on the classifier layer, those whose `top` most frequent words include
+    the class's own name, and the words its spurious-cue report flags (per class)."""
+    from app.export.texplain import layer_words
+
+    row = project.layer(model_id, layer)
+    words = layer_words(project, row["id"])
+    if words is None or words["mode"] != "classes":
+        return {}
+    summary = words["summary"]
+    names = {c["class"]: c["name"] for c in summary.get("spurious", [])}
+    own, classes = [], []
+    for unit, rows in sorted(words["units"].items()):
+        rows = sorted(rows, key=lambda r: r["rank"])[:top]
+        classes.append(names.get(unit, str(unit)))
+        if any(r.get("own_word") for r in rows):
+            own.append(names.get(unit, str(unit)))
+    flagged = {c["name"]: [w["word"] for w in c.get("words", []) if w.get("flagged")]
+               for c in summary.get("spurious", [])}
+    return {"layer": layer, "top": top, "classes": classes, "own_word": own,
+            "fraction": len(own) / len(classes) if classes else None,
+            "flagged": {k: v for k, v in flagged.items() if v}, "run_id": words["run_id"],
+            "images_per_class": summary.get("images_per_class"),
+            "sentences_per_image": summary.get("sentences_per_image")}
+
+
 def clip_dissect_agreement(project: Any, model_id: int, layers: list[str],
                            categories: tuple[str, ...] = ("color", "object")) -> dict[str, Any]:
     """Of the units Network Dissection calls detectors (IoU >= 0.04) of a concept in `categories` (colours and
@@ -303,8 +365,12 @@ def demo_steps() -> list[DemoStep]:
             steps.append(DemoStep("language models (dual encoder, captioner, LM)", _language_step,
                                   kind="train_language"))
         for method in batch:
+            if method == "texplain":
+                steps.append(DemoStep("TExplain translator", _translator_step, kind="texplain-train"))
             for layer in DEMO_LAYERS:
                 if method == "milan" and layer not in MILAN_LAYERS:
+                    continue
+                if method == "texplain" and layer not in TEXPLAIN_LAYERS:
                     continue
                 steps.append(DemoStep(f"{method} on {layer}", _label_step(method, layer), kind="label",
                                       layer=layer, method=method))
@@ -321,7 +387,8 @@ class DemoJob:
     def __init__(self, out_dir: Path, n_images: int = DEFAULT_IMAGES, epochs: int | None = None,
                  device: str = "auto", rebuild: bool = False, seed: int = 0, *, train: bool = False,
                  only: list[str] | None = None, setup_only: bool = False,
-                 params: dict[str, dict[str, Any]] | None = None, language_options: dict[str, Any] | None = None):
+                 params: dict[str, dict[str, Any]] | None = None, language_options: dict[str, Any] | None = None,
+                 translator_options: dict[str, Any] | None = None):
         self.out_dir = Path(out_dir)
         self.n_images = n_images
         self.epochs = epochs
@@ -333,6 +400,7 @@ class DemoJob:
         self.setup_only = setup_only
         self.params = dict(params or {})  # method -> parameters (tests run a lighter demo)
         self.language_options = dict(language_options or {})
+        self.translator_options = dict(translator_options or {})
         self.title = ("Prepare the demo: dataset, model, project" if setup_only
                       else only[0] if only and len(only) == 1 else "Build the demo project")
         self.run_id: int | None = None
@@ -367,7 +435,7 @@ class DemoJob:
         if metrics_file.exists():
             summary.training = json.loads(metrics_file.read_text())
         ctx = DemoContext(out, self.n_images, self.epochs, self.device, self.seed, self.train, summary, self.params,
-                          self.language_options)
+                          self.language_options, self.translator_options)
         steps = self.selected_steps()
         for k, step in enumerate(steps, 1):
             progress.begin_step(k, len(steps), step.name)
@@ -389,6 +457,7 @@ class DemoJob:
                 summary.clip_baselines = clip_dissect_baselines(project, project.model()["id"], list(DEMO_LAYERS),
                                                                 cd_params)
                 summary.milan_agreement = milan_agreement(project, project.model()["id"], list(MILAN_LAYERS))
+                summary.texplain = texplain_own_words(project, project.model()["id"], TEXPLAIN_LAYERS[0])
         summary.seconds = time.monotonic() - t_start
         return summary
 
@@ -445,6 +514,15 @@ def format_summary(summary: DemoSummary) -> str:
                      f"{mg['detectors']} detector units of {', '.join(mg['layers'])} ({mg['fraction']:.0%}); "
                      f"the most frequent description ({mg['most_frequent_description']!r}) for every unit: "
                      f"{mg['most_frequent']} ({mg['baseline_fraction']:.0%})")
+    tx = summary.texplain
+    if tx.get("classes"):
+        lines.append(f"TExplain ({tx['layer']}, {tx['images_per_class']} images x {tx['sentences_per_image']} sentences "
+                     f"per class): the class's own shape word is among its top {tx['top']} words for "
+                     f"{len(tx['own_word'])} of {len(tx['classes'])} classes ({tx['fraction']:.0%})"
+                     + (f"; missing for {', '.join(c for c in tx['classes'] if c not in tx['own_word'])}"
+                        if len(tx["own_word"]) < len(tx["classes"]) else ""))
+        cues = "; ".join(f"{c}: {', '.join(w)}" for c, w in tx["flagged"].items())
+        lines.append(f"TExplain spurious-cue report flags: {cues or 'no word'}")
     for method, why in summary.skipped_methods.items():
         lines.append(f"skipped {method}: {why}")
     if summary.steps:

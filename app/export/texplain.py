@@ -98,8 +98,10 @@ def report_section(project: Project, layer_ids: set[int], bars: Any) -> str:
                 table = ("<table class=\"facts\"><tr><th>possible cue</th><th>freq.</th><th>lift</th>"
                          "<th>right when said</th><th>right when not said</th></tr>" + cells + "</table>")
             acc = info.get("accuracy")
-            parts.append(f"<div class=\"card\"><h4>{_e(str(info.get('name', c)))} <small>{info.get('images', 0)} "
-                         f"images{'' if acc is None else f', accuracy {acc:.0%}'}</small></h4>{chart}"
+            of = info.get("images_in_class")
+            sampled = f" of {of}" if of is not None and of != info.get("images") else ""
+            parts.append(f"<div class=\"card\"><h4>{_e(str(info.get('name', c)))} <small>{info.get('images', 0)}"
+                         f"{sampled} images{'' if acc is None else f', accuracy {acc:.0%}'}</small></h4>{chart}"
                          f"{table or '<p class=note>no spurious-cue candidate</p>'}</div>")
         parts.append("</div>")
     if not parts:

@@ -54,6 +54,16 @@ def heldout_key(key: str | int) -> bool:
     return int.from_bytes(h[:4], "little") / 2**32 < HELDOUT_FRACTION
 
 
+def description_split(project: Any) -> tuple[list[str], list[str]]:
+    """Units ("model/layer/unit") with a human description (the naming board's, imported MILANNOTATIONS), split
+    as the captioner's training splits them: (trained on, held out). Only units extracted on the dataset trained
+    on have exemplars, so a training run may use fewer; its model card lists the units it did use."""
+    units = dict.fromkeys(f"{a['model']}/{a['layer']}/{int(a['unit'])}" for a in project.annotations()
+                          if a["kind"] == "description" and a["text"].strip())
+    seen = [u for u in units if not heldout_key(u)]
+    return seen, [u for u in units if heldout_key(u)]
+
+
 @dataclass
 class Description:
     text: str

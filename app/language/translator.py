@@ -239,6 +239,16 @@ class TranslatorJob:
         meta = json.loads(state.read_text()) if state.exists() else {"next_index": 0, "problems": {}}
         if meta["next_index"] >= n:
             return feats, logits
+        if meta["next_index"] == 0 and self._copy_extracted(project, ds_row, layer_row, clf, feats, logits):
+            progress.begin_stage("features: the extraction's pooled means")
+            meta["next_index"], meta["source"] = n, "extraction"
+            feats.flush()
+            if logits is not None:
+                logits.flush()
+            tmp = state.with_name(state.name + ".tmp")
+            tmp.write_text(json.dumps(meta))
+            arrays.atomic_replace(tmp, state)
+            return feats, logits
         reader = open_project_dataset(ds_row)
         infos = {layer_row["name"]: layer_info(layer_row)}
         if clf is not None:
@@ -278,6 +288,30 @@ class TranslatorJob:
             project.record_image_problems(run_id, sorted((int(k), v) for k, v in meta["problems"].items()))
         return feats, logits
 
+    @staticmethod
+    def _copy_extracted(project: Project, ds_row: dict[str, Any], layer_row: dict[str, Any],
+                        clf: dict[str, Any] | None, feats: np.ndarray, logits: np.ndarray | None) -> bool:
+        """Fill the features (and logits) from the extraction's per-image pooled means when every layer needed was
+        extracted on this dataset: the same numbers (the spatial mean of the layer's map; a linear layer's output
+        is its own mean), without running the image model again. Images the extraction could not read stay NaN."""
+        from app.engine.results import LayerResults
+
+        needed = [(layer_row, feats)] + ([(clf, logits)] if clf is not None else [])
+        found = []
+        for row, target in needed:
+            try:
+                res = LayerResults.load(project, row["id"])
+            except JobError:
+                return False
+            if int(res.stats["dataset_id"]) != int(ds_row["id"]) or res.pooled_mean.shape != target.shape:
+                return False
+            found.append((res, target))
+        for res, target in found:
+            values = np.array(res.pooled_mean, dtype=np.float32)
+            values[~res.valid] = np.nan
+            target[:] = values
+        return True
+
     def _train(self, project: Project, progress: JobProgress, run_id: int, folder: Path, model: Any,
                model_row: dict[str, Any], ds_row: dict[str, Any], layer_row: dict[str, Any],
                clf: dict[str, Any] | None, lm: Any, lm_path: Path, lm_fp: str, captions: list[list[str]],
@@ -309,6 +343,7 @@ class TranslatorJob:
             raise JobError("no captioned image is left for training after the held-out split",
                            fix="lower the held-out fraction or add images")
 
+        torch.manual_seed(opts.seed)  # the mapper's initial weights: the same seed trains the same translator
         mapper = PrefixMapper.for_lm(layer_row["units"], opts.prefix_length, lm, opts.hidden, opts.mode)
         train_idx = torch.tensor(sorted({i for i, _ in train}))
         mapper.set_normalisation(features[train_idx])

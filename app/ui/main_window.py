@@ -677,8 +677,11 @@ class MainWindow(QMainWindow):
         if self.project is None:
             self.language.set_models([], [])
             return
+        from app.language.data import description_split
+
         names = [d["name"] for d in self.project.datasets()]
-        self.language.set_models(list_models(self.project), names)
+        seen, held = description_split(self.project)
+        self.language.set_models(list_models(self.project), names, (len(seen), len(held)))
 
     def train_language_model(self, values: dict[str, Any]) -> JobHandle | None:
         from app.language.train import TrainJob, TrainOptions
@@ -796,10 +799,11 @@ class MainWindow(QMainWindow):
     # ---- runs ----------------------------------------------------------------------------------------------
     def train_translator(self, lm: str | None = None) -> JobHandle | None:
         """Queue a TExplain translator for the current model (its layer: the input of the final linear layer),
-        asking for the frozen language model's folder unless given; the texplain method then labels with it."""
+        on the project's own causal LM, or (when it has none) a folder asked for unless given; the texplain method
+        then labels with it."""
         if self.project is None or self.project_path is None:
             return None
-        if not lm:
+        if not lm and self.project.language_model(kind="lm") is None:
             lm = QFileDialog.getExistingDirectory(self, "Frozen causal language model folder (transformers format)",
                                                   str(self.project_path))
             if not lm:

@@ -173,3 +173,26 @@ def test_a_brought_gpt2_folder_with_a_byte_level_tokenizer_works(tmp_path):
     mapper = PrefixMapper.for_lm(6, 2, brought)
     out = TExplain()(_inputs(brought, mapper, feats, cls), {"sentences": 3, "max_tokens": 6})
     assert out.summary["images"] == 30 and out.summary["sentences_per_image"] == 3
+
+
+def test_a_sample_of_images_per_class_counts_the_same_sentences(lm, trained):
+    """images_per_class draws a seeded sample per class; each sampled image's sentences are those a full run gives
+    it (its seed is its dataset index), so a class's counts are the full run's counts over the sampled images."""
+    mapper, feats, _, cls, _ = trained
+    params = {"sentences": 4, "top_n": 40, "images_per_class": 0}
+    full = TExplain()(_inputs(lm, mapper, feats, cls), params)
+    part = TExplain()(_inputs(lm, mapper, feats, cls), {**params, "images_per_class": 7})
+    assert full.summary["images_sampled"] == len(feats) and part.summary["images_sampled"] == 21
+    report = {c["name"]: c for c in part.summary["spurious"]}
+    assert all(report[n]["images"] == 7 and report[n]["images_in_class"] == 40 for n in SHAPES)
+    # the sample of a class: recount its words from a direct sampling of those images
+    tx = TExplain()
+    groups = tx._class_samples(_inputs(lm, mapper, feats, cls).translator, 3, {**params, "images_per_class": 7,
+                                                                               "seed": 0, "class_images": "correct"})
+    rows = groups[0]
+    sents = sample_sentences(lm, mapper, feats[torch.from_numpy(rows)], 4, [int(i) for i in rows], 0.9, 24)
+    words = count_sentence_words(sents)
+    said = np.asarray(words.sentences_with.sum(0)).ravel() / (len(rows) * 4)
+    got = {lab.text: lab.extra["frequency"] for lab in part.for_unit(0)}
+    for w, f in got.items():
+        assert abs(said[words.vocabulary.index(w)] - f) < 1e-9, w

@@ -87,6 +87,41 @@ class TrainDialog(QDialog):
                 "steps": self.steps.value()}
 
 
+class DescriptionsDialog(QDialog):
+    """Retrain the captioner with the project's human unit descriptions (naming board, imported MILANNOTATIONS):
+    says how many units it learns from and how many are held out, then queues the captioner's training job."""
+
+    def __init__(self, datasets: list[str], seen: int, heldout: int, parent: QWidget | None = None):
+        super().__init__(parent)
+        from app.language.train import DEFAULT_STEPS
+
+        self.setWindowTitle("Retrain the captioner on the project's descriptions")
+        form = QFormLayout(self)
+        self.dataset = QComboBox()
+        self.dataset.addItems(datasets)
+        self.steps = QSpinBox()
+        self.steps.setRange(1, 1_000_000)
+        self.steps.setValue(DEFAULT_STEPS["captioner"])
+        self.steps.setToolTip("Optimisation steps; a fifth of them are on the unit descriptions with their units' "
+                              "masked exemplars, the rest on captions and concept regions.")
+        form.addRow("Exemplars from dataset", self.dataset)
+        form.addRow("Steps", self.steps)
+        self.note = QLabel(
+            f"{seen + heldout} units have a human description. The captioner learns from {seen} of them; "
+            f"{heldout} are held out (a fixed 10% of units, the same on every run) and never trained on, so its "
+            "held-out description perplexity, and any comparison on those units, scores text it has not seen. "
+            "Only units extracted on the chosen dataset bring exemplars; the model card lists the units it used.")
+        self.note.setWordWrap(True)
+        form.addRow(self.note)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        form.addRow(buttons)
+
+    def values(self) -> dict[str, Any]:
+        return {"kind": "captioner", "dataset": self.dataset.currentText() or None, "steps": self.steps.value()}
+
+
 class AddFolderDialog(QDialog):
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
@@ -134,6 +169,7 @@ class LanguagePanel(QWidget):
 
         self.datasets: list[str] = []
         self.models: list[Any] = []
+        self.descriptions: tuple[int, int] = (0, 0)  # units with a human description: trained on, held out
         lay = QVBoxLayout(self)
         lay.setContentsMargins(6, 6, 6, 6)
         top = QHBoxLayout()
@@ -144,7 +180,12 @@ class LanguagePanel(QWidget):
         self.add_button.setToolTip("Use a local transformers folder (CLIP, captioner, GPT-2-like LM, sentence "
                                    "encoder); it is checked before anything is written")
         self.add_button.clicked.connect(self._add)
+        self.retrain_button = QPushButton("Retrain captioner on descriptions...")
+        self.retrain_button.setToolTip("Train the exemplar-set captioner again, now with the unit descriptions people "
+                                       "wrote on the naming board or imported (held-out units never trained on)")
+        self.retrain_button.clicked.connect(self._retrain)
         top.addWidget(self.train_button)
+        top.addWidget(self.retrain_button)
         top.addWidget(self.add_button)
         top.addStretch(1)
         self.status = QLabel("")
@@ -183,11 +224,19 @@ class LanguagePanel(QWidget):
 
         style_plot(self.plot, dark)
 
-    def set_models(self, models: list[Any], datasets: list[str]) -> None:
-        """`models` are app.language.registry.LanguageModelInfo."""
+    def set_models(self, models: list[Any], datasets: list[str], descriptions: tuple[int, int] = (0, 0)) -> None:
+        """`models` are app.language.registry.LanguageModelInfo; `descriptions` the number of described units
+        the captioner would train on and hold out (app.language.data.description_split)."""
         keep = self.selected_name()
         self.models, self.datasets = list(models), list(datasets)
+        self.descriptions = (int(descriptions[0]), int(descriptions[1]))
         self.train_button.setEnabled(bool(datasets))
+        self.retrain_button.setEnabled(bool(datasets) and self.descriptions[0] > 0)
+        self.retrain_button.setToolTip(
+            f"Train the captioner again with the descriptions of {self.descriptions[0]} units "
+            f"({self.descriptions[1]} more held out)" if self.descriptions[0] else
+            "No unit has a human description to learn from yet: describe units on the naming board or import "
+            "MILANNOTATIONS")
         self.table.setRowCount(len(self.models))
         for i, m in enumerate(self.models):
             held = m.card.get("heldout") or {}
@@ -246,6 +295,11 @@ class LanguagePanel(QWidget):
 
     def _train(self) -> None:
         dlg = TrainDialog(self.datasets, self)
+        if dlg.exec() == QDialog.DialogCode.Accepted:
+            self.train_requested.emit(dlg.values())
+
+    def _retrain(self) -> None:
+        dlg = DescriptionsDialog(self.datasets, *self.descriptions, parent=self)
         if dlg.exec() == QDialog.DialogCode.Accepted:
             self.train_requested.emit(dlg.values())
 

@@ -6,15 +6,18 @@ from app.project.store import Project
 
 # A lighter compositional search than the paper's (beam 5, length 3): the pipeline is under test here, the method in
 # tests/labelers.
-LIGHT = {"compexp": {"beam_size": 2, "max_length": 2}, "milan": {"k": 3, "beam": 3, "max_length": 4}}
+LIGHT = {"compexp": {"beam_size": 2, "max_length": 2}, "milan": {"k": 3, "beam": 3, "max_length": 4},
+         "texplain": {"sentences": 2, "images_per_class": 3, "max_tokens": 8}}
 TINY_LANGUAGE = {"steps": 2, "hidden": 32, "layers": 1, "image_size": 32, "batch_size": 16}
+TINY_TRANSLATOR = {"steps": 3, "batch_size": 16}
 
 
 def test_small_demo_builds_a_labeled_project(tmp_path):
     infos = []
     progress = JobProgress(min_interval=0.0)
     progress.listeners.append(infos.append)
-    job = DemoJob(tmp_path / "demo", n_images=60, epochs=1, device="cpu", params=LIGHT, language_options=TINY_LANGUAGE)
+    job = DemoJob(tmp_path / "demo", n_images=60, epochs=1, device="cpu", params=LIGHT, language_options=TINY_LANGUAGE,
+                  translator_options=TINY_TRANSLATOR)
     summary = job.execute(progress)
 
     names = [layer["layer"] for layer in summary.layers]
@@ -41,6 +44,11 @@ def test_small_demo_builds_a_labeled_project(tmp_path):
     assert mg["units_described"] == sum(layer["methods"]["milan"]["units"] for layer in summary.layers
                                         if "milan" in layer["methods"])
     assert 0 <= mg["agree"] <= mg["detectors"] and 0 <= mg["most_frequent"] <= mg["detectors"]
+    # TExplain: a translator on the demo's own LM, words per class on the classifier layer, the own-word figure
+    tx = summary.texplain
+    assert tx["layer"] == "fc" and tx["classes"] and 0.0 <= tx["fraction"] <= 1.0
+    assert set(tx["own_word"]) <= set(tx["classes"]) and tx["sentences_per_image"] == 2
+    assert "texplain on block4" not in {s.name for s in demo_steps()}  # per class only, on fc
 
     # every step ran once, in order, reported as "step k of n" with its own name; its time is in the summary
     steps = demo_steps()
@@ -56,6 +64,7 @@ def test_small_demo_builds_a_labeled_project(tmp_path):
 
     text = format_summary(summary)
     assert "layer block4 (" in text and "netdissect" in text
+    assert "own shape word is among its top 10 words" in text and "spurious-cue report" in text
     assert f"time per step ({len(steps)} steps" in text and "compexp on block3" in text
     with Project.open(summary.project) as p:
         assert p.integrity_check() == "ok"
@@ -64,7 +73,7 @@ def test_small_demo_builds_a_labeled_project(tmp_path):
 
     # a second run finds everything done and changes nothing
     again = DemoJob(tmp_path / "demo", n_images=60, epochs=1, device="cpu", params=LIGHT,
-                    language_options=TINY_LANGUAGE).execute(JobProgress())
+                    language_options=TINY_LANGUAGE, translator_options=TINY_TRANSLATOR).execute(JobProgress())
     assert again.layers == summary.layers
     assert all(s.outcome.startswith(("already done", "skipped")) for s in again.steps if s.name != summary.steps[3].name)
     with Project.open(summary.project) as p:

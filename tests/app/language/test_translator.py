@@ -82,3 +82,24 @@ def test_train_cancel_resume_card_label_export(project, tmp_path, capsys):
     assert {r["class"] for r in rows if r["mode"] == "class"} <= {"circle", "square", "cross"}
     assert main(["texplain", "list", str(path)]) == 0
     assert again.folder.name in capsys.readouterr().out
+
+
+def test_features_come_from_the_extraction_when_it_has_the_layers(project):
+    """The translator reads the extraction's pooled means when its layers were extracted on the dataset, and runs
+    the model otherwise (block3 was not extracted); both give the same numbers (fc's logits here)."""
+    import numpy as np
+
+    from app.engine.results import LayerResults
+
+    path, lm = project
+    job = TranslatorJob(path, TranslatorOptions(lm=str(lm), layer="block3", steps=2, batch_size=8, prefix_length=2,
+                                                device="cpu"))
+    job.execute(JobProgress())
+    assert "source" not in json.loads((job.folder / "features.json").read_text())  # the model ran
+    with Project.open(path) as p:
+        fc = LayerResults.load(p, p.layer(p.model()["id"], "fc")["id"])
+        extracted = np.array(fc.pooled_mean)
+    np.testing.assert_allclose(np.load(job.folder / "logits.npy"), extracted, rtol=1e-4, atol=1e-5)
+    default = TranslatorJob(path, TranslatorOptions(lm=str(lm), steps=2, batch_size=8, prefix_length=2, device="cpu"))
+    assert default.execute(JobProgress()).layer == "block4"
+    assert json.loads((default.folder / "features.json").read_text())["source"] == "extraction"

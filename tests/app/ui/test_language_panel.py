@@ -29,3 +29,44 @@ def test_panel_shows_trained_model_card_and_curve(qtbot, window, tmp_path, model
     xs, ys = panel.curve.getData()
     assert list(xs) == [1, 2, 3, 4] and len(ys) == 4
     assert window.language_dock.toggleViewAction().text() == "Language models"
+
+
+def test_retrain_captioner_on_descriptions_is_one_button(qtbot, window, tmp_path, model_file, coco_dir,
+                                                         monkeypatch):
+    """The button is off until a unit has a human description; it queues the captioner's training job (picklable,
+    for the child-process runner) and says how many described units it learns from and holds out."""
+    from PySide6.QtWidgets import QDialog
+
+    from app.language.data import description_split, heldout_key
+    from app.project.store import Project
+    from app.ui.jobproc import picklable
+    from app.ui.views import language as language_view
+
+    proj = build_project(tmp_path, model_file, coco_dir, layers=["features.1"])
+    assert window.open_project(proj)
+    panel = window.language
+    assert not panel.retrain_button.isEnabled()
+    with Project.open(proj) as p:
+        layer = p.layer(p.model()["id"], "features.1")
+        who = p.annotator("ann")
+        ids = p.unit_ids(layer["id"])
+        for i, uid in enumerate(ids):
+            p.set_annotation(annotator_id=who, unit_id=uid, kind="description", text=f"red things {i}")
+        seen, held = description_split(p)
+    assert len(seen) + len(held) == len(ids) and all(heldout_key(u) for u in held)
+    window.refresh()
+    assert panel.descriptions == (len(seen), len(held))
+    assert panel.retrain_button.isEnabled() == bool(seen)
+
+    shown = []
+
+    def accept(dlg):
+        shown.append(dlg.note.text())
+        return QDialog.DialogCode.Accepted
+
+    monkeypatch.setattr(language_view.DescriptionsDialog, "exec", accept)
+    queued = []
+    monkeypatch.setattr(window, "submit", lambda job: queued.append(job))
+    panel._retrain()
+    assert f"learns from {len(seen)} of them; {len(held)} are held out" in shown[0]
+    assert len(queued) == 1 and queued[0].options.kind == "captioner" and picklable(queued[0])
