@@ -398,7 +398,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     options = AblateOptions(layer=args.layer, dataset=args.dataset, units=units, query=args.query, mode=args.mode,
                             constant=args.constant, model=args.model, controls=args.controls, n_boot=args.bootstrap,
                             seed=args.seed, batch_size=args.batch_size, device=args.device,
-                            max_images=args.max_images, encoder=args.encoder, exact_only=args.exact_only)
+                            max_images=args.max_images, encoder=args.encoder, exact_only=args.exact_only,
+                            split=args.split, target=args.target)
     result = run_with_bar(AblateJob(args.project, options), args.quiet or args.json)
     if args.save:
         from app.edit import save_edited_model
@@ -758,7 +759,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--layer", required=True)
     sp.add_argument("--units", help="comma-separated unit numbers, e.g. 3,17,40")
     sp.add_argument("--query", help="the units `neuron-studio find` gives for this query in the layer")
-    sp.add_argument("--dataset", required=True, help="a labelled dataset of the project (ImageFolder classes)")
+    sp.add_argument("--dataset", required=True,
+                    help="a labelled dataset of the project: ImageFolder classes, COCO images with a class, or a "
+                         "labels.csv with --target")
+    sp.add_argument("--split", help="only the images with a folder of this name on their path, e.g. val")
+    sp.add_argument("--target", help="labels.csv: the 0/1 column(s) holding the class; one column is a binary "
+                                     "target (its 0/1 is the output index), several are one-hot classes matched to "
+                                     "the model's by name (default: the columns named after the model's classes)")
     sp.add_argument("--mode", choices=["zero", "mean", "constant"], default="zero",
                     help="what the units are set to: 0, their mean activation over the extracted dataset, or "
                          "--constant (default zero)")

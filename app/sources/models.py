@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.errors import ModelLoadError
+from app.errors import JobError, ModelLoadError
 from app.sources.preprocess import (
     PREPROCESS_KEYS,
     Preprocess,
@@ -247,6 +247,7 @@ def load_model(
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
+    _install_saved_edit(module, meta, meta_file)
     try:
         module.to(device)
     except (RuntimeError, AssertionError, ValueError, TypeError) as exc:
@@ -264,6 +265,30 @@ def load_model(
         fingerprint=parts.fingerprint,
         class_names=class_names,
     )
+
+
+META_EDIT = "neuron_studio.edit"  # written by app.edit with an edited model's weights
+
+
+def _install_saved_edit(module: torch.nn.Module, meta: Mapping[str, str], file: Path | None) -> None:
+    """An edited model saved as a wrapper (its ablation could not be folded into the weights) carries the edit in
+    its metadata: it is applied here, so the file loads as the edited model wherever it is loaded."""
+    if META_EDIT not in meta:
+        return
+    try:
+        edit = json.loads(meta[META_EDIT])
+    except ValueError as exc:
+        raise ModelLoadError(f"the {META_EDIT} metadata is not JSON ({exc})", file=file,
+                             fix="save the edited model again with `neuron-studio ablate --save`") from None
+    if not isinstance(edit, dict) or edit.get("applied") != "wrapper":
+        return  # folded into the weights: nothing to apply
+    from app.sources import instrument
+
+    try:
+        instrument.install_edit(module, edit)
+    except JobError as exc:
+        raise ModelLoadError(exc.problem, file=file, fix=exc.fix) from None
+    log.info("applied the saved ablation of %d unit(s) of %s", len(edit.get("units", [])), edit.get("layer"))
 
 
 def _check_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -150,6 +150,23 @@ def test_cli_ablate_json_and_save_on_a_builtin_model(tmp_path, capsys):
     assert any("folded into fc" in n for n in out["notes"])
     assert main(["ablate", proj, "--layer", "block4", "--units", "0,x", "--dataset", "test"]) == 2
 
+    # a constant reaching block4's padded convolution cannot be folded: saved as a wrapper, applied on load
+    assert main(["ablate", proj, "--layer", "block3", "--units", "1", "--mode", "constant", "--constant", "1.5",
+                 "--dataset", "test", "--controls", "0", "--bootstrap", "10", "--device", "cpu", "--save",
+                 str(tmp_path / "wrapped.safetensors"), "--json"]) == 0
+    assert any("as a wrapper" in n for n in json.loads(capsys.readouterr().out)["notes"])
+    from app.sources import instrument
+    from app.sources.models import load_model
+
+    edited = load_model("builtin:shapes_cnn", tmp_path / "wrapped.safetensors")
+    original = load_model("builtin:shapes_cnn", tmp_path / "w.safetensors")
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad(), instrument.ablate(original.module, "block3", [1], values=1.5):
+        want = original.forward(x)
+    with torch.no_grad():
+        assert not torch.allclose(original.forward(x), want)
+        torch.testing.assert_close(edited.forward(x), want)
+
 
 def test_cancel_stops_the_job_records_it_and_leaves_no_hooks(project, tmp_path):
     from app.audit import AblateJob, AblateOptions

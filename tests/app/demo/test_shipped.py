@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from app.demo.pipeline import DEFAULT_IMAGES
-from app.demo.shapes import generate_shapes_dataset
+from app.demo.glyph import generate_demo_dataset
 from app.demo.shipped import (
     build_shipped,
     dataset_digest,
@@ -46,7 +46,7 @@ def test_training_is_deterministic_and_matching_is_strict(tmp_path):
     sa, sb = load_file(str(tmp_path / "a" / "shapes_cnn.safetensors")), load_file(str(tmp_path / "b" / "shapes_cnn.safetensors"))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
-    data = generate_shapes_dataset(tmp_path / "data", n_images=40, seed=0)
+    data = generate_demo_dataset(tmp_path / "data", n_images=40, seed=0)
     assert dataset_digest(data) == a["dataset_sha256"]
     found = matching_shipped_weights(data, 40, 0, 1, folder=tmp_path / "a")
     assert found is not None and found[0] == tmp_path / "a" / "shapes_cnn.safetensors"
