@@ -30,17 +30,12 @@ def _execution_order(module: Any, x: Any) -> list[str]:
     """Names of the leaf modules in the order a forward pass runs them."""
     import torch
 
+    from app.sources import instrument
+
     order: list[str] = []
-    handles = []
-    try:
-        for name, m in module.named_modules():
-            if name and not list(m.children()):
-                handles.append(m.register_forward_hook(lambda _m, _i, _o, n=name: order.append(n)))
-        with torch.no_grad():
-            module(x)
-    finally:
-        for h in handles:
-            h.remove()
+    leaves = [name for name, m in module.named_modules() if name and not list(m.children())]
+    with instrument.watch(module, leaves, lambda name, _out: order.append(name)), torch.no_grad():
+        module(x)
     return order
 
 

@@ -102,6 +102,27 @@ def capture(model: torch.nn.Module, names: Sequence[str], stop_after_last: bool 
             h.remove()
 
 
+@contextlib.contextmanager
+def watch(model: torch.nn.Module, names: Sequence[str], on_output: Callable[[str, Any], None]) -> Iterator[None]:
+    """While inside, `on_output(name, output)` is called every time a module named in `names` runs (a module run
+    twice in one pass is seen twice): what layer discovery and the edit's execution order read."""
+    modules = dict(model.named_modules())
+    handles = []
+
+    def make_hook(name: str):
+        return lambda _module, _inputs, output: on_output(name, output)
+
+    try:
+        for name in names:
+            if name not in modules:
+                raise KeyError(f"the model has no module {name!r}")
+            handles.append(modules[name].register_forward_hook(make_hook(name)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def run_captured(forward: Any, x: torch.Tensor, outputs: dict[str, Any]) -> dict[str, Any]:
     reset = outputs["__reset__"]
     reset()

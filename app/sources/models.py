@@ -1019,7 +1019,7 @@ class LayerInfo:
 
 
 def discover_layers(model: LoadedModel) -> list[LayerInfo]:
-    """One dry run of a 1 x 3 x crop x crop zero image with a forward hook on every named module.
+    """One dry run of a 1 x 3 x crop x crop zero image, watching every named module (`instrument.watch`).
 
     The root module is listed first under the name "" with the output of `LoadedModel.forward`. A TorchScript
     model's submodules are hooked through its `ScriptedLayers` wrapper's taps. A module that runs more than once per
@@ -1039,18 +1039,14 @@ def discover_layers(model: LoadedModel) -> list[LayerInfo]:
     seen: dict[str, tuple[tuple[int, ...], torch.dtype] | None] = {}
     calls: dict[str, int] = {}
 
-    def make_hook(name: str):
-        def hook(_mod: torch.nn.Module, _inputs: Any, output: Any) -> None:
-            calls[name] = calls.get(name, 0) + 1
-            t = _first_tensor(output)
-            seen[name] = (tuple(t.shape), t.dtype) if t is not None else None
-        return hook
+    def record(name: str, output: Any) -> None:
+        calls[name] = calls.get(name, 0) + 1
+        t = _first_tensor(output)
+        seen[name] = (tuple(t.shape), t.dtype) if t is not None else None
 
-    handles = []
-    try:
-        for name, sub in named:
-            if name:
-                handles.append(sub.register_forward_hook(make_hook(name)))
+    from app.sources import instrument
+
+    with instrument.watch(module, [name for name, _sub in named if name], record):
         try:
             with torch.no_grad():
                 out = model.forward(x)
@@ -1064,9 +1060,6 @@ def discover_layers(model: LoadedModel) -> list[LayerInfo]:
                 file=model.weights_path,
                 fix="check that the crop size matches the input size the model expects (preprocessing option crop)",
             ) from None
-    finally:
-        for h in handles:
-            h.remove()
 
     hint = _patch_count_hint(model)
     layers: list[LayerInfo] = []
