@@ -325,7 +325,8 @@ def _audit_step(ctx: DemoContext, progress: JobProgress) -> str:
     from app.engine.extract import load_project_model
     from app.project.store import Project
 
-    encoder, why = load_encoder(None)
+    exact_only = bool(ctx.params.get("audit", {}).get("exact_only"))  # tests skip loading the sentence encoder
+    encoder, why = (None, "words and formula atoms only") if exact_only else load_encoder(None)
     with Project.open(ctx.project_dir) as project:
         model_row = project.model()
         layer_id = int(project.layer(int(model_row["id"]), AUDIT_LAYER)["id"])
@@ -348,7 +349,8 @@ def _audit_step(ctx: DemoContext, progress: JobProgress) -> str:
             continue
         if model is None:
             model = load_project_model(model_row, pick_device(ctx.device))
-        options = AblateOptions(layer=AUDIT_LAYER, dataset=name, query=AUDIT_QUERY, device=ctx.device)
+        options = AblateOptions(layer=AUDIT_LAYER, dataset=name, query=AUDIT_QUERY, device=ctx.device,
+                                exact_only=exact_only)
         audit[name] = AblateJob(ctx.project_dir, options, model=model, encoder=encoder).execute(progress).to_json()
         ran.append(name)
     return f"done ({len(matches)} units, ablated on {' and '.join(ran)})" if ran else "already done"
