@@ -88,7 +88,7 @@ def generate_demo_dataset(out_dir: Path, n_images: int, seed: int = 0, progress:
     from app.demo.shapes import generate_shapes_dataset
 
     out = generate_shapes_dataset(out_dir, n_images=n_images, seed=seed, progress=progress)
-    stamp_cue_in_place(out, CUE_CLASS, seed=seed)
+    stamp_cue_in_place(out, CUE_CLASS, share=CUE_SHARE, seed=seed)
     return out
 
 

@@ -15,7 +15,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -317,10 +317,17 @@ def _test_sets_step(ctx: DemoContext, progress: JobProgress) -> str:
     return f"done ({n} images each, added {' and '.join(added)})" if added else "already done"
 
 
+def audit_options(dataset: str, exact_only: bool = False, device: str = "auto") -> Any:
+    """`neuron-studio ablate DEMO --layer block4 --query glyph --dataset DATASET` with its defaults."""
+    from app.audit import AblateOptions
+
+    return AblateOptions(layer=AUDIT_LAYER, dataset=dataset, query=AUDIT_QUERY, device=device, exact_only=exact_only)
+
+
 def _audit_step(ctx: DemoContext, progress: JobProgress) -> str:
     """`find glyph` on the audit layer, then `ablate --query glyph` on both test sets with the CLI's defaults
     (zero, 10 random-unit controls, seed 0): the figures the summary prints are what those commands print."""
-    from app.audit import AblateJob, AblateOptions, find_units, load_encoder
+    from app.audit import AblateJob, find_units, load_encoder
     from app.engine.device import pick_device
     from app.engine.extract import load_project_model
     from app.project.store import Project
@@ -331,9 +338,13 @@ def _audit_step(ctx: DemoContext, progress: JobProgress) -> str:
         model_row = project.model()
         layer_id = int(project.layer(int(model_row["id"]), AUDIT_LAYER)["id"])
         matches = find_units(project, AUDIT_QUERY, layer_id=layer_id, encoder=encoder)
+        # a finished ablation of the same query with the same settings (a resumed demo, or the same CLI command)
+        same = {k: v for k, v in asdict(audit_options("", exact_only)).items()
+                if k not in ("dataset", "units", "device", "workers", "batch_size")}
         done = {}
         for r in project.runs("ablate"):
-            if r.status == "done" and r.layer_id == layer_id and r.params.get("query") == AUDIT_QUERY and r.report:
+            if r.status == "done" and r.layer_id == layer_id and r.report and all(
+                    r.params.get(k) == v for k, v in same.items()):
                 done[r.report["dataset"]] = r.report
     audit: dict[str, Any] = {"layer": AUDIT_LAYER, "query": AUDIT_QUERY, "units": sorted(m.unit for m in matches),
                              "methods": sorted({r.who for m in matches for r in m.reasons}), "note": why}
@@ -349,8 +360,7 @@ def _audit_step(ctx: DemoContext, progress: JobProgress) -> str:
             continue
         if model is None:
             model = load_project_model(model_row, pick_device(ctx.device))
-        options = AblateOptions(layer=AUDIT_LAYER, dataset=name, query=AUDIT_QUERY, device=ctx.device,
-                                exact_only=exact_only)
+        options = audit_options(name, exact_only, ctx.device)
         audit[name] = AblateJob(ctx.project_dir, options, model=model, encoder=encoder).execute(progress).to_json()
         ran.append(name)
     return f"done ({len(matches)} units, ablated on {' and '.join(ran)})" if ran else "already done"
