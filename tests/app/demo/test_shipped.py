@@ -32,7 +32,9 @@ def test_shipped_weights_are_what_their_provenance_says():
     weights = shipped_dir() / "shapes_cnn.safetensors"
     assert prov is not None and weights_digest(weights) == prov["weights_digest"]
     assert prov["recipe"] == {"images": DEFAULT_IMAGES, "seed": 0, **training_defaults()}
-    assert prov["metrics"]["heldout_accuracy"] > 0.85  # a model worth dissecting
+    # a model worth dissecting; the glyph cue costs it accuracy (it learns the circle class from the glyph), which is
+    # the point of the demo's audit
+    assert prov["metrics"]["heldout_accuracy"] > 0.65
     with safe_open(str(weights), "pt") as f:
         meta = f.metadata()
     assert meta["neuron_studio.architecture"] == "shapes_cnn"
