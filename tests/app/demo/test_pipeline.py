@@ -52,12 +52,12 @@ def test_small_demo_builds_a_labeled_project(tmp_path):
     if summary.audit["units"]:
         for name in ("shapes-clean", "shapes-shifted"):
             r = summary.audit[name]
-            assert r["units"] == summary.audit["units"] and len(r["control"]) == 10 and r["images"] == 12
+            assert r["units"] == summary.audit["units"] and len(r["control"]) == 10 and r["images"] == 6
     else:
         assert "no unit of block4" in summary.audit["skipped"]
     with Project.open(summary.project) as p:
         assert [d["name"] for d in p.datasets()] == ["shapes", "shapes-clean", "shapes-shifted"]
-        assert p.dataset("shapes-shifted")["num_images"] == 12
+        assert p.dataset("shapes-shifted")["num_images"] == 6
 
     text = format_summary(summary)
     assert "audit: `find glyph` on block4" in text
