@@ -442,7 +442,7 @@ class AblateJob:
             progress.update(done, len(indices), "running the model with and without the units")
         y = np.asarray(labels)[indices][ok]
         p = preds[:, ok]
-        names = list(model_row.get("class_names") or classes)
+        names = list(classes) if targets.output_index else list(model_row.get("class_names") or classes)
         stats = ablation_stats(y, p[0], p[1], names, o.n_boot, o.seed)
         stats["per_class"] = [c for c in stats["per_class"] if c.n > 0]
         control = [float((p[2 + j] == y).mean()) for j in range(len(controls))]

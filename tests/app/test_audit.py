@@ -225,7 +225,7 @@ def test_labels_csv_targets_and_split_score_the_right_images(csv_project, tmp_pa
     val, _ = _run(csv_project, tmp_path, units=[], dataset="csv", split="val")
     assert val.images == 4 and val.accuracy_before == pytest.approx(float((pred[:4] == classes[:4]).mean()))
     flag, _ = _run(csv_project, tmp_path, units=[], dataset="csv", target="flag")  # binary: 0/1 is the output
-    assert flag.images == 10
+    assert flag.images == 10 and [c.name for c in flag.per_class] == ["not flag", "flag"]
     assert flag.accuracy_before == pytest.approx(float((pred == np.arange(10) % 2).mean()))
 
     with pytest.raises(DatasetError, match="no labels.csv column nope.*a, b, c, flag"):
