@@ -67,10 +67,11 @@ def _text_match(query_words: set[str], text: str) -> tuple[str | None, str]:
     return None, " and ".join(positive)
 
 
-def _texts(project: Project, layer_id: int | None, max_rank: int | None) -> list[dict[str, Any]]:
+def _texts(project: Project, layer_id: int | None, max_rank: int | None,
+           methods: list[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     for r in project.labels(layer_id=layer_id, max_rank=max_rank):
-        if r["label"]:
+        if r["label"] and (not methods or r["method"] in methods):
             rows.append({"source": "label", "who": r["method"], "text": r["label"], "model": r["model"],
                          "layer": r["layer"], "layer_id": r["layer_id"], "unit": r["unit"], "unit_id": r["unit_id"]})
     for a in project.annotations(layer_id):
@@ -81,7 +82,8 @@ def _texts(project: Project, layer_id: int | None, max_rank: int | None) -> list
 
 
 def find_units(project: Project, query: str, *, layer_id: int | None = None, encoder: Any = None,
-               threshold: float = SEMANTIC_THRESHOLD, max_rank: int | None = 1) -> list[UnitMatch]:
+               threshold: float = SEMANTIC_THRESHOLD, max_rank: int | None = 1,
+               methods: list[str] | None = None) -> list[UnitMatch]:
     """Units whose labels (every method's newest run), human names or descriptions match `query`: by its words,
     by a positive formula atom, or, with a sentence `encoder` (an object with `sentences(texts) -> [N, D]` unit
     vectors), by meaning. Best first, each with every reason it matched. `max_rank` 1: each method's best label
@@ -89,7 +91,7 @@ def find_units(project: Project, query: str, *, layer_id: int | None = None, enc
     qwords = _words(query)
     if not qwords:
         raise JobError(f"the query {query!r} has no words to look for", fix="give a word, e.g. glyph")
-    rows = _texts(project, layer_id, max_rank)
+    rows = _texts(project, layer_id, max_rank, methods)  # `methods`: only these methods' labels (names still count)
     hits: dict[int, UnitMatch] = {}
 
     def add(r: dict[str, Any], how: str, score: float) -> None:
@@ -150,6 +152,7 @@ class AblateOptions:
     exact_only: bool = False
     split: str | None = None  # only the images with a folder of this name on their path (val/, test/ ...)
     target: str | None = None  # labels.csv: the 0/1 column(s) holding the class (comma-separated)
+    methods: str | None = None  # --query reads only these methods' labels (comma-separated); None: every method
 
 
 @dataclass
@@ -315,7 +318,9 @@ def resolve_units(project: Project, layer_row: dict[str, Any], options: AblateOp
             encoder, why = load_encoder(options.encoder)
         if why:
             notes.append(why)
-        matches = find_units(project, options.query or "", layer_id=int(layer_row["id"]), encoder=encoder)
+        methods = [m.strip() for m in options.methods.split(",") if m.strip()] if options.methods else None
+        matches = find_units(project, options.query or "", layer_id=int(layer_row["id"]), encoder=encoder,
+                             methods=methods)
         units = sorted(m.unit for m in matches)
         if not units:
             raise JobError(f"no unit of layer {layer_row['name']} has a label, name or description matching "
