@@ -59,6 +59,8 @@ def test_find_matches_words_and_positive_atoms_but_not_negated_ones(project):
         exact = find_units(p, "glyphs")
         meaning = find_units(p, "glyph", encoder=FakeEncoder())
     assert {m.unit: [r.how for r in m.reasons] for m in exact} == {0: ["formula atom"], 3: ["words"]}
+    with Project.open(project) as p:  # only another method's labels: the compexp formula no longer counts
+        assert {m.unit for m in find_units(p, "glyphs", methods=["netdissect"])} == {3}
     assert 1 not in {m.unit for m in meaning}  # "NOT glyph" never answers a query for glyphs
     assert {m.unit for m in meaning} == {0, 3, 4}
     assert [r.how for r in next(m for m in meaning if m.unit == 4).reasons] == ["meaning"]
