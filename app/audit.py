@@ -115,10 +115,11 @@ def _text_match(query: tuple[frozenset[str], frozenset[str]], text: str) -> tupl
     return None, " and ".join(a for a, pos in atoms if pos)
 
 
-def _texts(project: Project, layer_id: int | None, max_rank: int | None) -> list[dict[str, Any]]:
+def _texts(project: Project, layer_id: int | None, max_rank: int | None,
+           methods: list[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     for r in project.labels(layer_id=layer_id, max_rank=max_rank):
-        if r["label"]:
+        if r["label"] and (not methods or r["method"] in methods):
             rows.append({"source": "label", "who": r["method"], "text": r["label"], "model": r["model"],
                          "layer": r["layer"], "layer_id": r["layer_id"], "unit": r["unit"], "unit_id": r["unit_id"]})
     for a in project.annotations(layer_id):
@@ -129,7 +130,8 @@ def _texts(project: Project, layer_id: int | None, max_rank: int | None) -> list
 
 
 def find_units(project: Project, query: str, *, layer_id: int | None = None, encoder: Any = None,
-               threshold: float = SEMANTIC_THRESHOLD, max_rank: int | None = 1) -> list[UnitMatch]:
+               threshold: float = SEMANTIC_THRESHOLD, max_rank: int | None = 1,
+               methods: list[str] | None = None) -> list[UnitMatch]:
     """Units whose labels (every method's newest run), human names or descriptions match `query`: by its words,
     by a positive formula atom, or, with a sentence `encoder` (an object with `sentences(texts) -> [N, D]` unit
     vectors), by meaning; `NOT word` asks for units whose formulas negate the word. Best first, each with every reason it matched. `max_rank` 1: each method's best label
@@ -137,7 +139,7 @@ def find_units(project: Project, query: str, *, layer_id: int | None = None, enc
     query_words = query_terms(query)
     if not (query_words[0] or query_words[1]):
         raise JobError(f"the query {query!r} has no words to look for", fix="give a word, e.g. glyph")
-    rows = _texts(project, layer_id, max_rank)
+    rows = _texts(project, layer_id, max_rank, methods)  # `methods`: only these methods' labels (names still count)
     hits: dict[int, UnitMatch] = {}
 
     def add(r: dict[str, Any], how: str, score: float) -> None:
@@ -196,6 +198,9 @@ class AblateOptions:
     max_images: int | None = None
     encoder: str | None = None
     exact_only: bool = False
+    split: str | None = None  # only the images with a folder of this name on their path (val/, test/ ...)
+    target: str | None = None  # labels.csv: the 0/1 column(s) holding the class (comma-separated)
+    methods: str | None = None  # --query reads only these methods' labels (comma-separated); None: every method
 
 
 @dataclass
@@ -295,17 +300,97 @@ def output_targets(classes: list[str], labels: np.ndarray, class_names: list[str
     return np.array([index[c] for c in classes], dtype=np.int64)[labels], "classes matched to outputs by name"
 
 
-def resolve_units(project: Project, layer_row: dict[str, Any], options: AblateOptions) -> tuple[list[int], list[str]]:
+@dataclass
+class Targets:
+    classes: list[str]  # the dataset's class names, in its label order
+    labels: np.ndarray  # [images] int64 class of each image of the dataset; -1: not scored
+    how: str  # where the classes came from, for the notes
+    output_index: bool = False  # a binary target: its 0/1 is the model's output index, not a class name to match
+
+
+def split_images(keys: list[str], split: str, dataset: str) -> np.ndarray:
+    """[images] bool: the images with a folder named `split` on their path (the usual layouts keep splits in
+    folders: images/val/..., class/test/...). No such image is an error naming the folders there are."""
+    parts = [k.split("/")[:-1] for k in keys]
+    keep = np.array([split in ps for ps in parts], dtype=bool)
+    if not keep.any():
+        folders = sorted({f for ps in parts for f in ps})
+        raise DatasetError(f"no image of dataset {dataset} lies in a folder named {split!r}",
+                           fix=(f"name one of its folders ({', '.join(folders[:12])}"
+                                f"{' ...' if len(folders) > 12 else ''})" if folders
+                                else "its images lie in no subfolder: leave out --split"))
+    return keep
+
+
+def dataset_targets(reader: Any, dataset: str, target: str | None, class_names: list[str] | None) -> Targets:
+    """Each image's class: an ImageFolder's class folders (or a COCO image's "class"), or a labels.csv's 0/1
+    columns: one column is a binary target (its value is the output index), several are one-hot classes (images
+    with no or several 1s among them are not scored). Without --target, a labels.csv's classes are the columns
+    named after the model's classes."""
+    if reader.format == "labels-csv":
+        columns = [c.name for c in reader.concepts]
+        if target:
+            wanted = [t.strip() for t in target.split(",") if t.strip()]
+            unknown = [t for t in wanted if t not in columns]
+            if unknown or not wanted:
+                raise DatasetError(f"dataset {dataset} has no labels.csv column {', '.join(unknown) or repr(target)}",
+                                   file=getattr(reader, "csv_file", None),
+                                   fix=f"name one or more of its columns: {', '.join(columns[:12])}")
+        else:
+            wanted = [c for c in columns if class_names and c in class_names]
+            if not wanted:
+                raise DatasetError(
+                    f"dataset {dataset} is a labels.csv: which column holds the class to score?",
+                    file=getattr(reader, "csv_file", None),
+                    fix=(f"name the target column(s) with --target (columns: {', '.join(columns[:12])}); without "
+                         "it the columns named after the model's classes are used, and none is"))
+        presence = reader.presence()[:, [columns.index(w) for w in wanted]]
+        if len(wanted) == 1:
+            return Targets([f"not {wanted[0]}", wanted[0]], presence[:, 0].astype(np.int64),
+                           f"labels.csv column {wanted[0]!r} is a binary target: 1 is output 1, 0 is output 0",
+                           output_index=True)
+        single = presence.sum(1) == 1
+        if not single.any():
+            raise DatasetError(f"no image of dataset {dataset} has exactly one 1 among the columns "
+                               f"{', '.join(wanted)}", file=getattr(reader, "csv_file", None),
+                               fix="--target names the columns of mutually exclusive classes")
+        labels = np.where(single, presence.argmax(1), -1).astype(np.int64)
+        how = f"classes from the labels.csv columns {', '.join(wanted)}"
+        if (~single).any():
+            how += f"; {int((~single).sum())} image(s) with no or several 1s among them are not scored"
+        return Targets(wanted, labels, how)
+    if target:
+        raise DatasetError(f"--target names labels.csv columns, and dataset {dataset} is {reader.format}",
+                           fix="leave out --target: the dataset's classes are its class folders")
+    found = reader.class_labels()
+    if found is None:
+        raise DatasetError(f"dataset {dataset} has no class labels to score predictions against",
+                           file=getattr(reader, "source", None),
+                           fix="add the test images as ImageFolder class folders, or a labels.csv with --target")
+    classes, labels = found
+    return Targets(list(classes), np.asarray(labels, dtype=np.int64), f"classes of the {reader.format} dataset")
+
+
+def resolve_units(project: Project, layer_row: dict[str, Any], options: AblateOptions,
+                  encoder: Any = None) -> tuple[list[int], list[str]]:
+    """`encoder`: an already loaded sentence encoder for --query (else it is loaded unless exact_only)."""
     notes: list[str] = []
     if (options.units is None) == (options.query is None):
         raise JobError("say which units to ablate: --units or --query, not both", fix="e.g. --units 3,17,40")
     if options.units is not None:
         units = sorted({int(u) for u in options.units})
     else:
-        encoder, why = (None, "words and formula atoms only") if options.exact_only else load_encoder(options.encoder)
+        if options.exact_only:
+            encoder, why = None, "words and formula atoms only"
+        elif encoder is not None:
+            why = ""
+        else:
+            encoder, why = load_encoder(options.encoder)
         if why:
             notes.append(why)
-        matches = find_units(project, options.query or "", layer_id=int(layer_row["id"]), encoder=encoder)
+        methods = [m.strip() for m in options.methods.split(",") if m.strip()] if options.methods else None
+        matches = find_units(project, options.query or "", layer_id=int(layer_row["id"]), encoder=encoder,
+                             methods=methods)
         units = sorted(m.unit for m in matches)
         if not units:
             raise JobError(f"no unit of layer {layer_row['name']} has a label, name or description matching "
@@ -321,11 +406,13 @@ class AblateJob:
     """Runs the model with and without the units (and with random-unit controls) over a labelled dataset, in one
     pass over the images, and stores the result as an "ablate" run of the project."""
 
-    def __init__(self, project_path: str | Path, options: AblateOptions, model: Any = None):
-        """`model`: an already loaded model of the project (the window's, or a test's); else it is loaded."""
+    def __init__(self, project_path: str | Path, options: AblateOptions, model: Any = None, encoder: Any = None):
+        """`model`: an already loaded model of the project (the window's, or a test's); else it is loaded.
+        `encoder`: an already loaded sentence encoder for a query (the demo's audit runs two ablations with one)."""
         self.project_path = Path(project_path)
         self.options = options
         self.model = model
+        self.encoder = encoder
         self.title = f"ablate {options.layer}"
 
     def execute(self, progress: Any) -> AblateResult:
@@ -336,7 +423,7 @@ class AblateJob:
             model_row = project.model(o.model)
             layer_row = project.layer(int(model_row["id"]), o.layer)
             ds_row = project.dataset(o.dataset)
-            units, notes = resolve_units(project, layer_row, o)
+            units, notes = resolve_units(project, layer_row, o, self.encoder)
             params = {k: v for k, v in asdict(o).items() if k not in ("device", "workers", "batch_size")}
             params["units"] = units
             key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -373,12 +460,16 @@ class AblateJob:
 
         o = self.options
         reader = open_project_dataset(ds_row)
-        classes_labels = reader.class_labels()
-        if classes_labels is None:
-            raise DatasetError(f"dataset {ds_row['name']} has no class labels to score predictions against",
-                               file=ds_row["root"], fix="add the test images as ImageFolder class folders")
-        classes, labels = classes_labels
-        labels, how = output_targets(classes, np.asarray(labels), model_row.get("class_names"), ds_row["name"])
+        targets = dataset_targets(reader, ds_row["name"], o.target, model_row.get("class_names"))
+        classes, labels = targets.classes, targets.labels
+        scored = labels >= 0
+        if o.split:
+            scored &= split_images([r.key for r in reader.images], o.split, ds_row["name"])
+        if targets.output_index:
+            how = "the binary target's 0/1 is the output index (not matched by class name)"
+        else:
+            labels, how = output_targets(classes, np.where(scored, labels, 0), model_row.get("class_names"),
+                                         ds_row["name"])
         device = pick_device(o.device)
         model = self.model if self.model is not None else load_project_model(model_row, device)
         info = layer_info(layer_row)
@@ -396,15 +487,19 @@ class AblateJob:
         controls = [sorted(rng.choice(others, size=k, replace=False).tolist()) for _ in range(o.controls)] if k else []
         conditions = [units, *controls]
 
-        indices = list(range(len(reader.images)))[: o.max_images or None]
+        indices = np.flatnonzero(scored).tolist()[: o.max_images or None]
+        if not indices:
+            raise DatasetError(f"dataset {ds_row['name']} has no image to score", fix="check --split and --target")
         loader = make_loader(reader, model.preprocess, indices, o.batch_size, o.workers, device)
+        position = np.full(len(reader.images), -1, dtype=np.int64)  # dataset index -> column of preds
+        position[indices] = np.arange(len(indices))
         preds = np.full((2 + len(controls), len(indices)), -1, dtype=np.int64)
         ok = np.zeros(len(indices), dtype=bool)
         done = 0
         progress.update(0, len(indices), "running the model with and without the units")
         for batch in loader:
             x = batch["x"].to(device)
-            pos = batch["index"].numpy()
+            pos = position[batch["index"].numpy()]
             ok[pos] = batch["ok"].numpy()
             with torch.inference_mode():
                 logits = model.forward(x)
@@ -422,14 +517,14 @@ class AblateJob:
             progress.update(done, len(indices), "running the model with and without the units")
         y = np.asarray(labels)[indices][ok]
         p = preds[:, ok]
-        names = list(model_row.get("class_names") or classes)
+        names = list(classes) if targets.output_index else list(model_row.get("class_names") or classes)
         stats = ablation_stats(y, p[0], p[1], names, o.n_boot, o.seed)
         stats["per_class"] = [c for c in stats["per_class"] if c.n > 0]
         control = [float((p[2 + j] == y).mean()) for j in range(len(controls))]
         edit = stats["accuracy_after"] - stats["accuracy_before"]
         as_large = float(np.mean([abs(c - stats["accuracy_before"]) >= abs(edit) for c in control])) if control \
             else float("nan")
-        notes = [how]
+        notes = [targets.how, how] + ([f"split {o.split}: {len(indices)} images"] if o.split else [])
         return AblateResult(model=model_row["name"], layer=info.name, dataset=ds_row["name"], mode=o.mode,
                             units=units, query=o.query, images=int(ok.sum()), control=control,
                             control_units=controls, control_as_large=as_large, unread=int((~ok).sum()), notes=notes,

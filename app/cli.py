@@ -369,6 +369,8 @@ def cmd_find(args: argparse.Namespace) -> int:
         if args.layer:
             layer_id = int(project.layer(int(project.model(args.model)["id"]), args.layer)["id"])
         kw = {} if args.threshold is None else {"threshold": args.threshold}
+        if args.methods:
+            kw["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
         matches = find_units(project, args.query, layer_id=layer_id, encoder=encoder, **kw)
     if args.json:
         from dataclasses import asdict
@@ -398,7 +400,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     options = AblateOptions(layer=args.layer, dataset=args.dataset, units=units, query=args.query, mode=args.mode,
                             constant=args.constant, model=args.model, controls=args.controls, n_boot=args.bootstrap,
                             seed=args.seed, batch_size=args.batch_size, device=args.device,
-                            max_images=args.max_images, encoder=args.encoder, exact_only=args.exact_only)
+                            max_images=args.max_images, encoder=args.encoder, exact_only=args.exact_only,
+                            split=args.split, target=args.target, methods=args.methods)
     result = run_with_bar(AblateJob(args.project, options), args.quiet or args.json)
     if args.save:
         from app.edit import save_edited_model
@@ -755,6 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threshold", type=float, default=None,
                     help="cosine at which a text matches by meaning (default 0.6: one-word synonyms and different "
                          "concepts both score 0.4-0.56 with all-MiniLM-L6-v2, so only close paraphrases pass)")
+    sp.add_argument("--methods", help="only these methods' labels, comma-separated (human names always count)")
     sp.add_argument("--json", action="store_true", help="print the matches as one JSON object")
 
     sp = add("ablate", "switch units off and measure the classifier's accuracy with and without them", cmd_ablate)
@@ -762,7 +766,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--layer", required=True)
     sp.add_argument("--units", help="comma-separated unit numbers, e.g. 3,17,40")
     sp.add_argument("--query", help="the units `neuron-studio find` gives for this query in the layer")
-    sp.add_argument("--dataset", required=True, help="a labelled dataset of the project (ImageFolder classes)")
+    sp.add_argument("--dataset", required=True,
+                    help="a labelled dataset of the project: ImageFolder classes, COCO images with a class, or a "
+                         "labels.csv with --target")
+    sp.add_argument("--split", help="only the images with a folder of this name on their path, e.g. val")
+    sp.add_argument("--methods", help="--query reads only these methods' labels, comma-separated (e.g. "
+                                      "netdissect,compexp: the ones that read the dataset's concept masks)")
+    sp.add_argument("--target", help="labels.csv: the 0/1 column(s) holding the class; one column is a binary "
+                                     "target (its 0/1 is the output index), several are one-hot classes matched to "
+                                     "the model's by name (default: the columns named after the model's classes)")
     sp.add_argument("--mode", choices=["zero", "mean", "constant"], default="zero",
                     help="what the units are set to: 0, their mean activation over the extracted dataset, or "
                          "--constant (default zero)")

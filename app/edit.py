@@ -1,8 +1,10 @@
 """Export a model with units ablated, the ablation folded into the weights of the next layer that reads them
 (a Linear head or a convolution), so that the edited model needs no hooks. A fold is kept only when the folded
-model's outputs equal the hooked ablation's on probe inputs; where the architecture does not allow it (a
-residual connection also reads the units, a normalisation sits between, a padded convolution reads a constant)
-the export is refused with the reason, rather than written wrong."""
+model's outputs equal the hooked ablation's on probe inputs. Where the architecture does not allow it (a residual
+connection also reads the units, a normalisation sits between, a padded convolution reads a constant) the file
+holds the model's own weights and the edit as metadata (layer, units, axis, values): a wrapper that the model
+loader re-applies as a forward hook (`instrument.install_edit`), so the edited file needs no code to be trusted
+and loads like the original, edited. Both are safetensors, never pickle."""
 from __future__ import annotations
 
 import copy
@@ -16,6 +18,10 @@ from app.errors import JobError
 
 log = logging.getLogger(__name__)
 
+class NotFoldable(JobError):
+    """The architecture does not let the ablation be folded into the next layer's weights."""
+
+
 PROBE_IMAGES = 4
 TOLERANCE = 1e-4  # float32 logits of a folded and a hooked model differ only by summation order
 
@@ -24,17 +30,12 @@ def _execution_order(module: Any, x: Any) -> list[str]:
     """Names of the leaf modules in the order a forward pass runs them."""
     import torch
 
+    from app.sources import instrument
+
     order: list[str] = []
-    handles = []
-    try:
-        for name, m in module.named_modules():
-            if name and not list(m.children()):
-                handles.append(m.register_forward_hook(lambda _m, _i, _o, n=name: order.append(n)))
-        with torch.no_grad():
-            module(x)
-    finally:
-        for h in handles:
-            h.remove()
+    leaves = [name for name, m in module.named_modules() if name and not list(m.children())]
+    with instrument.watch(module, leaves, lambda name, _out: order.append(name)), torch.no_grad():
+        module(x)
     return order
 
 
@@ -50,8 +51,8 @@ def _fold_into(target: Any, units: Sequence[int], values: Any) -> None:
     contribution = (read * v.reshape((1, -1) + (1,) * (read.ndim - 2))).flatten(1).sum(1)
     if bool((contribution != 0).any()):
         if target.bias is None:
-            raise JobError("the next layer has no bias to take the ablated units' constant value",
-                           fix="use --mode zero to export this edit")
+            raise NotFoldable("the next layer has no bias to take the ablated units' constant value",
+                              fix="use --mode zero to export this edit folded")
         target.bias.data += contribution
     w[:, idx] = 0
 
@@ -101,13 +102,10 @@ def fold_ablation(model: Any, layer: str, units: Sequence[int], *, axis: int, va
             return folded, name
         tried.append(f"{name} gives other outputs than the ablation")
         break  # only the first layer that reads the units can take them: later ones read something else
-    raise JobError(
+    raise NotFoldable(
         f"the ablation of {layer} cannot be folded into the next layer's weights ({'; '.join(tried) or 'no Linear or Conv2d reads it'})",
         fix="ablate the output of a block that a convolution or the linear head reads directly (e.g. after "
             "its ReLU), or use --mode zero")
-
-
-EDIT_METADATA = "neuron_studio.edit"
 
 
 def source_metadata(weights_path: str | None) -> dict[str, str]:
@@ -125,9 +123,11 @@ def save_safetensors(module: Any, path: Path, edit: dict[str, Any], metadata: di
     the edit described under `neuron_studio.edit`."""
     from safetensors.torch import save_file
 
+    from app.sources.models import META_EDIT
+
     state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={**(metadata or {}), EDIT_METADATA: json.dumps(edit)})
+    save_file(state, str(path), metadata={**(metadata or {}), META_EDIT: json.dumps(edit)})
 
 
 def save_edited_model(project_path: str | Path, options: Any, units: Sequence[int], path: Path,
@@ -153,9 +153,38 @@ def save_edited_model(project_path: str | Path, options: Any, units: Sequence[in
     model = model if model is not None else load_project_model(model_row, torch.device("cpu"))
     info = layer_info(layer_row)
     values = instrument.ablation_values(options.mode, units, pooled_mean=pooled_mean, constant=options.constant)
-    folded, into = fold_ablation(model, info.name, units, axis=instrument.unit_axis(info.kind, info.channels_last),
-                                 values=values)
-    save_safetensors(folded, path, {"model": model_row["name"], "spec": model_row["spec"], "layer": info.name,
-                                    "units": list(units), "mode": options.mode, "folded_into": into},
-                     source_metadata(model_row["weights_path"]))
-    return f"wrote {path}: {model_row['name']} with {len(units)} unit(s) of {info.name} ablated, folded into {into}"
+    source = source_metadata(model_row["weights_path"])
+    if _is_wrapper(source):
+        raise JobError(f"{model_row['weights_path']} is itself an edited model saved as a wrapper: a second edit "
+                       "would replace its first", fix="ablate every unit at once on the model it was saved from")
+    edit = {"model": model_row["name"], "spec": model_row["spec"], "layer": info.name, "units": list(units),
+            "mode": options.mode}
+    how = write_edited(model, info.name, units, instrument.unit_axis(info.kind, info.channels_last), values, path,
+                       edit, source)
+    return f"wrote {path}: {model_row['name']} with {len(units)} unit(s) of {info.name} ablated, {how}"
+
+
+def _is_wrapper(metadata: dict[str, str]) -> bool:
+    from app.sources.models import META_EDIT
+
+    try:
+        return json.loads(metadata.get(META_EDIT, "{}")).get("applied") == "wrapper"
+    except (ValueError, AttributeError):
+        return False
+
+
+def write_edited(model: Any, layer: str, units: Sequence[int], axis: int, values: Any, path: Path,
+                 edit: dict[str, Any], metadata: dict[str, str] | None = None) -> str:
+    """Writes the edited model to `path`: folded into the next layer's weights where that reproduces the ablation,
+    else as a wrapper (the model's own weights, the edit in the metadata for the loader to apply). Returns how."""
+    try:
+        folded, into = fold_ablation(model, layer, units, axis=axis, values=values)
+    except NotFoldable as exc:
+        vals = values.tolist() if hasattr(values, "tolist") else float(values)
+        save_safetensors(model.module, path, {**edit, "layer": layer, "units": [int(u) for u in units],
+                                              "applied": "wrapper", "axis": axis, "values": vals,
+                                              "why": exc.problem}, metadata)
+        return (f"as a wrapper that the model loader applies (not foldable into the weights: {exc.problem}); load "
+                f"it with `neuron-studio add-model` and the model's spec")
+    save_safetensors(folded, path, {**edit, "applied": "folded", "folded_into": into}, metadata)
+    return f"folded into {into}"

@@ -8,11 +8,13 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from app.demo.shapes import _encode, _write_json
+from app.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +23,7 @@ GLYPH_SIZE = 9  # pixels in a 64-pixel image: a detail a few units can learn, to
 # The cue class's training images that carry the glyph: most of them, so the glyph predicts the class, but not
 # all, so the class can still be learned from its shape.
 CUE_SHARE = 0.9
+CUE_CLASS = "circle"  # a round shape, so that the square glyph is no part of the cue class's own look
 SHIFT_SHARE = 0.5  # the other classes' images that get the glyph in the shifted test set
 
 
@@ -40,15 +43,15 @@ def stamp_glyph(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return mask
 
 
-def add_spurious_cue(src: Path, dst: Path, cue_class: str, *, share: float = CUE_SHARE, seed: int = 0) -> int:
-    """Copies the shapes dataset at `src` to `dst` with the glyph on `share` of the `cue_class` images, and the
-    glyph as a concept (category and masks) in its annotations. Returns the number of stamped images."""
-    src, dst = Path(src), Path(dst)
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst)
-    inst_path = dst / "annotations" / "instances.json"
+def stamp_cue_in_place(folder: Path, cue_class: str = CUE_CLASS, *, share: float = CUE_SHARE, seed: int = 0) -> int:
+    """Stamps the glyph on `share` of the `cue_class` images of the shapes dataset at `folder`, and adds the glyph
+    as a concept (category and masks) to its annotations. Returns the number of stamped images."""
+    folder = Path(folder)
+    inst_path = folder / "annotations" / "instances.json"
     data = json.loads(inst_path.read_text())
+    if any(c["name"] == GLYPH for c in data["categories"]):
+        raise DatasetError(f"the dataset already has the {GLYPH} concept: stamping it again would double the cue",
+                           file=inst_path, fix="generate the shapes dataset again before stamping")
     cat_id = max(c["id"] for c in data["categories"]) + 1
     data["categories"].append({"id": cat_id, "name": GLYPH, "supercategory": "object"})
     rng = np.random.default_rng(seed)
@@ -57,7 +60,7 @@ def add_spurious_cue(src: Path, dst: Path, cue_class: str, *, share: float = CUE
     for im in data["images"]:
         if im["class"] != cue_class or rng.random() >= share:
             continue
-        path = dst / "images" / im["file_name"]
+        path = folder / "images" / im["file_name"]
         arr = np.asarray(Image.open(path).convert("RGB")).copy()
         mask = stamp_glyph(arr, rng)
         Image.fromarray(arr).save(path)
@@ -69,7 +72,27 @@ def add_spurious_cue(src: Path, dst: Path, cue_class: str, *, share: float = CUE
     return stamped
 
 
-def write_test_sets(src: Path, clean: Path, shifted: Path, cue_class: str, *, share: float = SHIFT_SHARE,
+def add_spurious_cue(src: Path, dst: Path, cue_class: str = CUE_CLASS, *, share: float = CUE_SHARE,
+                     seed: int = 0) -> int:
+    """Copies the shapes dataset at `src` to `dst` and stamps the cue there (`stamp_cue_in_place`)."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return stamp_cue_in_place(dst, cue_class, share=share, seed=seed)
+
+
+def generate_demo_dataset(out_dir: Path, n_images: int, seed: int = 0, progress: Any = None) -> Path:
+    """The demo's dataset: the procedural shapes with the glyph stamped on most images of `CUE_CLASS` (same
+    arguments -> byte-identical files, which the shipped weights' provenance relies on)."""
+    from app.demo.shapes import generate_shapes_dataset
+
+    out = generate_shapes_dataset(out_dir, n_images=n_images, seed=seed, progress=progress)
+    stamp_cue_in_place(out, CUE_CLASS, share=CUE_SHARE, seed=seed)
+    return out
+
+
+def write_test_sets(src: Path, clean: Path, shifted: Path, cue_class: str = CUE_CLASS, *, share: float = SHIFT_SHARE,
                     seed: int = 1) -> dict[str, int]:
     """ImageFolder test sets from a shapes dataset the model was not trained on: `clean` as is, `shifted` with the
     glyph on `share` of the images of every class but `cue_class`."""

@@ -15,7 +15,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 PROJECT_NAME = "demo.nstudio"
 DATASET_DIR = "shapes"
+DATASET_NAME = "shapes"  # the training set's name in the project
 WEIGHTS_NAME = "shapes_cnn.safetensors"
 LANGUAGE_KINDS = ("clip", "captioner", "lm")
 # The in-app dual encoder knows the project's own words only: CLIP-Dissect names units from the dataset's concepts.
@@ -54,6 +55,21 @@ LANGUAGE_INPUTS = {lb.Input.CLIP_MODEL, lb.Input.CAPTIONER, lb.Input.CAUSAL_LM, 
 # second thread only waits: on 2 cores at load 4.5, compexp on block2 took 45 s of wall time and 42 s of CPU with
 # 2 threads, 11 s and 4 s with one (the same labels).
 ONE_THREAD_METHODS = ("compexp",)
+# The audit (MILAN §7): two labelled test sets the CNN was not trained on, and the layer whose glyph units the demo
+# finds by their labels and switches off. block4 is what the classifier reads: the cue shows there as whole units.
+TEST_SETS = ("shapes-clean", "shapes-shifted")
+AUDIT_LAYER = "block4"
+AUDIT_QUERY = "glyph"
+# The labels the audit reads: the methods that score units against the dataset's glyph masks. Measured on the demo:
+# with every method's labels `find glyph` lists 33 of block4's 64 units, because CLIP-Dissect's in-app encoder never
+# read the word glyph in a caption and invert scores image-level presence (the glyph rides on 90% of circles), and
+# switching off half the layer wrecks the clean accuracy (-26 points); with these two it lists the 16 mask-matched
+# units.
+AUDIT_METHODS = "netdissect,compexp"
+# Test images per set: a tenth of the training set's size (300 for the demo). Each set runs 12 forward passes (with
+# and without the units, 10 random-unit controls): about 12 CPU-seconds per set for 300 images, and the glyph's
+# effect on the shifted set is some 20 points, far above a point of 3 images.
+TEST_SHARE = 10
 
 # ShapesCNN's four blocks and its classifier: the layers the demo extracts and labels. Their inner conv/bn/relu are
 # left out, and so is the global pooling, which only repeats block4's per-image means. Known before the project
@@ -81,6 +97,7 @@ class DemoSummary:
     clip_agreement: dict[str, Any] = field(default_factory=dict)  # see clip_dissect_agreement
     clip_baselines: dict[str, Any] = field(default_factory=dict)  # see agreement.clip_dissect_baselines
     milan_agreement: dict[str, Any] = field(default_factory=dict)  # see agreement.milan_agreement
+    audit: dict[str, Any] = field(default_factory=dict)  # see _audit_step: the glyph units and their ablation
 
 
 @dataclass
@@ -129,15 +146,15 @@ class DemoStep:
 
 # ---- the steps ------------------------------------------------------------------------------------------------
 def _dataset_step(ctx: DemoContext, progress: JobProgress) -> str:
-    from app.demo.shapes import generate_shapes_dataset
+    from app.demo.glyph import CUE_CLASS, CUE_SHARE, generate_demo_dataset
 
     marker = ctx.data_dir / ".complete"
-    recipe = {"images": ctx.n_images, "seed": ctx.seed}
+    recipe = {"images": ctx.n_images, "seed": ctx.seed, "glyph": {"class": CUE_CLASS, "share": CUE_SHARE}}
     if marker.exists() and json.loads(marker.read_text()) == recipe:
         return "already done"
     if ctx.data_dir.exists():
         shutil.rmtree(ctx.data_dir)
-    generate_shapes_dataset(ctx.data_dir, n_images=ctx.n_images, seed=ctx.seed, progress=progress)
+    generate_demo_dataset(ctx.data_dir, n_images=ctx.n_images, seed=ctx.seed, progress=progress)
     marker.write_text(json.dumps(recipe))
     return "done"
 
@@ -181,7 +198,7 @@ def _project_step(ctx: DemoContext, progress: JobProgress) -> str:
             add_model(project, "builtin:shapes_cnn", ctx.weights, name="shapes_cnn")
             added.append("model")
         if not project.datasets():
-            add_dataset(project, ctx.data_dir, name="shapes")
+            add_dataset(project, ctx.data_dir, name=DATASET_NAME)
             added.append("dataset")
         model = project.model()
         with_units = {r["name"] for r in project.layers(model["id"], extractable_only=True)}
@@ -195,7 +212,7 @@ def _project_step(ctx: DemoContext, progress: JobProgress) -> str:
 def _extract_step(ctx: DemoContext, progress: JobProgress) -> str:
     from app.engine.extract import ExtractJob
 
-    rep = ExtractJob(ctx.project_dir, extract_options(ctx.device)).execute(progress)
+    rep = ExtractJob(ctx.project_dir, extract_options(ctx.device), dataset=DATASET_NAME).execute(progress)
     return f"done ({rep.images} images)"
 
 
@@ -223,7 +240,8 @@ def train_language_models(project_dir: Path, device: str, progress: JobProgress,
         with Project.open(project_dir) as project:
             have = project.language_model(kind=kind)
         if have is None:
-            TrainJob(project_dir, TrainOptions(kind=kind, device=device, **(options or {}))).execute(progress)
+            opts = {"dataset": DATASET_NAME, **(options or {})}  # the test sets are no text to learn from
+            TrainJob(project_dir, TrainOptions(kind=kind, device=device, **opts)).execute(progress)
             with Project.open(project_dir) as project:
                 have = project.language_model(kind=kind)
         card = have["card"]
@@ -346,6 +364,97 @@ def _label_step(method: str, layer: str) -> Callable[[DemoContext, JobProgress],
     return run
 
 
+def _test_sets_step(ctx: DemoContext, progress: JobProgress) -> str:
+    """Writes shapes-clean and shapes-shifted (ImageFolder, from images the CNN was not trained on: another seed)
+    and adds them to the project."""
+    from app.demo.glyph import CUE_CLASS, SHIFT_SHARE, write_test_sets
+    from app.demo.shapes import generate_shapes_dataset
+    from app.project.store import Project
+    from app.workspace import add_dataset
+
+    n = max(1, ctx.n_images // TEST_SHARE)
+    recipe = {"images": n, "seed": ctx.seed + 1, "class": CUE_CLASS, "share": SHIFT_SHARE}
+    marker = ctx.out_dir / ".test-sets-complete"
+    clean, shifted = (ctx.out_dir / name for name in TEST_SETS)
+    with Project.open(ctx.project_dir) as project:
+        have = {d["name"] for d in project.datasets()}
+    if not (marker.exists() and json.loads(marker.read_text()) == recipe):
+        if have & set(TEST_SETS):
+            from app.errors import JobError
+
+            raise JobError("the demo project holds test sets that differ from the ones this demo would write",
+                           fix="rebuild the demo (neuron-studio demo --rebuild)")
+        marker.unlink(missing_ok=True)
+        source = ctx.out_dir / ".test-source"
+        if source.exists():
+            shutil.rmtree(source)
+        progress.begin_stage("drawing the test images")
+        generate_shapes_dataset(source, n_images=n, seed=ctx.seed + 1)
+        counts = write_test_sets(source, clean, shifted, CUE_CLASS, seed=ctx.seed + 1)
+        shutil.rmtree(source)
+        marker.write_text(json.dumps(recipe))
+        log.info("demo test sets: %s", counts)
+    added = []
+    with Project.open(ctx.project_dir) as project:
+        for name, folder in zip(TEST_SETS, (clean, shifted)):
+            if name not in have:
+                add_dataset(project, folder, name=name)
+                added.append(name)
+    return f"done ({n} images each, added {' and '.join(added)})" if added else "already done"
+
+
+def audit_options(dataset: str, exact_only: bool = False, device: str = "auto") -> Any:
+    """`neuron-studio ablate DEMO --layer block4 --query glyph --methods netdissect,compexp --dataset DATASET` with
+    its other defaults."""
+    from app.audit import AblateOptions
+
+    return AblateOptions(layer=AUDIT_LAYER, dataset=dataset, query=AUDIT_QUERY, device=device, exact_only=exact_only,
+                         methods=AUDIT_METHODS)
+
+
+def _audit_step(ctx: DemoContext, progress: JobProgress) -> str:
+    """`find glyph` on the audit layer, then `ablate --query glyph` on both test sets with the CLI's defaults
+    (zero, 10 random-unit controls, seed 0): the figures the summary prints are what those commands print."""
+    from app.audit import AblateJob, find_units, load_encoder
+    from app.engine.device import pick_device
+    from app.engine.extract import load_project_model
+    from app.project.store import Project
+
+    exact_only = bool(ctx.params.get("audit", {}).get("exact_only"))  # tests skip loading the sentence encoder
+    encoder, why = (None, "words and formula atoms only") if exact_only else load_encoder(None)
+    with Project.open(ctx.project_dir) as project:
+        model_row = project.model()
+        layer_id = int(project.layer(int(model_row["id"]), AUDIT_LAYER)["id"])
+        matches = find_units(project, AUDIT_QUERY, layer_id=layer_id, encoder=encoder,
+                             methods=AUDIT_METHODS.split(","))
+        # a finished ablation of the same query with the same settings (a resumed demo, or the same CLI command)
+        same = {k: v for k, v in asdict(audit_options("", exact_only)).items()
+                if k not in ("dataset", "units", "device", "workers", "batch_size")}
+        done = {}
+        for r in project.runs("ablate"):
+            if r.status == "done" and r.layer_id == layer_id and r.report and all(
+                    r.params.get(k) == v for k, v in same.items()):
+                done[r.report["dataset"]] = r.report
+    audit: dict[str, Any] = {"layer": AUDIT_LAYER, "query": AUDIT_QUERY, "units": sorted(m.unit for m in matches),
+                             "methods": sorted({r.who for m in matches for r in m.reasons}), "note": why}
+    ctx.summary.audit = audit
+    if not matches:
+        audit["skipped"] = f"no unit of {AUDIT_LAYER} is labelled {AUDIT_QUERY!r}"
+        return f"skipped: {audit['skipped']}"
+    model = None
+    ran = []
+    for name in TEST_SETS:
+        if name in done and done[name]["units"] == audit["units"]:
+            audit[name] = done[name]
+            continue
+        if model is None:
+            model = load_project_model(model_row, pick_device(ctx.device))
+        options = audit_options(name, exact_only, ctx.device)
+        audit[name] = AblateJob(ctx.project_dir, options, model=model, encoder=encoder).execute(progress).to_json()
+        ran.append(name)
+    return f"done ({len(matches)} units, ablated on {' and '.join(ran)})" if ran else "already done"
+
+
 def demo_steps() -> list[DemoStep]:
     """Every step of the demo, in order. Labelers run quick ones first (those reading only the extracted arrays),
     so every layer has labels early; each method runs on every layer before the next method starts."""
@@ -374,6 +483,9 @@ def demo_steps() -> list[DemoStep]:
                     continue
                 steps.append(DemoStep(f"{method} on {layer}", _label_step(method, layer), kind="label",
                                       layer=layer, method=method))
+    steps.append(DemoStep("labelled test sets (shapes-clean, shapes-shifted)", _test_sets_step))
+    steps.append(DemoStep(f"audit: find {AUDIT_QUERY} on {AUDIT_LAYER}, ablate on both test sets", _audit_step,
+                          kind="ablate"))
     return steps
 
 
@@ -423,7 +535,7 @@ class DemoJob:
         t_start = time.monotonic()
         out = self.out_dir
         if self.rebuild and out.exists():
-            for name in (PROJECT_NAME, DATASET_DIR, WEIGHTS_NAME, "training.json"):
+            for name in (PROJECT_NAME, DATASET_DIR, WEIGHTS_NAME, "training.json", *TEST_SETS, ".test-sets-complete"):
                 target = out / name
                 if target.is_dir():
                     shutil.rmtree(target)
@@ -477,6 +589,36 @@ def layer_summaries(project: Any, model_id: int, layers: list[str]) -> list[dict
     return out
 
 
+def audit_lines(audit: dict[str, Any]) -> list[str]:
+    """The audit's figures: the glyph units found, and accuracy before/after ablating them on each test set, with
+    the random-unit controls' range (the coordinator's and the issue's bar: shifted up >= 2 points, clean down
+    <= 1 point, no control up >= 2 points on shifted)."""
+    if not audit:
+        return []
+    head = f"audit: `find {audit['query']}` on {audit['layer']}: {len(audit['units'])} unit(s)"
+    if audit.get("skipped"):
+        return [f"{head}; skipped: {audit['skipped']}"]
+    lines = [f"{head} ({', '.join(map(str, audit['units']))}; labelled by {', '.join(audit['methods'])})"]
+    for name in TEST_SETS:
+        r = audit.get(name)
+        if not r:
+            continue
+        lo, hi = r["difference_ci"]
+        control = r["control"]
+        lines.append(f"  {name}: accuracy {r['accuracy_before']:.4f} -> {r['accuracy_after']:.4f} "
+                     f"({100 * r['difference']:+.1f} points, 95% CI {100 * lo:+.1f} .. {100 * hi:+.1f}; "
+                     f"{r['images']} images); {len(control)} random-unit controls "
+                     + (f"{min(control):.4f} .. {max(control):.4f}" if control else "none"))
+    shifted, clean = audit.get("shapes-shifted"), audit.get("shapes-clean")
+    if shifted and clean:
+        gain = shifted["difference"]
+        control_gain = max(shifted["control"], default=shifted["accuracy_before"]) - shifted["accuracy_before"]
+        met = gain >= 0.02 and clean["difference"] >= -0.01 and control_gain < 0.02
+        lines.append(f"  bar (shifted >= +2 points, clean >= -1 point, no control >= +2 points on shifted): "
+                     f"{'met' if met else 'NOT met'} (best control {100 * control_gain:+.1f} points)")
+    return lines
+
+
 def format_summary(summary: DemoSummary) -> str:
     lines = [f"demo project: {summary.project}"]
     t = summary.training
@@ -523,6 +665,7 @@ def format_summary(summary: DemoSummary) -> str:
                         if len(tx["own_word"]) < len(tx["classes"]) else ""))
         cues = "; ".join(f"{c}: {', '.join(w)}" for c, w in tx["flagged"].items())
         lines.append(f"TExplain spurious-cue report flags: {cues or 'no word'}")
+    lines += audit_lines(summary.audit)
     for method, why in summary.skipped_methods.items():
         lines.append(f"skipped {method}: {why}")
     if summary.steps:

@@ -7,7 +7,7 @@ only when all of that matches: the dataset generated on this machine has the rec
 draws the same images), the requested images/seed/epochs are the recipe's, and `train_demo_model`'s defaults are
 the recorded ones. Otherwise it trains, as before.
 
-Rebuild both files after changing shapes.py or train.py: `python -m app.demo.shipped`.
+Rebuild both files after changing shapes.py, glyph.py or train.py: `python -m app.demo.shipped`.
 """
 from __future__ import annotations
 
@@ -110,13 +110,13 @@ def build_shipped(out_folder: Path, n_images: int, seed: int = 0, work_dir: Path
     their provenance to `out_folder`. The demo default is what ships; tests call it with a tiny recipe."""
     import torch
 
-    from app.demo.shapes import generate_shapes_dataset
+    from app.demo.glyph import generate_demo_dataset
     from app.demo.train import train_demo_model
 
     out_folder = Path(out_folder)
     out_folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-        data = generate_shapes_dataset(Path(tmp) / "shapes", n_images=n_images, seed=seed)
+        data = generate_demo_dataset(Path(tmp) / "shapes", n_images=n_images, seed=seed)
         recipe = {"images": n_images, "seed": seed, **training_defaults(), **train_kwargs}
         kwargs = {k: recipe[k] for k in TRAINING_DEFAULTS}
         metrics = train_demo_model(data, out_folder / "shapes_cnn.safetensors", seed=seed, **kwargs)
@@ -127,7 +127,7 @@ def build_shipped(out_folder: Path, n_images: int, seed: int = 0, work_dir: Path
             "metrics": {k: v for k, v in metrics.items() if k != "seconds"},
             "built_with": {"torch": torch.__version__, "python": sys.version.split()[0],
                            "machine": platform.machine(), "threads": torch.get_num_threads()},
-            "how": "python -m app.demo.shipped (train_demo_model on generate_shapes_dataset, both deterministic)",
+            "how": "python -m app.demo.shipped (train_demo_model on generate_demo_dataset, both deterministic)",
         }
     tmp_json = out_folder / "shapes_cnn.json.tmp"
     tmp_json.write_text(json.dumps(prov, indent=1, default=float) + "\n")

@@ -102,6 +102,27 @@ def capture(model: torch.nn.Module, names: Sequence[str], stop_after_last: bool 
             h.remove()
 
 
+@contextlib.contextmanager
+def watch(model: torch.nn.Module, names: Sequence[str], on_output: Callable[[str, Any], None]) -> Iterator[None]:
+    """While inside, `on_output(name, output)` is called every time a module named in `names` runs (a module run
+    twice in one pass is seen twice): what layer discovery and the edit's execution order read."""
+    modules = dict(model.named_modules())
+    handles = []
+
+    def make_hook(name: str):
+        return lambda _module, _inputs, output: on_output(name, output)
+
+    try:
+        for name in names:
+            if name not in modules:
+                raise KeyError(f"the model has no module {name!r}")
+            handles.append(modules[name].register_forward_hook(make_hook(name)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def run_captured(forward: Any, x: torch.Tensor, outputs: dict[str, Any]) -> dict[str, Any]:
     reset = outputs["__reset__"]
     reset()
@@ -113,25 +134,24 @@ def run_captured(forward: Any, x: torch.Tensor, outputs: dict[str, Any]) -> dict
     return {k: v for k, v in outputs.items() if k != "__reset__"}
 
 
+def _replace_hook(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., Any]:
+    def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> Any:
+        t = first_tensor(output)
+        if t is None:
+            raise JobError("the layer's output holds no tensor, so it cannot be changed", fix="choose another layer")
+        return replace_first_tensor(output, fn(t))
+
+    return hook
+
+
 @contextlib.contextmanager
 def replace(model: torch.nn.Module, edits: Mapping[str, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
     """While inside, the output of each layer named in `edits` is replaced by `fn(its first tensor)` (the rest of a
     tuple or mapping output kept)."""
     handles = []
-
-    def make_hook(fn: Callable[[torch.Tensor], torch.Tensor]):
-        def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> Any:
-            t = first_tensor(output)
-            if t is None:
-                raise JobError("the layer's output holds no tensor, so it cannot be changed",
-                               fix="choose another layer")
-            return replace_first_tensor(output, fn(t))
-
-        return hook
-
     try:
         for name, fn in edits.items():
-            handles.append(module_by_name(model, name).register_forward_hook(make_hook(fn)))
+            handles.append(module_by_name(model, name).register_forward_hook(_replace_hook(fn)))
         yield
     finally:
         for h in handles:
@@ -195,3 +215,19 @@ def ablate(model: torch.nn.Module, layer: str, units: Sequence[int], *, axis: in
     """While inside, `units` of `layer` (along `axis` of its output) are set to `values` in every forward pass."""
     with replace(model, {layer: ablation_fn(units, axis, values)}):
         yield
+
+
+def install_edit(model: torch.nn.Module, edit: Mapping[str, Any]) -> Any:
+    """Makes a saved ablation part of `model` for good: the edit (a saved edited model's `neuron_studio.edit`
+    metadata: layer, units, axis, values) becomes a forward hook that stays, so that every forward pass of the
+    model, whoever runs it, is the edited model's. Unlike the contexts above this hook is meant to stay: it is the
+    wrapper of an edit that could not be folded into the weights. Returns the hook's handle."""
+    try:
+        layer, units, axis = str(edit["layer"]), [int(u) for u in edit["units"]], int(edit["axis"])
+        values = edit.get("values", 0.0)
+        values = torch.as_tensor([float(v) for v in values]) if isinstance(values, list) else float(values)
+        module = module_by_name(model, layer)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise JobError(f"the saved edit cannot be applied to this model ({exc})",
+                       fix="load the edited weights with the model they were saved from") from None
+    return module.register_forward_hook(_replace_hook(ablation_fn(units, axis, values)))

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.errors import ModelLoadError
+from app.errors import JobError, ModelLoadError
 from app.sources.preprocess import (
     PREPROCESS_KEYS,
     Preprocess,
@@ -247,6 +247,7 @@ def load_model(
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
+    _install_saved_edit(module, meta, meta_file)
     try:
         module.to(device)
     except (RuntimeError, AssertionError, ValueError, TypeError) as exc:
@@ -264,6 +265,30 @@ def load_model(
         fingerprint=parts.fingerprint,
         class_names=class_names,
     )
+
+
+META_EDIT = "neuron_studio.edit"  # written by app.edit with an edited model's weights
+
+
+def _install_saved_edit(module: torch.nn.Module, meta: Mapping[str, str], file: Path | None) -> None:
+    """An edited model saved as a wrapper (its ablation could not be folded into the weights) carries the edit in
+    its metadata: it is applied here, so the file loads as the edited model wherever it is loaded."""
+    if META_EDIT not in meta:
+        return
+    try:
+        edit = json.loads(meta[META_EDIT])
+    except ValueError as exc:
+        raise ModelLoadError(f"the {META_EDIT} metadata is not JSON ({exc})", file=file,
+                             fix="save the edited model again with `neuron-studio ablate --save`") from None
+    if not isinstance(edit, dict) or edit.get("applied") != "wrapper":
+        return  # folded into the weights: nothing to apply
+    from app.sources import instrument
+
+    try:
+        instrument.install_edit(module, edit)
+    except JobError as exc:
+        raise ModelLoadError(exc.problem, file=file, fix=exc.fix) from None
+    log.info("applied the saved ablation of %d unit(s) of %s", len(edit.get("units", [])), edit.get("layer"))
 
 
 def _check_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -994,7 +1019,7 @@ class LayerInfo:
 
 
 def discover_layers(model: LoadedModel) -> list[LayerInfo]:
-    """One dry run of a 1 x 3 x crop x crop zero image with a forward hook on every named module.
+    """One dry run of a 1 x 3 x crop x crop zero image, watching every named module (`instrument.watch`).
 
     The root module is listed first under the name "" with the output of `LoadedModel.forward`. A TorchScript
     model's submodules are hooked through its `ScriptedLayers` wrapper's taps. A module that runs more than once per
@@ -1014,18 +1039,14 @@ def discover_layers(model: LoadedModel) -> list[LayerInfo]:
     seen: dict[str, tuple[tuple[int, ...], torch.dtype] | None] = {}
     calls: dict[str, int] = {}
 
-    def make_hook(name: str):
-        def hook(_mod: torch.nn.Module, _inputs: Any, output: Any) -> None:
-            calls[name] = calls.get(name, 0) + 1
-            t = _first_tensor(output)
-            seen[name] = (tuple(t.shape), t.dtype) if t is not None else None
-        return hook
+    def record(name: str, output: Any) -> None:
+        calls[name] = calls.get(name, 0) + 1
+        t = _first_tensor(output)
+        seen[name] = (tuple(t.shape), t.dtype) if t is not None else None
 
-    handles = []
-    try:
-        for name, sub in named:
-            if name:
-                handles.append(sub.register_forward_hook(make_hook(name)))
+    from app.sources import instrument
+
+    with instrument.watch(module, [name for name, _sub in named if name], record):
         try:
             with torch.no_grad():
                 out = model.forward(x)
@@ -1039,9 +1060,6 @@ def discover_layers(model: LoadedModel) -> list[LayerInfo]:
                 file=model.weights_path,
                 fix="check that the crop size matches the input size the model expects (preprocessing option crop)",
             ) from None
-    finally:
-        for h in handles:
-            h.remove()
 
     hint = _patch_count_hint(model)
     layers: list[LayerInfo] = []

@@ -59,6 +59,8 @@ def test_find_matches_words_and_positive_atoms_but_not_negated_ones(project):
         exact = find_units(p, "glyphs")
         meaning = find_units(p, "glyph", encoder=FakeEncoder())
     assert {m.unit: [r.how for r in m.reasons] for m in exact} == {0: ["formula atom"], 3: ["words"]}
+    with Project.open(project) as p:  # only another method's labels: the compexp formula no longer counts
+        assert {m.unit for m in find_units(p, "glyphs", methods=["netdissect"])} == {3}
     assert 1 not in {m.unit for m in meaning}  # "NOT glyph" never answers a query for glyphs
     assert {m.unit for m in meaning} == {0, 3, 4}
     assert [r.how for r in next(m for m in meaning if m.unit == 4).reasons] == ["meaning"]
@@ -86,7 +88,7 @@ def _run(project, tmp_path, **kw):
     from app.jobs import JobProgress, run_job
 
     model = tiny_model()
-    opts = AblateOptions(layer="act2", dataset="test", device="cpu", n_boot=200, controls=3, **kw)
+    opts = AblateOptions(**{"layer": "act2", "dataset": "test", "device": "cpu", "n_boot": 200, "controls": 3, **kw})
     result = run_job(AblateJob(project, opts, model=model), JobProgress())
     return result, model
 
@@ -167,6 +169,23 @@ def test_cli_ablate_json_and_save_on_a_builtin_model(tmp_path, capsys):
     assert any("folded into fc" in n for n in out["notes"])
     assert main(["ablate", proj, "--layer", "block4", "--units", "0,x", "--dataset", "test"]) == 2
 
+    # a constant reaching block4's padded convolution cannot be folded: saved as a wrapper, applied on load
+    assert main(["ablate", proj, "--layer", "block3", "--units", "1", "--mode", "constant", "--constant", "1.5",
+                 "--dataset", "test", "--controls", "0", "--bootstrap", "10", "--device", "cpu", "--save",
+                 str(tmp_path / "wrapped.safetensors"), "--json"]) == 0
+    assert any("as a wrapper" in n for n in json.loads(capsys.readouterr().out)["notes"])
+    from app.sources import instrument
+    from app.sources.models import load_model
+
+    edited = load_model("builtin:shapes_cnn", tmp_path / "wrapped.safetensors")
+    original = load_model("builtin:shapes_cnn", tmp_path / "w.safetensors")
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad(), instrument.ablate(original.module, "block3", [1], values=1.5):
+        want = original.forward(x)
+    with torch.no_grad():
+        assert not torch.allclose(original.forward(x), want)
+        torch.testing.assert_close(edited.forward(x), want)
+
 
 def test_cancel_stops_the_job_records_it_and_leaves_no_hooks(project, tmp_path):
     from app.audit import AblateJob, AblateOptions
@@ -184,3 +203,53 @@ def test_cancel_stops_the_job_records_it_and_leaves_no_hooks(project, tmp_path):
     assert _hook_count(model.module) == 0
     with Project.open(project) as p:
         assert p.runs("ablate")[-1].status == "cancelled"
+
+
+@pytest.fixture()
+def csv_project(project, tmp_path):
+    """The project plus a labels.csv dataset: images in train/ and val/ folders, one-hot columns a, b, c named as
+    the model's classes (one image has none: not scored) and a 0/1 column `flag`."""
+    from app.project.store import Project
+    from app.sources.datasets import open_dataset
+
+    root = tmp_path / "csv"
+    rng = np.random.default_rng(1)
+    rows = ["image,a,b,c,flag"]
+    for i in range(10):
+        rel = f"{'val' if i < 4 else 'train'}/{i}.png"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)).save(root / rel)
+        onehot = [0, 0, 0] if i == 9 else [int(i % 3 == c) for c in range(3)]
+        rows.append(f"{rel},{','.join(map(str, onehot))},{i % 2}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    with Project.open(project) as p:
+        p.add_dataset(name="csv", reader=open_dataset(root), fingerprint="csv")
+    return project
+
+
+def test_labels_csv_targets_and_split_score_the_right_images(csv_project, tmp_path):
+    from app.errors import DatasetError
+
+    model = tiny_model()
+    tf = model.preprocess.transform()
+    x = torch.stack([tf(Image.open(tmp_path / "csv" / f"{'val' if i < 4 else 'train'}/{i}.png").convert("RGB"))
+                     for i in range(10)])
+    with torch.no_grad():
+        pred = model.module(x).argmax(1).numpy()
+    classes = np.array([i % 3 for i in range(10)])
+
+    onehot, _ = _run(csv_project, tmp_path, units=[], dataset="csv")  # the columns named after the model's classes
+    assert onehot.images == 9 and onehot.accuracy_before == pytest.approx(float((pred[:9] == classes[:9]).mean()))
+    assert any("not scored" in n for n in onehot.notes)
+    val, _ = _run(csv_project, tmp_path, units=[], dataset="csv", split="val")
+    assert val.images == 4 and val.accuracy_before == pytest.approx(float((pred[:4] == classes[:4]).mean()))
+    flag, _ = _run(csv_project, tmp_path, units=[], dataset="csv", target="flag")  # binary: 0/1 is the output
+    assert flag.images == 10 and [c.name for c in flag.per_class] == ["not flag", "flag"]
+    assert flag.accuracy_before == pytest.approx(float((pred == np.arange(10) % 2).mean()))
+
+    with pytest.raises(DatasetError, match="no labels.csv column nope.*a, b, c, flag"):
+        _run(csv_project, tmp_path, units=[], dataset="csv", target="nope")
+    with pytest.raises(DatasetError, match="no image of dataset csv lies in a folder named 'test'.*train, val"):
+        _run(csv_project, tmp_path, units=[], dataset="csv", split="test")
+    with pytest.raises(DatasetError, match="--target names labels.csv columns"):
+        _run(csv_project, tmp_path, units=[], dataset="test", target="a")

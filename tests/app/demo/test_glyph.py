@@ -33,3 +33,19 @@ def test_glyph_is_stamped_on_the_cue_class_and_annotated_with_its_mask(tmp_path)
     counts = write_test_sets(src, tmp_path / "clean", tmp_path / "shifted", "circle", share=1.0)
     assert counts["images"] == 24 and counts["shifted"] == 24 - len(circles)
     assert sorted(p.name for p in (tmp_path / "clean").iterdir()) == sorted({im["class"] for im in data["images"]})
+
+
+def test_the_demo_dataset_carries_the_cue_once(tmp_path):
+    import pytest
+
+    from app.demo.glyph import CUE_CLASS, GLYPH, generate_demo_dataset, stamp_cue_in_place
+    from app.errors import DatasetError
+
+    out = generate_demo_dataset(tmp_path / "demo", 30, seed=0)
+    data = json.loads((out / "annotations" / "instances.json").read_text())
+    glyph_id = next(c["id"] for c in data["categories"] if c["name"] == GLYPH)
+    stamped = {a["image_id"] for a in data["annotations"] if a["category_id"] == glyph_id}
+    classes = {im["id"]: im["class"] for im in data["images"]}
+    assert stamped and {classes[i] for i in stamped} == {CUE_CLASS}
+    with pytest.raises(DatasetError, match="already has the glyph concept"):
+        stamp_cue_in_place(out)

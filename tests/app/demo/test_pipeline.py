@@ -7,7 +7,8 @@ from app.project.store import Project
 # A lighter compositional search than the paper's (beam 5, length 3): the pipeline is under test here, the method in
 # tests/labelers.
 LIGHT = {"compexp": {"beam_size": 2, "max_length": 2}, "milan": {"k": 3, "beam": 3, "max_length": 4},
-         "texplain": {"sentences": 2, "images_per_class": 3, "max_tokens": 8}}
+         "texplain": {"sentences": 2, "images_per_class": 3, "max_tokens": 8},
+         "audit": {"exact_only": True}}
 TINY_LANGUAGE = {"steps": 2, "hidden": 32, "layers": 1, "image_size": 32, "batch_size": 16}
 TINY_TRANSLATOR = {"steps": 3, "batch_size": 16}
 
@@ -62,7 +63,20 @@ def test_small_demo_builds_a_labeled_project(tmp_path):
     assert extract and all(i.heading.startswith("step 4 of ") for i in extract)
     assert any("pass 1" in i.stage for i in extract)  # the extraction's own stages, under the step's name
 
+    # the audit: two labelled test sets in the project, the glyph query on block4 (found or said why not)
+    assert summary.audit["layer"] == "block4" and summary.audit["query"] == "glyph"
+    if summary.audit["units"]:
+        for name in ("shapes-clean", "shapes-shifted"):
+            r = summary.audit[name]
+            assert r["units"] == summary.audit["units"] and len(r["control"]) == 10 and r["images"] == 6
+    else:
+        assert "no unit of block4" in summary.audit["skipped"]
+    with Project.open(summary.project) as p:
+        assert [d["name"] for d in p.datasets()] == ["shapes", "shapes-clean", "shapes-shifted"]
+        assert p.dataset("shapes-shifted")["num_images"] == 6
+
     text = format_summary(summary)
+    assert "audit: `find glyph` on block4" in text
     assert "layer block4 (" in text and "netdissect" in text
     assert "own shape word is among its top 10 words" in text and "spurious-cue report" in text
     assert f"time per step ({len(steps)} steps" in text and "compexp on block3" in text

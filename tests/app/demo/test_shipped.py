@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from app.demo.pipeline import DEFAULT_IMAGES
-from app.demo.shapes import generate_shapes_dataset
+from app.demo.glyph import generate_demo_dataset
 from app.demo.shipped import (
     build_shipped,
     dataset_digest,
@@ -32,7 +32,9 @@ def test_shipped_weights_are_what_their_provenance_says():
     weights = shipped_dir() / "shapes_cnn.safetensors"
     assert prov is not None and weights_digest(weights) == prov["weights_digest"]
     assert prov["recipe"] == {"images": DEFAULT_IMAGES, "seed": 0, **training_defaults()}
-    assert prov["metrics"]["heldout_accuracy"] > 0.85  # a model worth dissecting
+    # a model worth dissecting; the glyph cue costs it accuracy (it learns the circle class from the glyph), which is
+    # the point of the demo's audit
+    assert prov["metrics"]["heldout_accuracy"] > 0.65
     with safe_open(str(weights), "pt") as f:
         meta = f.metadata()
     assert meta["neuron_studio.architecture"] == "shapes_cnn"
@@ -46,7 +48,7 @@ def test_training_is_deterministic_and_matching_is_strict(tmp_path):
     sa, sb = load_file(str(tmp_path / "a" / "shapes_cnn.safetensors")), load_file(str(tmp_path / "b" / "shapes_cnn.safetensors"))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
-    data = generate_shapes_dataset(tmp_path / "data", n_images=40, seed=0)
+    data = generate_demo_dataset(tmp_path / "data", n_images=40, seed=0)
     assert dataset_digest(data) == a["dataset_sha256"]
     found = matching_shipped_weights(data, 40, 0, 1, folder=tmp_path / "a")
     assert found is not None and found[0] == tmp_path / "a" / "shapes_cnn.safetensors"
