@@ -264,7 +264,7 @@ def _translator_step(ctx: DemoContext, progress: JobProgress) -> str:
             ctx.summary.skipped_methods["TExplain translator"] = why
             return f"skipped: {why}"
         had = {c["name"] for c in translator_cards(project)}
-    job = TranslatorJob(ctx.project_dir, TranslatorOptions(device=ctx.device,
+    job = TranslatorJob(ctx.project_dir, TranslatorOptions(device=ctx.device, dataset=DATASET_NAME,
                                                            **{**DEMO_TRANSLATOR, **ctx.translator_options}))
     rep = job.execute(progress)
     return (("already done" if rep.name in had else "done") + f" (held-out caption loss {rep.heldout_loss:.3f} per token, "
