@@ -254,7 +254,13 @@ class AblateResult:
         """What makes the controls weaker than they look: fewer other units in the layer than were ablated (each
         control then ablates fewer units, and when it takes all of the others every control is the same)."""
         sizes = {len(u) for u in self.control_units}
-        if not sizes or min(sizes) >= len(self.units):
+        if not sizes:
+            return ""
+        if min(sizes) >= len(self.units):
+            edit = set(self.units)
+            if any(edit & set(u) for u in self.control_units):
+                return (f"Note: the edit takes more than half of the layer's units, so each control is "
+                        f"{len(self.units)} random units of the whole layer and shares units with the edit.")
             return ""
         k = min(sizes)
         same = len({tuple(u) for u in self.control_units}) == 1
@@ -482,9 +488,14 @@ class AblateJob:
         values = lambda us: instrument.ablation_values(o.mode, us, pooled_mean=pooled_mean,
                                                        constant=o.constant)
         rng = np.random.default_rng(o.seed)
+        # Controls are as many units as the edit, drawn from the layer's other units; when the edit takes more than
+        # half the layer there are too few others (every control would be the same set of all of them), so they
+        # are drawn from the whole layer and may share units with the edit: random subsets of the same size still.
         others = np.setdiff1d(np.arange(int(layer_row["units"])), units)
-        k = min(len(units), others.size)
-        controls = [sorted(rng.choice(others, size=k, replace=False).tolist()) for _ in range(o.controls)] if k else []
+        pool = others if others.size >= len(units) else np.arange(int(layer_row["units"]))
+        k = min(len(units), pool.size)
+        controls = [sorted(rng.choice(pool, size=k, replace=False).tolist()) for _ in range(o.controls)] \
+            if k and others.size else []
         conditions = [units, *controls]
 
         indices = np.flatnonzero(scored).tolist()[: o.max_images or None]

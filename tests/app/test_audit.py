@@ -132,6 +132,16 @@ def test_ablating_nothing_changes_no_prediction_and_query_picks_the_labelled_uni
     assert by_query.units == [0, 3]
 
 
+def test_controls_of_an_edit_over_half_the_layer_are_random_subsets_of_the_whole_layer(project, tmp_path):
+    """4 of the layer's 6 units leave only 2 others: controls are 4 random units of all 6, not one repeated set."""
+    result, _ = _run(project, tmp_path, units=[0, 1, 2, 3], controls=6)
+    assert all(len(u) == 4 and set(u) <= set(range(6)) for u in result.control_units)
+    assert len({tuple(u) for u in result.control_units}) > 1
+    assert "shares units with the edit" in result.control_caveat()
+    few, _ = _run(project, tmp_path, units=[1, 3], controls=3)
+    assert all(not set(u) & {1, 3} for u in few.control_units) and few.control_caveat() == ""
+
+
 def test_ablate_refuses_units_out_of_range(project, tmp_path):
     from app.errors import JobError
 
