@@ -244,7 +244,21 @@ def make_loader(reader: Any, preprocess: Any, indices: list[int], batch_size: in
         ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
         worker_init_fn=functools.partial(_die_with_parent, os.getpid()) if workers else None,
+        multiprocessing_context=_worker_context() if workers else None,
     )
+
+
+def _worker_context() -> Any:
+    """Decoding workers are forked from this process on Linux, whatever start method the process inherited. A job
+    the window runs is itself started by a fork server, and multiprocessing makes that the default of the job's
+    process too: its workers would then be children of the fork server, so `_die_with_parent` (which asks the
+    kernel to kill a worker with its parent) would watch the wrong process and refuse to start them."""
+    import multiprocessing as mp
+    import sys
+
+    if sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods():
+        return mp.get_context("fork")
+    return None
 
 
 class MapRunner:

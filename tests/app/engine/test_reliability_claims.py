@@ -93,6 +93,41 @@ time.sleep(120)
 """
 
 
+FORKSERVER_LOADER = """
+import multiprocessing as mp
+import sys
+import torch
+from app.engine.extract import make_loader
+from app.sources.datasets import open_dataset
+from app.sources.preprocess import Preprocess
+
+if __name__ == "__main__":
+    # what a job the window starts inherits: its fork server's start method as the process default
+    mp.set_start_method("forkserver", force=True)
+    reader = open_dataset(sys.argv[1])
+    pre = Preprocess.from_dict({"resize": 16, "crop": 16, "mean": (0.5,) * 3, "std": (0.25,) * 3})
+    n = sum(len(b["index"]) for b in make_loader(reader, pre, list(range(len(reader.images))), 4, 2,
+                                                   torch.device("cpu")))
+    print(n, flush=True)
+"""
+
+
+@pytest.mark.slow  # a process that imports torch
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_decoding_workers_start_in_a_process_whose_default_start_method_is_forkserver(tmp_path):
+    """The window's jobs run in processes started by a fork server; their decoding workers used to be refused at
+    start (their parent was the fork server, not the job) and every extraction from the window failed."""
+    from tests.app.engine.conftest import write_coco
+
+    write_coco(tmp_path / "c", 12)
+    script = tmp_path / "loader.py"
+    script.write_text(FORKSERVER_LOADER)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "c")], cwd=ROOT, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["12"]
+
+
 @pytest.mark.slow  # a process that imports torch
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 def test_dataloader_worker_dies_with_its_killed_parent(tmp_path):
