@@ -236,6 +236,14 @@ def threshold_and_upsample(
     return out
 
 
+def _check_categories(B: int, C: int, category_annotated: torch.Tensor, concept_category: torch.Tensor) -> None:
+    """The per-image annotated categories [B, K] and per-concept category [C] the overlap counts need."""
+    if category_annotated.dim() != 2 or category_annotated.shape[0] != B:
+        raise ValueError(f"category_annotated must be [B={B}, K], got {tuple(category_annotated.shape)}")
+    if concept_category.shape != (C,):
+        raise ValueError(f"concept_category must be [C={C}], got {tuple(concept_category.shape)}")
+
+
 def iou_counts_from_maps(
     maps: torch.Tensor,
     thresholds: torch.Tensor,
@@ -259,10 +267,7 @@ def iou_counts_from_maps(
         raise ValueError(f"need one threshold per unit ({U}), got shape {tuple(thresholds.shape)}")
     if concept_masks.shape[0] != B or tuple(concept_masks.shape[2:]) != (H, W):
         raise ValueError(f"maps {tuple(maps.shape)} and concept masks {tuple(concept_masks.shape)} differ")
-    if category_annotated.dim() != 2 or category_annotated.shape[0] != B:
-        raise ValueError(f"category_annotated must be [B={B}, K], got {tuple(category_annotated.shape)}")
-    if concept_category.shape != (C,):
-        raise ValueError(f"concept_category must be [C={C}], got {tuple(concept_category.shape)}")
+    _check_categories(B, C, category_annotated, concept_category)
     device = maps.device
     cm = concept_masks.to(device)
     cm = cm if cm.dtype == torch.bool else cm != 0
@@ -328,10 +333,7 @@ def iou_counts(
     C = concept_masks.shape[1]
     if concept_masks.shape[0] != B or concept_masks.shape[2:] != (H, W):
         raise ValueError(f"unit masks {tuple(unit_masks.shape)} and concept masks {tuple(concept_masks.shape)} differ")
-    if category_annotated.dim() != 2 or category_annotated.shape[0] != B:
-        raise ValueError(f"category_annotated must be [B={B}, K], got {tuple(category_annotated.shape)}")
-    if concept_category.shape != (C,):
-        raise ValueError(f"concept_category must be [C={C}], got {tuple(concept_category.shape)}")
+    _check_categories(B, C, category_annotated, concept_category)
     device = unit_masks.device
     unit_masks = unit_masks if unit_masks.dtype == torch.bool else unit_masks != 0
     concept_masks = concept_masks.to(device)

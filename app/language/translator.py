@@ -239,23 +239,6 @@ class TranslatorJob:
         meta = json.loads(state.read_text()) if state.exists() else {"next_index": 0, "problems": {}}
         if meta["next_index"] >= n:
             return feats, logits
-        if meta["next_index"] == 0 and self._copy_extracted(project, ds_row, layer_row, clf, feats, logits):
-            progress.begin_stage("features: the extraction's pooled means")
-            meta["next_index"], meta["source"] = n, "extraction"
-            feats.flush()
-            if logits is not None:
-                logits.flush()
-            tmp = state.with_name(state.name + ".tmp")
-            tmp.write_text(json.dumps(meta))
-            arrays.atomic_replace(tmp, state)
-            return feats, logits
-        reader = open_project_dataset(ds_row)
-        infos = {layer_row["name"]: layer_info(layer_row)}
-        if clf is not None:
-            infos[clf["name"]] = layer_info(clf)
-        runner = MapRunner(model, infos, device, batch_size=self.options.batch_size)
-        progress.begin_stage("features: running the image model", meta["next_index"])
-        last = time.monotonic()
 
         def save() -> None:
             feats.flush()
@@ -265,6 +248,18 @@ class TranslatorJob:
             tmp.write_text(json.dumps(meta))
             arrays.atomic_replace(tmp, state)
 
+        if meta["next_index"] == 0 and self._copy_extracted(project, ds_row, layer_row, clf, feats, logits):
+            progress.begin_stage("features: the extraction's pooled means")
+            meta["next_index"], meta["source"] = n, "extraction"
+            save()
+            return feats, logits
+        reader = open_project_dataset(ds_row)
+        infos = {layer_row["name"]: layer_info(layer_row)}
+        if clf is not None:
+            infos[clf["name"]] = layer_info(clf)
+        runner = MapRunner(model, infos, device, batch_size=self.options.batch_size)
+        progress.begin_stage("features: running the image model", meta["next_index"])
+        last = time.monotonic()
         for batch in make_loader(reader, model.preprocess, list(range(meta["next_index"], n)),
                                  self.options.batch_size, self.options.num_workers, device):
             ok = batch["ok"]
