@@ -134,8 +134,9 @@ def find_units(project: Project, query: str, *, layer_id: int | None = None, enc
                methods: list[str] | None = None) -> list[UnitMatch]:
     """Units whose labels (every method's newest run), human names or descriptions match `query`: by its words,
     by a positive formula atom, or, with a sentence `encoder` (an object with `sentences(texts) -> [N, D]` unit
-    vectors), by meaning; `NOT word` asks for units whose formulas negate the word. Best first, each with every reason it matched. `max_rank` 1: each method's best label
-    per unit only; its runners-up are what the unit is not mainly about, and matching them lists most units."""
+    vectors), by meaning; `NOT word` asks for units whose formulas negate the word. Best first, each with every
+    reason it matched. `max_rank` 1: each method's best label per unit only; its runners-up are what the unit is
+    not mainly about, and matching them lists most units."""
     query_words = query_terms(query)
     if not (query_words[0] or query_words[1]):
         raise JobError(f"the query {query!r} has no words to look for", fix="give a word, e.g. glyph")

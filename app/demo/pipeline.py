@@ -347,18 +347,14 @@ def _label_step(method: str, layer: str) -> Callable[[DemoContext, JobProgress],
             if any(r.method == method and r.layer_id == layer_id and r.status == "done"
                    and all(r.params.get(k) == v for k, v in params.items()) for r in project.runs("label")):
                 return "already done"
-        import torch
+        from app.engine.device import cpu_threads
 
-        threads = torch.get_num_threads()
-        if method in ONE_THREAD_METHODS:
-            torch.set_num_threads(1)
         try:
-            rep = LabelJob(ctx.project_dir, method, layer, params, device=ctx.device).execute(progress)
+            with cpu_threads(1 if method in ONE_THREAD_METHODS else None):
+                rep = LabelJob(ctx.project_dir, method, layer, params, device=ctx.device).execute(progress)
         except lb.MissingInputError as exc:
             ctx.summary.skipped_methods[method] = str(exc)
             return f"skipped: {exc}"
-        finally:
-            torch.set_num_threads(threads)
         return f"done ({rep.labels} labels)"
 
     return run

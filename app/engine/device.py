@@ -1,6 +1,9 @@
 """Which device a job runs on: CUDA, then Apple's MPS, then the CPU, unless the user names one."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from app.errors import JobError
@@ -31,3 +34,15 @@ def describe(device: torch.device) -> str:
     if device.type == "mps":
         return "GPU: Apple MPS"
     return f"CPU ({torch.get_num_threads()} threads)"
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """torch's CPU threads set to `n` for a while (None or 0: left as they are), then put back as they were."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

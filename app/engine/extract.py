@@ -35,7 +35,7 @@ import torch
 
 from app.sources import instrument as hooks
 from app.engine.claims import claim_or_wait
-from app.engine.device import describe, pick_device
+from app.engine.device import cpu_threads, describe, pick_device
 from app.engine.stats import (
     LayerBatch,
     MaskBatch,
@@ -519,11 +519,9 @@ class ExtractJob:
                                     if k in {f.name for f in dataclasses.fields(ExtractReport)}})
         t_start = time.monotonic()
         prior_seconds = project.run(run_id).seconds
-        threads_before = torch.get_num_threads()
-        if opts.threads:
-            torch.set_num_threads(opts.threads)
         try:
-            report = self._extract(project, run_id, model, reader, ds_row, layer_rows, device, progress)
+            with cpu_threads(opts.threads):
+                report = self._extract(project, run_id, model, reader, ds_row, layer_rows, device, progress)
         except (Cancelled, KeyboardInterrupt):  # Ctrl+C in the CLI is a cancel, as it reports
             project.finish_run(run_id, "cancelled", message="cancelled; run the same extraction again to resume",
                                seconds=prior_seconds + time.monotonic() - t_start)
@@ -535,8 +533,6 @@ class ExtractJob:
             except Exception:  # e.g. the disk that just filled up holds the database too: report the first error
                 log.warning("could not record the failure of run %d", run_id, exc_info=True)
             raise
-        finally:
-            torch.set_num_threads(threads_before)
         report.seconds = prior_seconds + time.monotonic() - t_start
         total = project.run(run_id).total
         if total:  # the last checkpoint may be a few batches behind: a finished run has done them all
