@@ -41,7 +41,6 @@ from labelers.base import (
     Param,
     Progress,
     register,
-    unit_chunks,
 )
 
 log = logging.getLogger(__name__)
@@ -220,7 +219,7 @@ def threshold_and_upsample(
     """
     if maps.dim() != 4:
         raise ValueError(f"threshold_and_upsample needs maps [B, U, h, w], got {tuple(maps.shape)}")
-    B, U, h, w = maps.shape
+    B, U = maps.shape[:2]
     H, W = int(size[0]), int(size[1])
     if thresholds.shape != (U,):
         raise ValueError(f"need one threshold per unit ({U}), got shape {tuple(thresholds.shape)}")
