@@ -625,18 +625,15 @@ def invert_search(
         beam_len = torch.ones(uc, b_size, dtype=torch.int64, device=device)
         beam_ok = ok
         if z_crit is not None:
-            # The first term passes the same test from the empty formula: the atom's images against all others
-            # (global ranks are then the within-class ranks). Atoms that fail may still be labels; they cannot grow.
-            r2_sq_all = (r2 * r2).sum(dim=1, keepdim=True)
-            mean_all = float(n + 1)
-            var_all = (r2_sq_all / n - mean_all * mean_all).clamp_min(0)
-            var_a = atom_n * var_all * (n - atom_n) / max(n - 1, 1)
-            pos_var = var_a > 0
-            atom_z = torch.where(
-                pos_var, (atom_r2 - atom_n * mean_all) / torch.where(pos_var, var_a, 1.0).sqrt(), 0.0
-            )
+            # The first term passes the same test from the empty formula: the empty formula OR c adds c's images,
+            # ranked against all others (within NOT F = all images, global ranks are the within-class ranks), and
+            # OR NOT c adds NOT c's. Atoms that fail may still be labels; they cannot grow.
+            zeros = torch.zeros_like(r2_c)
+            empty = torch.zeros(uc, 1, dtype=zeros.dtype, device=device)
+            z_or = growth_z(zeros, r2_c, zeros, empty, n_c, empty, (r2 * r2).sum(dim=1, keepdim=True), n)
+            atom_z = torch.cat([z_or[:, OP_OR], z_or[:, OP_OR_NOT]], dim=1)  # [Uc, 2C], laid out as atom_r2
             beam_grow = ok & (sign * atom_z.gather(1, idx) > z_atom)
-            del atom_z, var_a, pos_var
+            del atom_z, z_or, zeros, empty
         else:
             beam_grow = ok
         beam_key = key.gather(1, idx).masked_fill(~ok, -math.inf)
