@@ -2,7 +2,7 @@
 a trivial labeler, and beside what the method itself could reach on this data.
 
 - CLIP-Dissect: of the units Network Dissection calls detectors (IoU >= 0.04) of a colour or a shape, the share whose
-  CLIP-Dissect top label is that concept (`pipeline.clip_dissect_agreement`). Beside it:
+  CLIP-Dissect top label is that concept (`clip_dissect_agreement`). Beside it:
   * the most frequent CLIP-Dissect top label given to every unit;
   * the method's ceiling on this data: soft-WPMI with the parameters the demo ran, but with the dataset's TRUE
     image-level concept labels in place of the dual encoder (p(t | x) = softmax(a * s), s = 1 for the concepts the
@@ -32,6 +32,36 @@ def _detectors(top: dict[tuple[str, int], dict[str, Any]], categories: tuple[str
             and (categories is None or lab["category"] in categories)}
 
 
+def _most_frequent(tops: Any, method: str) -> str | None:
+    """The label `method` gives most often as a unit's top label over the layers' `_top_labels` (`tops`)."""
+    counts: dict[str, int] = {}
+    for top in tops:
+        for (m, _u), lab in top.items():
+            if m == method:
+                counts[lab["label"]] = counts.get(lab["label"], 0) + 1
+    return max(counts, key=counts.get) if counts else None
+
+
+def clip_dissect_agreement(project: Any, model_id: int, layers: list[str],
+                           categories: tuple[str, ...] = DETECTOR_CATEGORIES) -> dict[str, Any]:
+    """Of the units Network Dissection calls detectors (IoU >= 0.04) of a concept in `categories` (colours and
+    shapes), the fraction whose CLIP-Dissect top label names the same concept."""
+    agree = total = 0
+    per_layer = {}
+    for name in layers:
+        top = _top_labels(project, project.layer(model_id, name)["id"])
+        a = t = 0
+        for unit, concept in _detectors(top, categories).items():
+            clip = top.get(("clip_dissect", unit))
+            if clip is None:
+                continue
+            t += 1
+            a += clip["label"] == concept
+        per_layer[name] = {"detectors": t, "agree": a}
+        agree, total = agree + a, total + t
+    return {"detectors": total, "agree": agree, "fraction": agree / total if total else None, "layers": per_layer}
+
+
 def names_concept(text: str, concept: str) -> bool:
     """Whether a description uses a word naming `concept` (see the module docstring)."""
     from app.demo.shapes import concept_words
@@ -41,7 +71,7 @@ def names_concept(text: str, concept: str) -> bool:
 
 def clip_dissect_baselines(project: Any, model_id: int, layers: list[str], params: dict[str, Any] | None = None,
                            categories: tuple[str, ...] = DETECTOR_CATEGORIES) -> dict[str, Any]:
-    """The most-frequent-label baseline and the true-label ceiling of `pipeline.clip_dissect_agreement`."""
+    """The most-frequent-label baseline and the true-label ceiling of `clip_dissect_agreement`."""
     import numpy as np
     import torch
 
@@ -54,12 +84,7 @@ def clip_dissect_baselines(project: Any, model_id: int, layers: list[str], param
     for name in layers:
         row = project.layer(model_id, name)
         tops[name] = (row, _top_labels(project, row["id"]))
-    counts: dict[str, int] = {}
-    for _, top in tops.values():
-        for (m, _u), lab in top.items():
-            if m == "clip_dissect":
-                counts[lab["label"]] = counts.get(lab["label"], 0) + 1
-    frequent = max(counts, key=counts.get) if counts else None
+    frequent = _most_frequent((top for _, top in tops.values()), "clip_dissect")
     agree_ceiling = agree_ceiling0 = agree_frequent = total = 0
     presence_cache: dict[int, Any] = {}
     for name, (row, top) in tops.items():
@@ -105,12 +130,7 @@ def clip_dissect_baselines(project: Any, model_id: int, layers: list[str], param
 def milan_agreement(project: Any, model_id: int, layers: list[str]) -> dict[str, Any]:
     """MILAN's agreement with Network Dissection's detectors, and the most-frequent-description baseline."""
     tops = {name: _top_labels(project, project.layer(model_id, name)["id"]) for name in layers}
-    counts: dict[str, int] = {}
-    for top in tops.values():
-        for (m, _u), lab in top.items():
-            if m == "milan":
-                counts[lab["label"]] = counts.get(lab["label"], 0) + 1
-    frequent = max(counts, key=counts.get) if counts else None
+    frequent = _most_frequent(tops.values(), "milan")
     agree = base = total = described = 0
     per_layer = {}
     for name, top in tops.items():

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import labelers.base as lb
-from app.demo.agreement import clip_dissect_baselines, milan_agreement
+from app.demo.agreement import clip_dissect_agreement, clip_dissect_baselines, milan_agreement
 from app.demo.shapes import DEFAULT_IMAGES  # re-exported: the window and tests read it here
 from app.jobs import JobProgress
 
@@ -94,7 +94,7 @@ class DemoSummary:
     seconds: float = 0.0
     language: dict[str, Any] = field(default_factory=dict)  # per trained kind: name, seconds, held-out figures
     texplain: dict[str, Any] = field(default_factory=dict)  # see texplain_own_words
-    clip_agreement: dict[str, Any] = field(default_factory=dict)  # see clip_dissect_agreement
+    clip_agreement: dict[str, Any] = field(default_factory=dict)  # see agreement.clip_dissect_agreement
     clip_baselines: dict[str, Any] = field(default_factory=dict)  # see agreement.clip_dissect_baselines
     milan_agreement: dict[str, Any] = field(default_factory=dict)  # see agreement.milan_agreement
     audit: dict[str, Any] = field(default_factory=dict)  # see _audit_step: the glyph units and their ablation
@@ -295,29 +295,6 @@ def texplain_own_words(project: Any, model_id: int, layer: str = "fc", top: int 
             "flagged": {k: v for k, v in flagged.items() if v}, "run_id": words["run_id"],
             "images_per_class": summary.get("images_per_class"),
             "sentences_per_image": summary.get("sentences_per_image")}
-
-
-def clip_dissect_agreement(project: Any, model_id: int, layers: list[str],
-                           categories: tuple[str, ...] = ("color", "object")) -> dict[str, Any]:
-    """Of the units Network Dissection calls detectors (IoU >= 0.04) of a concept in `categories` (colours and
-    shapes), the fraction whose CLIP-Dissect top label names the same concept."""
-    agree = total = 0
-    per_layer = {}
-    for name in layers:
-        row = project.layer(model_id, name)
-        top = {(lab["method"], lab["unit"]): lab for lab in project.labels(layer_id=row["id"], max_rank=1)}
-        a = t = 0
-        for (method, unit), lab in top.items():
-            if method != "netdissect" or not lab["extra"].get("interpretable") or lab["category"] not in categories:
-                continue
-            clip = top.get(("clip_dissect", unit))
-            if clip is None:
-                continue
-            t += 1
-            a += clip["label"] == lab["label"]
-        per_layer[name] = {"detectors": t, "agree": a}
-        agree, total = agree + a, total + t
-    return {"detectors": total, "agree": agree, "fraction": agree / total if total else None, "layers": per_layer}
 
 
 def extract_options(device: str) -> Any:
