@@ -149,8 +149,9 @@ def test_ablate_refuses_units_out_of_range(project, tmp_path):
         _run(project, tmp_path, units=[99])
 
 
-def test_cli_ablate_json_and_save_on_a_builtin_model(tmp_path, capsys):
-    """The whole command on a real project: a random ShapesCNN saved as Neuron Studio writes it."""
+def shapes_cnn_project(tmp, classes: list[str]):
+    """A project made with the CLI: a random ShapesCNN saved as Neuron Studio writes it (with `classes` as its
+    class names) and a labelled image folder named "test"."""
     import json
 
     from safetensors.torch import save_file
@@ -160,15 +161,25 @@ def test_cli_ablate_json_and_save_on_a_builtin_model(tmp_path, capsys):
 
     torch.manual_seed(0)
     net = ShapesCNN(num_classes=3, width=4).eval()
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "w.safetensors"), metadata={
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp / "w.safetensors"), metadata={
         "neuron_studio.architecture": "shapes_cnn",
         "neuron_studio.arch_kwargs": json.dumps({"num_classes": 3, "width": 4}),
         "neuron_studio.preprocess": json.dumps({"resize": SIZE, "crop": SIZE, "mean": [0.5] * 3, "std": [0.25] * 3}),
-        "neuron_studio.classes": json.dumps(["c", "b", "a"])})  # not the folders' sorted order: matched by name
-    proj = str(tmp_path / "p.nstudio")
-    assert main(["new", proj]) == 0
-    assert main(["add-model", proj, "builtin:shapes_cnn", "--weights", str(tmp_path / "w.safetensors"), "-q"]) == 0
-    assert main(["add-dataset", proj, str(_imagefolder(tmp_path / "test")), "--name", "test", "-q"]) == 0
+        "neuron_studio.classes": json.dumps(classes)})
+    proj = tmp / "p.nstudio"
+    assert main(["new", str(proj)]) == 0
+    assert main(["add-model", str(proj), "builtin:shapes_cnn", "--weights", str(tmp / "w.safetensors"), "-q"]) == 0
+    assert main(["add-dataset", str(proj), str(_imagefolder(tmp / "test")), "--name", "test", "-q"]) == 0
+    return proj
+
+
+def test_cli_ablate_json_and_save_on_a_builtin_model(tmp_path, capsys):
+    """The whole command on a real project: a random ShapesCNN saved as Neuron Studio writes it."""
+    import json
+
+    from app.cli import main
+
+    proj = str(shapes_cnn_project(tmp_path, ["c", "b", "a"]))  # not the folders' sorted order: matched by name
     capsys.readouterr()
     assert main(["ablate", proj, "--layer", "block4", "--units", "0,2", "--dataset", "test", "--controls", "2",
                  "--bootstrap", "50", "--device", "cpu", "--save", str(tmp_path / "edited.safetensors"),
