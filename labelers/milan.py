@@ -42,6 +42,7 @@ from labelers.base import (
     Progress,
     register,
 )
+from labelers.textmodels import encoder_tokens
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def encode_images(parts: CaptionerParts, pictures: torch.Tensor, batch: int = 64
         for s in range(0, len(pictures), batch):
             arrays = [p.numpy() for p in pictures[s:s + batch].cpu()]
             pixels = parts.image_processor(images=arrays, return_tensors="pt")["pixel_values"]
-            states = model.encoder(pixel_values=pixels.to(parts.device, dtype=model.dtype)).last_hidden_state
+            states = encoder_tokens(model.encoder, pixels.to(parts.device, dtype=model.dtype))
             out.append(_project(model, states))
     return torch.cat(out)
 

@@ -207,6 +207,14 @@ def normalize_pixels(tm: TextModel, images: "torch.Tensor") -> "torch.Tensor":
     return x.reshape(*lead, *x.shape[-3:]).to(tm.device, dtype=tm.model.dtype)
 
 
+def encoder_tokens(encoder: Any, pixel_values: "torch.Tensor") -> "torch.Tensor":
+    """[B, 3, H, W] -> the image encoder's output as a sequence of tokens [B, T, D], as a captioner's decoder
+    attends to it. A transformer tower (ViT, Swin, FocalNet) gives its tokens; a convolutional one (ResNet) gives a
+    feature map [B, D, h, w], whose h * w positions are the tokens."""
+    h = encoder(pixel_values=pixel_values).last_hidden_state
+    return h.flatten(2).transpose(1, 2).contiguous() if h.dim() == 4 else h
+
+
 def encode_exemplar_sets(captioner: TextModel, pixel_values: "torch.Tensor") -> Any:
     """Encode S sets of k exemplars for a set-conditioned captioner: p(text | set).
 
@@ -229,7 +237,7 @@ def encode_exemplar_sets(captioner: TextModel, pixel_values: "torch.Tensor") -> 
             "neuron-studio language train PROJECT --kind captioner")
     s, k = pixel_values.shape[:2]
     # gradients follow the caller's mode: training encodes with them, scoring under torch.no_grad()
-    h = captioner.model.encoder(pixel_values=pixel_values.reshape(s * k, *pixel_values.shape[2:])).last_hidden_state
+    h = encoder_tokens(captioner.model.encoder, pixel_values.reshape(s * k, *pixel_values.shape[2:]))
     return BaseModelOutput(last_hidden_state=h.reshape(s, k * h.shape[1], h.shape[2]))
 
 

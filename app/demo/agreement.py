@@ -132,7 +132,8 @@ def milan_agreement(project: Any, model_id: int, layers: list[str]) -> dict[str,
     tops = {name: _top_labels(project, project.layer(model_id, name)["id"]) for name in layers}
     frequent = _most_frequent(tops.values(), "milan")
     agree = base = total = described = 0
-    per_layer = {}
+    per_layer: dict[str, Any] = {}
+    per_concept: dict[str, dict[str, int]] = {}  # the detectors of each concept: a few concepts can be most of them
     for name, top in tops.items():
         det = _detectors(top, None)
         a = b = t = 0
@@ -141,11 +142,16 @@ def milan_agreement(project: Any, model_id: int, layers: list[str]) -> dict[str,
             if lab is None:
                 continue
             t += 1
-            a += names_concept(lab["label"], concept)
+            hit = names_concept(lab["label"], concept)
+            a += hit
             b += names_concept(frequent, concept)
+            pc = per_concept.setdefault(concept, {"detectors": 0, "agree": 0})
+            pc["detectors"] += 1
+            pc["agree"] += hit
         described += sum(1 for (m, _u) in top if m == "milan")
         per_layer[name] = {"detectors": t, "agree": a, "most_frequent": b}
         agree, base, total = agree + a, base + b, total + t
     return {"detectors": total, "agree": agree, "most_frequent": base, "most_frequent_description": frequent,
             "units_described": described, "fraction": agree / total if total else None,
-            "baseline_fraction": base / total if total else None, "layers": per_layer}
+            "baseline_fraction": base / total if total else None, "layers": per_layer,
+            "concepts": dict(sorted(per_concept.items(), key=lambda kv: -kv[1]["detectors"]))}

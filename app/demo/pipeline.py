@@ -629,6 +629,9 @@ def format_summary(summary: DemoSummary) -> str:
                      f"{mg['detectors']} detector units of {', '.join(mg['layers'])} ({mg['fraction']:.0%}); "
                      f"the most frequent description ({mg['most_frequent_description']!r}) for every unit: "
                      f"{mg['most_frequent']} ({mg['baseline_fraction']:.0%})")
+        if mg.get("concepts"):
+            lines.append("  by concept: " + ", ".join(f"{c} {v['agree']}/{v['detectors']}"
+                                                      for c, v in mg["concepts"].items()))
     tx = summary.texplain
     if tx.get("classes"):
         lines.append(f"TExplain ({tx['layer']}, {tx['images_per_class']} images x {tx['sentences_per_image']} sentences "

@@ -89,6 +89,8 @@ class Corpus:
     notes: list[str] = field(default_factory=list)
     concept_names: list[str] = field(default_factory=list)  # distinct concept names (several concepts may share one)
     presence: Any = None  # torch bool [N, len(concept_names)]: the image contains a concept of that name
+    # the category of each concept name ("color", "object", ...; the first concept's where names repeat)
+    concept_categories: list[str] = field(default_factory=list)
 
     def caption_split(self, heldout: bool) -> list[tuple[int, str]]:
         return [(i, t) for i, t in self.captions if bool(self.heldout[i]) == heldout]
@@ -228,6 +230,7 @@ def gather(project: Any, dataset: int | str | None, image_size: int = 64, max_im
             by_word[:, word_of[n]] |= presence[:, c]
         by_word[~ok] = False
         corpus.concept_names = list(word_of)
+        corpus.concept_categories = [cats[names.index(n)] for n in word_of]
         corpus.presence = torch.from_numpy(by_word)
     if r_img:
         corpus.region_image = torch.tensor(r_img, dtype=torch.int64)

@@ -45,6 +45,8 @@ def test_small_demo_builds_a_labeled_project(tmp_path):
     assert mg["units_described"] == sum(layer["methods"]["milan"]["units"] for layer in summary.layers
                                         if "milan" in layer["methods"])
     assert 0 <= mg["agree"] <= mg["detectors"] and 0 <= mg["most_frequent"] <= mg["detectors"]
+    assert sum(v["detectors"] for v in mg["concepts"].values()) == mg["detectors"]
+    assert sum(v["agree"] for v in mg["concepts"].values()) == mg["agree"]
     # TExplain: a translator on the demo's own LM, words per class on the classifier layer, the own-word figure
     tx = summary.texplain
     assert tx["layer"] == "fc" and tx["classes"] and 0.0 <= tx["fraction"] <= 1.0

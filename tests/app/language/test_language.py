@@ -54,6 +54,15 @@ def test_training_stores_a_loadable_folder_with_a_card(tiny_project, kind):
         assert not (p.language_dir() / ".work").exists() or not any((p.language_dir() / ".work").iterdir())
 
 
+@pytest.mark.parametrize("tower", VISION_TOWERS["captioner"])
+def test_every_captioner_tower_trains_with_its_warm_up_and_auxiliary_head(tiny_project, tower):
+    rep = TrainJob(tiny_project, TrainOptions(kind="captioner", vision=tower, **{**TINY, "steps": 4})).execute(
+        JobProgress())
+    card = read_card(Path(rep.path))
+    assert card["image_tower"] == tower and len(card["loss_curve"]) == 4 and card["tower_warmup_steps"] == 2
+    assert all(torch.isfinite(torch.tensor(p[1])) for p in card["loss_curve"])
+
+
 def test_cancelled_training_resumes_from_its_checkpoint(tiny_project):
     opts = TrainOptions(kind="lm", **{**TINY, "steps": 6}, checkpoint_seconds=0.0)
     progress = JobProgress()
@@ -98,12 +107,13 @@ def test_every_image_tower_is_a_regular_folder_that_loads_and_encodes(tmp_path, 
     from app.language.train import build_model, image_processor
 
     tok = _tokenizer(tmp_path)
-    build_model(kind, len(tok), TrainOptions(kind=kind, image_size=16, hidden=32, layers=1, max_text_tokens=16,
+    # 32 pixels: every tower gives several tokens (a convolutional one a 2 x 2 map)
+    build_model(kind, len(tok), TrainOptions(kind=kind, image_size=32, hidden=32, layers=1, max_text_tokens=16,
                                              vision=tower)).save_pretrained(str(tmp_path))
-    image_processor(16).save_pretrained(str(tmp_path))
+    image_processor(32).save_pretrained(str(tmp_path))
     assert "auto_map" not in json.loads((tmp_path / "config.json").read_text())
     tm = textmodels.load(tmp_path, kind)
-    pixels = textmodels.normalize_pixels(tm, torch.rand(2, 3, 3, 16, 16))
+    pixels = textmodels.normalize_pixels(tm, torch.rand(2, 3, 3, 32, 32))
     with torch.no_grad():
         if kind == "clip":
             out = tm.model.get_image_features(pixel_values=pixels[:, 0])
@@ -112,7 +122,10 @@ def test_every_image_tower_is_a_regular_folder_that_loads_and_encodes(tmp_path, 
         else:
             enc = textmodels.encode_exemplar_sets(tm, pixels)
             assert enc.last_hidden_state.shape[0] == 2 and enc.last_hidden_state.shape[1] % 3 == 0
+            assert enc.last_hidden_state.shape[1] > 3  # several tokens per picture
             assert textmodels.text_log_likelihood(tm, ["red squares", "blue"], enc).shape == (2,)
+            one = textmodels.encode_exemplar_sets(tm, pixels[:, :1])  # a set of one picture, as for a caption
+            assert textmodels.text_log_likelihood(tm, ["red squares", "blue"], one).shape == (2,)
 
 
 def make_clip(folder: Path) -> Path:
@@ -296,3 +309,92 @@ def test_dual_encoder_targets_a_region_to_every_name_of_its_pixels():
     for i, ti in enumerate(texts):  # every row is a region: its text says which object it is
         for j, tj in enumerate(texts):
             assert bool(t[i, j]) == ((ti == "blue") == (tj == "blue")), (ti, tj)
+
+
+def test_captioner_region_sets_carry_every_concept_word_of_their_pixels():
+    from app.language.data import Corpus
+    from app.language.tokenizer import train_tokenizer
+    from app.language.train import Batches
+
+    # one object named "red", "circle" and "red circle" (same pixels) in image 0, a "blue" object in image 1
+    a = torch.zeros(8, 8, dtype=torch.bool)
+    a[1:5, 1:5] = True
+    b = torch.zeros(8, 8, dtype=torch.bool)
+    b[4:8, 4:8] = True
+    phrases = ["red", "circle", "red circle", "blue"]
+    corpus = Corpus(image_size=8, dataset="t", images=torch.zeros(2, 3, 8, 8, dtype=torch.uint8),
+                    heldout=torch.tensor([False, False]), region_image=torch.tensor([0, 0, 0, 0, 1, 1]),
+                    region_phrase=torch.tensor([0, 1, 2, 2, 3, 3]), region_masks=torch.stack([a, a, a, a, b, b]),
+                    phrases=phrases, captions=[(0, "a red circle"), (1, "a blue thing")])
+    corpus.concept_names = ["red", "circle", "blue"]
+    corpus.presence = torch.tensor([[True, True, False], [False, False, True]])
+    tok = train_tokenizer(phrases * 4 + ["a red circle", "a blue thing"], 100, 16)
+    batches = Batches("captioner", corpus, tok, TrainOptions(kind="captioner", image_size=8, max_text_tokens=16), 8)
+    assert batches.aux_words == 3
+    assert batches.region_words.tolist() == [[1, 1, 0]] * 4 + [[0, 0, 1]] * 2
+    kinds = set()
+    for step in range(12):
+        d = batches.draw(step)
+        texts = [x.strip() for x in tok.batch_decode(d["ids"], skip_special_tokens=True)]
+        k = d["pixels"].shape[1]
+        assert d["aux"].shape == (len(texts), k, 3)
+        for text, aux in zip(texts, d["aux"]):
+            kinds.add("caption" if text.startswith("a ") else "regions")
+            want = [0, 0, 1] if "blue" in text else [1, 1, 0]  # a set's regions, or a captioned image's concepts
+            assert aux.tolist() == [want] * k, (text, aux)
+    assert kinds == {"caption", "regions"}
+    # with a warm-up, the first steps are single region pictures with their words and no text
+    corpus.concept_categories = ["color", "object", "color"]
+    warm = Batches("captioner", corpus, tok, TrainOptions(kind="captioner", image_size=8, max_text_tokens=16), 8,
+                   warmup=2)
+    first = warm.draw(0)
+    assert "ids" not in first and first["pixels"].shape == (8, 1, 3, 8, 8) and first["aux"].shape == (8, 1, 3)
+    assert "ids" in warm.draw(2)
+    assert [g.tolist() for g in warm.concept_groups] == [[0, 2], [1]]
+
+
+def test_concept_loss_is_a_cross_entropy_within_each_category():
+    from app.language.train import concept_loss
+
+    groups = [torch.tensor([0, 2]), torch.tensor([1, 3])]  # colours 0, 2; shapes 1, 3
+    logits = torch.tensor([[2.0, 0.0, -1.0, 1.0]])
+    # a red (0) circle (1): one term per category
+    want = -(torch.log_softmax(torch.tensor([2.0, -1.0]), 0)[0] + torch.log_softmax(torch.tensor([0.0, 1.0]), 0)[0])
+    assert torch.isclose(concept_loss(logits, torch.tensor([[1.0, 1.0, 0.0, 0.0]]), groups), want)
+    # a picture named by no shape word adds no shape term; two naming words share the target
+    only = -torch.log_softmax(torch.tensor([2.0, -1.0]), 0).mean()
+    assert torch.isclose(concept_loss(logits, torch.tensor([[1.0, 0.0, 1.0, 0.0]]), groups), only)
+
+
+def test_unit_like_masks_are_coarse_blobs_around_the_concept():
+    from app.language.train import UNIT_LIKE_SHARE, unit_like_masks
+
+    m = torch.zeros(100, 32, 32, dtype=torch.bool)
+    m[:, 7:19, 9:21] = True  # off every grid's cell boundaries, so each coarsening changes it
+    outs = [unit_like_masks(m, torch.Generator().manual_seed(seed)) for seed in range(6)]  # each seed: one grid
+    changed = torch.stack([(o != m).flatten(1).any(1) for o in outs])
+    assert abs(float(changed.float().mean()) - UNIT_LIKE_SHARE) < 0.1
+    blobs = torch.cat(outs)[changed.flatten()]
+    # every blob lies on the concept, and none reaches the far corner
+    assert bool((blobs & m[:1]).flatten(1).any(1).all()) and not bool(blobs[:, 31, 0].any())
+    tiny = torch.zeros(50, 32, 32, dtype=torch.bool)
+    tiny[:, 0, 0] = True  # too small to survive coarsening: kept as it is
+    assert torch.equal(unit_like_masks(tiny, torch.Generator().manual_seed(1)), tiny)
+
+
+def test_cancelled_captioner_training_resumes_with_its_auxiliary_head(tiny_project):
+    opts = TrainOptions(kind="captioner", **{**TINY, "steps": 5}, checkpoint_seconds=0.0)
+    progress = JobProgress(min_interval=0.0)
+    progress.listeners.append(lambda info: progress.cancel() if info.message.startswith("step 2/") else None)
+    with pytest.raises(Cancelled):
+        TrainJob(tiny_project, opts).execute(progress)
+    with Project.open(tiny_project) as p:
+        heads = list((p.language_dir() / ".work").glob("*/aux_head.safetensors"))
+    assert len(heads) == 1  # the head is checkpointed beside the model
+    rep = TrainJob(tiny_project, opts).execute(JobProgress())
+    folder = Path(rep.path)
+    assert [p[0] for p in read_card(folder)["loss_curve"]] == [1, 2, 3, 4, 5]
+    # the stored captioner is a regular VisionEncoderDecoderModel: the head was for training only
+    from safetensors.torch import load_file
+
+    assert not any("aux" in k for k in load_file(str(folder / "model.safetensors")))
