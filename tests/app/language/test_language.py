@@ -285,21 +285,29 @@ def test_captioner_learns_unit_descriptions_and_records_which(extracted):
     assert card["data"]["heldout_descriptions"] == len(held)
 
 
-def test_dual_encoder_targets_a_region_to_every_name_of_its_pixels():
+def _two_objects(phrase_of_region: list[int], **extra):
+    """A corpus of two 8 x 8 images: in image 0 one object named "red", "circle" and "red circle" (same pixels), in
+    image 1 a "blue" object elsewhere; `phrase_of_region` lists each region's phrase (0-2: image 0, 3: image 1)."""
     from app.language.data import Corpus
-    from app.language.tokenizer import train_tokenizer
-    from app.language.train import Batches
 
-    # image 0: one object named "red", "circle" and "red circle" (same pixels); image 1: a "blue" object elsewhere
     a = torch.zeros(8, 8, dtype=torch.bool)
     a[1:5, 1:5] = True
     b = torch.zeros(8, 8, dtype=torch.bool)
     b[4:8, 4:8] = True
     phrases = ["red", "circle", "red circle", "blue"]
-    corpus = Corpus(image_size=8, dataset="t", images=torch.zeros(2, 3, 8, 8, dtype=torch.uint8),
-                    heldout=torch.tensor([False, False]), region_image=torch.tensor([0, 0, 0, 1]),
-                    region_phrase=torch.tensor([0, 1, 2, 3]), region_masks=torch.stack([a, a, a, b]),
-                    phrases=phrases)
+    return Corpus(image_size=8, dataset="t", images=torch.zeros(2, 3, 8, 8, dtype=torch.uint8),
+                  heldout=torch.tensor([False, False]),
+                  region_image=torch.tensor([int(p == 3) for p in phrase_of_region]),
+                  region_phrase=torch.tensor(phrase_of_region),
+                  region_masks=torch.stack([b if p == 3 else a for p in phrase_of_region]), phrases=phrases, **extra)
+
+
+def test_dual_encoder_targets_a_region_to_every_name_of_its_pixels():
+    from app.language.tokenizer import train_tokenizer
+    from app.language.train import Batches
+
+    corpus = _two_objects([0, 1, 2, 3])
+    phrases = corpus.phrases
     tok = train_tokenizer(phrases * 4, 100, 8)
     batches = Batches("clip", corpus, tok, TrainOptions(kind="clip", image_size=8, max_text_tokens=8), 12)
     assert batches.same_pixels == [frozenset(phrases[:3])] * 3 + [frozenset({"blue"})]
@@ -312,20 +320,11 @@ def test_dual_encoder_targets_a_region_to_every_name_of_its_pixels():
 
 
 def test_captioner_region_sets_carry_every_concept_word_of_their_pixels():
-    from app.language.data import Corpus
     from app.language.tokenizer import train_tokenizer
     from app.language.train import Batches
 
-    # one object named "red", "circle" and "red circle" (same pixels) in image 0, a "blue" object in image 1
-    a = torch.zeros(8, 8, dtype=torch.bool)
-    a[1:5, 1:5] = True
-    b = torch.zeros(8, 8, dtype=torch.bool)
-    b[4:8, 4:8] = True
-    phrases = ["red", "circle", "red circle", "blue"]
-    corpus = Corpus(image_size=8, dataset="t", images=torch.zeros(2, 3, 8, 8, dtype=torch.uint8),
-                    heldout=torch.tensor([False, False]), region_image=torch.tensor([0, 0, 0, 0, 1, 1]),
-                    region_phrase=torch.tensor([0, 1, 2, 2, 3, 3]), region_masks=torch.stack([a, a, a, a, b, b]),
-                    phrases=phrases, captions=[(0, "a red circle"), (1, "a blue thing")])
+    corpus = _two_objects([0, 1, 2, 2, 3, 3], captions=[(0, "a red circle"), (1, "a blue thing")])
+    phrases = corpus.phrases
     corpus.concept_names = ["red", "circle", "blue"]
     corpus.presence = torch.tensor([[True, True, False], [False, False, True]])
     tok = train_tokenizer(phrases * 4 + ["a red circle", "a blue thing"], 100, 16)
