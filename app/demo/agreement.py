@@ -10,6 +10,10 @@ a trivial labeler, and beside what the method itself could reach on this data.
     misses is the method's (whole-image statistics, the layer prior at lambda = 1) or Network Dissection's. The
     ceiling without the prior (lambda = 0) is reported too: on the demo most of the ceiling's misses are the prior's
     (block4 has some twenty circle detectors; at lambda = 1 only the strongest keeps "circle").
+  * the same with a perfect encoder that also sees how much of the image a concept covers, as CLIP's similarity
+    grows with a concept's size: s = the concept's share of the image's pixels / AREA_FULL, at most 1 (datasets with
+    masks only). On the demo this is the higher of the two ceilings (a quarter of the image scored best of the caps
+    tried: 2%, 5%, 10%, 25%, 50%, 100%).
 - MILAN: of the units Network Dissection calls detectors of any concept in MILAN's layers, the share whose MILAN
   description names that concept (its name, plural or a synonym the demo's captions use, `shapes.concept_words`);
   beside it, the most frequent MILAN description given to every unit.
@@ -20,6 +24,7 @@ import re
 from typing import Any
 
 DETECTOR_CATEGORIES = ("color", "object")  # "detectors of a colour or shape"
+AREA_FULL = 0.25  # a concept covering this share of an image is as present as a concept can be (see the docstring)
 
 
 def _top_labels(project: Any, layer_id: int) -> dict[tuple[str, int], dict[str, Any]]:
@@ -86,11 +91,13 @@ def clip_dissect_baselines(project: Any, model_id: int, layers: list[str], param
         tops[name] = (row, _top_labels(project, row["id"]))
     frequent = _most_frequent((top for _, top in tops.values()), "clip_dissect")
     agree_ceiling = agree_ceiling0 = agree_frequent = total = 0
-    presence_cache: dict[int, Any] = {}
+    agree_area: int | None = 0
+    presence_cache: dict[Any, Any] = {}
     for name, (row, top) in tops.items():
         det = _detectors(top, categories)
         if not det:
-            per_layer[name] = {"detectors": 0, "ceiling": 0, "ceiling_lambda_0": 0, "most_frequent": 0}
+            per_layer[name] = {"detectors": 0, "ceiling": 0, "ceiling_lambda_0": 0, "ceiling_area": 0,
+                               "most_frequent": 0}
             continue
         res = LayerResults.load(project, row["id"])
         ds_id = int(res.stats["dataset_id"])
@@ -104,27 +111,57 @@ def clip_dissect_baselines(project: Any, model_id: int, layers: list[str], param
                 by_word[:, words.index(n)] |= pres[:, c]
             presence_cache[ds_id] = (words, by_word)
         words, by_word = presence_cache[ds_id]
+        if ("area", ds_id) not in presence_cache:
+            presence_cache[("area", ds_id)] = _concept_areas(project, ds_id, words)
+        areas = presence_cache[("area", ds_id)]
         valid = np.asarray(res.valid, dtype=bool)
-        truth = torch.from_numpy(by_word[valid].astype(np.float32))
         acts = torch.from_numpy(np.array(res.pooled_mean if p["pooling"] == "mean" else res.pooled_max,
                                          dtype=np.float32))
-        if acts.shape[0] != truth.shape[0]:
+        if acts.shape[0] != int(valid.sum()):
             acts = acts[torch.from_numpy(valid)]
-        p_t_x = torch.softmax(p["a"] * truth, dim=1)
-        log_p_t_u, log_p_t = soft_wpmi_terms(acts, p_t_x, p["top_k_images"], p["p_start"], p["p_end"])
-        best = (log_p_t_u - p["lambda"] * log_p_t[None, :]).argmax(1).tolist()
-        # without the layer prior: how much of the gap is the prior's (many units sharing one concept of a small
-        # vocabulary; with lambda = 1 the prior is about the best unit's own log p(t | u), so the others lose it)
-        best0 = log_p_t_u.argmax(1).tolist()
-        c = sum(words[best[u]] == concept for u, concept in det.items())
-        c0 = sum(words[best0[u]] == concept for u, concept in det.items())
+
+        def picks(similarity: Any) -> tuple[list[int], list[int]]:
+            """Each unit's top concept with the layer prior and without it (lambda 0: how much of the gap is the
+            prior's; with lambda = 1 the prior is about the best unit's own log p(t | u), so the others lose it)."""
+            p_t_x = torch.softmax(p["a"] * torch.from_numpy(similarity[valid].astype(np.float32)), dim=1)
+            log_p_t_u, log_p_t = soft_wpmi_terms(acts, p_t_x, p["top_k_images"], p["p_start"], p["p_end"])
+            return (log_p_t_u - p["lambda"] * log_p_t[None, :]).argmax(1).tolist(), log_p_t_u.argmax(1).tolist()
+
+        def hits(best: list[int]) -> int:
+            return sum(words[best[u]] == concept for u, concept in det.items())
+
+        best, best0 = picks(by_word)
+        c, c0 = hits(best), hits(best0)
+        ca = hits(picks(np.minimum(areas / AREA_FULL, 1.0))[0]) if areas is not None else None
         f = sum(frequent == concept for concept in det.values())
-        per_layer[name] = {"detectors": len(det), "ceiling": c, "ceiling_lambda_0": c0, "most_frequent": f}
+        per_layer[name] = {"detectors": len(det), "ceiling": c, "ceiling_lambda_0": c0, "ceiling_area": ca,
+                           "most_frequent": f}
         agree_ceiling, agree_frequent, total = agree_ceiling + c, agree_frequent + f, total + len(det)
         agree_ceiling0 += c0
+        agree_area = None if ca is None or agree_area is None else agree_area + ca
     return {"detectors": total, "ceiling": agree_ceiling, "ceiling_lambda_0": agree_ceiling0,
-            "most_frequent_label": frequent, "most_frequent": agree_frequent, "lambda": p["lambda"],
-            "layers": per_layer}
+            "ceiling_area": agree_area, "most_frequent_label": frequent, "most_frequent": agree_frequent,
+            "lambda": p["lambda"], "layers": per_layer}
+
+
+def _concept_areas(project: Any, dataset_id: int, words: list[str]) -> Any:
+    """[N, W] float: each concept name's share of each image's pixels, from the dataset's masks (None without)."""
+    import numpy as np
+
+    from app.engine.extract import open_project_dataset
+
+    reader = open_project_dataset(project.dataset(dataset_id))
+    if not reader.has_masks:
+        return None
+    names = [c["name"] for c in project.concepts(dataset_id)]
+    column = np.array([words.index(n) for n in names])
+    out = np.zeros((len(reader.images), len(words)), np.float32)
+    for i in range(len(reader.images)):
+        # masks at a fixed small size: a share of the pixels needs no more
+        cidx, masks = reader.masks(i, (64, 64))
+        if len(cidx):
+            np.maximum.at(out[i], column[cidx], masks.reshape(len(masks), -1).mean(1))
+    return out
 
 
 def milan_agreement(project: Any, model_id: int, layers: list[str]) -> dict[str, Any]:

@@ -622,7 +622,9 @@ def format_summary(summary: DemoSummary) -> str:
                          f"{cb['most_frequent']} of {cb['detectors']}; the same soft-WPMI (lambda {cb['lambda']:g}) "
                          f"with the dataset's true image labels in place of the dual encoder {cb['ceiling']} of "
                          f"{cb['detectors']} (the method's ceiling on this data; {cb['ceiling_lambda_0']} without "
-                         f"the layer prior, lambda 0)")
+                         f"the layer prior, lambda 0)"
+                         + (f"; {cb['ceiling_area']} of {cb['detectors']} with true labels weighted by each "
+                            f"concept's share of the image" if cb.get("ceiling_area") is not None else ""))
     mg = summary.milan_agreement
     if mg.get("detectors"):
         lines.append(f"MILAN's description names Network Dissection's concept for {mg['agree']} of "

@@ -41,6 +41,7 @@ def test_small_demo_builds_a_labeled_project(tmp_path):
     cb = summary.clip_baselines
     assert cb["detectors"] == summary.clip_agreement["detectors"] and 0 <= cb["ceiling"] <= cb["detectors"]
     assert 0 <= cb["most_frequent"] <= cb["detectors"]
+    assert 0 <= cb["ceiling_area"] <= cb["detectors"]  # the demo's dataset has masks
     mg = summary.milan_agreement
     assert mg["units_described"] == sum(layer["methods"]["milan"]["units"] for layer in summary.layers
                                         if "milan" in layer["methods"])
