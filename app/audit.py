@@ -423,8 +423,6 @@ class AblateJob:
         self.title = f"ablate {options.layer}"
 
     def execute(self, progress: Any) -> AblateResult:
-        from labelers.base import Cancelled
-
         o = self.options
         with Project.open(self.project_path) as project:
             model_row = project.model(o.model)
@@ -438,14 +436,8 @@ class AblateJob:
                                         dataset_id=int(ds_row["id"]), layer_id=int(layer_row["id"]),
                                         status="running")
             t0 = time.monotonic()
-            try:
+            with project.finishing(run_id, t0, cancelled="cancelled"):
                 result = self._evaluate(project, model_row, layer_row, ds_row, units, progress)
-            except Cancelled:
-                project.finish_run(run_id, "cancelled", message="cancelled", seconds=time.monotonic() - t0)
-                raise
-            except Exception as exc:
-                project.finish_run(run_id, "failed", error=str(exc), seconds=time.monotonic() - t0)
-                raise
             result.run_id = run_id
             result.notes = notes + result.notes
             project.finish_run(run_id, "done", report=result.to_json(), seconds=time.monotonic() - t0,

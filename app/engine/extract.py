@@ -47,7 +47,7 @@ from app.engine.stats import (
 )
 from app.engine.summary import MAX_LISTED
 from app.errors import DatasetError, JobError, ModelLoadError
-from app.jobs import Cancelled, JobProgress
+from app.jobs import JobProgress
 from app.project import arrays
 from app.project.store import MASKS_LEFT_OUT, Project
 
@@ -519,20 +519,10 @@ class ExtractJob:
                                     if k in {f.name for f in dataclasses.fields(ExtractReport)}})
         t_start = time.monotonic()
         prior_seconds = project.run(run_id).seconds
-        try:
-            with cpu_threads(opts.threads):
-                report = self._extract(project, run_id, model, reader, ds_row, layer_rows, device, progress)
-        except (Cancelled, KeyboardInterrupt):  # Ctrl+C in the CLI is a cancel, as it reports
-            project.finish_run(run_id, "cancelled", message="cancelled; run the same extraction again to resume",
-                               seconds=prior_seconds + time.monotonic() - t_start)
-            raise
-        except BaseException as exc:
-            try:
-                project.finish_run(run_id, "failed", error=str(exc) or type(exc).__name__,
-                                   seconds=prior_seconds + time.monotonic() - t_start)
-            except Exception:  # e.g. the disk that just filled up holds the database too: report the first error
-                log.warning("could not record the failure of run %d", run_id, exc_info=True)
-            raise
+        with (project.finishing(run_id, t_start, seconds_before=prior_seconds,
+                                cancelled="cancelled; run the same extraction again to resume"),
+              cpu_threads(opts.threads)):
+            report = self._extract(project, run_id, model, reader, ds_row, layer_rows, device, progress)
         report.seconds = prior_seconds + time.monotonic() - t_start
         total = project.run(run_id).total
         if total:  # the last checkpoint may be a few batches behind: a finished run has done them all

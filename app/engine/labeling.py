@@ -16,7 +16,7 @@ import labelers.base as lb
 from app.engine.claims import claim_or_wait
 from app.engine.device import pick_device
 from app.engine.results import LayerResults
-from app.jobs import Cancelled, JobProgress
+from app.jobs import JobProgress
 from app.project.store import Project
 
 log = logging.getLogger(__name__)
@@ -108,16 +108,10 @@ class LabelJob:
         if finished is not None and finished.report:
             return LabelReport(**{f.name: finished.report[f.name] for f in dataclasses.fields(LabelReport)})
         t0 = time.monotonic()
-        try:
+        with project.finishing(run_id, t0):
             out = self._run_labeler(labeler, inputs, params, progress,
                                     LabelSources(model_row, ds_row, layer_row, results))
             n = project.replace_labels(run_id, layer_row["id"], self.method, out.labels)
-        except (Cancelled, KeyboardInterrupt):  # Ctrl+C in the CLI is a cancel, as it reports
-            project.finish_run(run_id, "cancelled", seconds=time.monotonic() - t0)
-            raise
-        except BaseException as exc:
-            project.finish_run(run_id, "failed", error=str(exc) or type(exc).__name__, seconds=time.monotonic() - t0)
-            raise
         seconds = time.monotonic() - t0
         report = LabelReport(self.method, self.layer, layer_row["units"], n, seconds, out.summary)
         project.finish_run(run_id, "done", report=dataclasses.asdict(report), seconds=seconds,

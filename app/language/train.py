@@ -783,17 +783,10 @@ class TrainJob:
         project.start_run(run_id)
         t0 = time.monotonic()
         work = project.language_dir() / WORK_DIR / key[:16]
-        try:
+        with project.finishing(run_id, t0, cancelled="cancelled; train again with the same options to resume"):
             progress.begin_stage("reading the dataset")
             corpus = gather(project, ds_row["id"], o.image_size, o.max_images, progress=progress, seed=o.seed)
             report = self._train(project, progress, corpus, ds_row, work, steps, batch, lr, device, run_id, t0)
-        except Cancelled:
-            project.finish_run(run_id, "cancelled", seconds=time.monotonic() - t0,
-                               message="cancelled; train again with the same options to resume")
-            raise
-        except BaseException as exc:
-            project.finish_run(run_id, "failed", error=str(exc) or type(exc).__name__, seconds=time.monotonic() - t0)
-            raise
         project.finish_run(run_id, "done", report=dataclasses.asdict(report), seconds=report.seconds,
                            message=f"{report.name}: {steps} steps on {describe(device)}")
         return report

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from app.errors import JobError
-from app.jobs import Cancelled, JobProgress
+from app.jobs import JobProgress
 from app.project import arrays
 from app.project.store import Project
 
@@ -208,15 +208,9 @@ class TranslatorJob:
         project.start_run(run_id)
         folder.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
-        try:
+        with project.finishing(run_id, t0):
             report = self._train(project, progress, run_id, folder, model, model_row, ds_row, layer_row, clf, lm,
                                  lm_path, lm_fp, captions, device, t0)
-        except Cancelled:
-            project.finish_run(run_id, "cancelled", seconds=time.monotonic() - t0)
-            raise
-        except BaseException as exc:
-            project.finish_run(run_id, "failed", error=str(exc) or type(exc).__name__, seconds=time.monotonic() - t0)
-            raise
         project.finish_run(run_id, "done", report=dataclasses.asdict(report), seconds=report.seconds,
                            message=f"held-out loss {report.heldout_loss:.3f} (LM alone {report.baseline_loss:.3f})")
         return report

@@ -828,6 +828,31 @@ class Project(LanguageModelsMixin):
                 (status, error, _json(report), now(), seconds, message, run_id),
             )
 
+    @contextlib.contextmanager
+    def finishing(self, run_id: int, t0: float, *, cancelled: str | None = None,
+                  seconds_before: float = 0.0) -> Iterator[None]:
+        """Records how a job's work on run `run_id` ends when it raises: "cancelled" (a cancel, or Ctrl+C, which the
+        CLI reports as a cancel; message `cancelled`) or "failed" with the error; the run's seconds are those since
+        `t0` (time.monotonic) plus `seconds_before` (a resumed run's earlier time). The caller finishes a run that
+        succeeds, with its report. A failure that cannot be recorded (the disk that just filled up holds the
+        database too) is logged, and the job's own error is the one raised."""
+        import time
+
+        from labelers.base import Cancelled
+
+        try:
+            yield
+        except (Cancelled, KeyboardInterrupt):
+            self.finish_run(run_id, "cancelled", message=cancelled, seconds=seconds_before + time.monotonic() - t0)
+            raise
+        except BaseException as exc:
+            try:
+                self.finish_run(run_id, "failed", error=str(exc) or type(exc).__name__,
+                                seconds=seconds_before + time.monotonic() - t0)
+            except Exception:
+                log.warning("could not record the failure of run %d", run_id, exc_info=True)
+            raise
+
     def record_image_problems(self, run_id: int, problems: Iterable[tuple[int, str]]) -> None:
         """`problems` are (image idx in its dataset, message)."""
         run = self.run(run_id)

@@ -94,6 +94,32 @@ def test_dead_running_run_becomes_interrupted(tmp_path):
     assert p.resumable_run("extract", "k").id == run
 
 
+def test_finishing_records_how_a_jobs_work_ended(tmp_path, caplog):
+    from labelers.base import Cancelled
+
+    p = Project.create(tmp_path / "s")
+    runs = [p.create_run(kind="label", key=str(i), params={}) for i in range(4)]
+    t0 = time.monotonic()
+    with pytest.raises(Cancelled), p.finishing(runs[0], t0, cancelled="cancelled; run it again", seconds_before=5):
+        raise Cancelled()
+    with pytest.raises(KeyboardInterrupt), p.finishing(runs[1], t0):  # Ctrl+C in the CLI: a cancel
+        raise KeyboardInterrupt
+    with pytest.raises(ValueError, match="bad input"), p.finishing(runs[2], t0):
+        raise ValueError("bad input")
+    with p.finishing(runs[3], t0):  # success: the caller finishes the run with its report
+        pass
+    first, second, failed, done = (p.run(r) for r in runs)
+    assert (first.status, first.message) == ("cancelled", "cancelled; run it again") and first.seconds >= 5
+    assert second.status == "cancelled" and second.seconds < 5
+    assert (failed.status, failed.error) == ("failed", "bad input")
+    assert done.status not in ("cancelled", "failed")
+    # a failure that cannot be recorded is logged, and the job's own error is the one raised
+    p.finish_run = lambda *a, **k: (_ for _ in ()).throw(OSError("disk full"))
+    with pytest.raises(ValueError, match="the first"), p.finishing(runs[3], t0):
+        raise ValueError("the first")
+    assert "could not record the failure" in caplog.text
+
+
 WRITER = textwrap.dedent(
     """
     import sys
