@@ -706,9 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--name", help="name in the project (default: KIND-DATASET)")
     lp.add_argument("--seed", type=int, default=0)
     lp.add_argument("--vision", choices=["vit", "mobilenet", "convnext", "swin", "focalnet", "resnet"],
-                    help="image tower (default: vit for the dual encoder, resnet for the captioner, which takes "
-                         "resnet, focalnet, vit or swin): on the demo's budget the ResNet learns shapes best, the "
-                         "ViT colours")
+                    help="image tower (default: mobilenet for the dual encoder, resnet for the captioner, which "
+                         "takes resnet, focalnet, vit or swin): the batch-normalised towers learn the demo's shapes "
+                         "fastest")
     lp.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     lp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     lp = lsub.add_parser("add", help="add a local transformers folder (checked before anything is written)")

@@ -54,9 +54,9 @@ def test_training_stores_a_loadable_folder_with_a_card(tiny_project, kind):
         assert not (p.language_dir() / ".work").exists() or not any((p.language_dir() / ".work").iterdir())
 
 
-@pytest.mark.parametrize("tower", VISION_TOWERS["captioner"])
-def test_every_captioner_tower_trains_with_its_warm_up_and_auxiliary_head(tiny_project, tower):
-    rep = TrainJob(tiny_project, TrainOptions(kind="captioner", vision=tower, **{**TINY, "steps": 4})).execute(
+@pytest.mark.parametrize("kind,tower", [(k, t) for k, towers in VISION_TOWERS.items() for t in towers])
+def test_every_image_tower_trains_with_its_warm_up_and_auxiliary_head(tiny_project, kind, tower):
+    rep = TrainJob(tiny_project, TrainOptions(kind=kind, vision=tower, **{**TINY, "steps": 4})).execute(
         JobProgress())
     card = read_card(Path(rep.path))
     assert card["image_tower"] == tower and len(card["loss_curve"]) == 4 and card["tower_warmup_steps"] == 2
@@ -350,6 +350,13 @@ def test_captioner_region_sets_carry_every_concept_word_of_their_pixels():
     assert "ids" not in first and first["pixels"].shape == (8, 1, 3, 8, 8) and first["aux"].shape == (8, 1, 3)
     assert "ids" in warm.draw(2)
     assert [g.tolist() for g in warm.concept_groups] == [[0, 2], [1]]
+    # the dual encoder's pictures carry the same targets: captions and words their image's, regions their own
+    clip = Batches("clip", corpus, tok, TrainOptions(kind="clip", image_size=8, max_text_tokens=16), 9)
+    d = clip.draw(0)
+    texts = [x.strip() for x in tok.batch_decode(d["ids"], skip_special_tokens=True)]
+    assert d["aux"].shape == (len(texts), 1, 3)
+    for text, aux in zip(texts, d["aux"][:, 0].tolist()):
+        assert aux == ([0, 0, 1] if "blue" in text else [1, 1, 0]), (text, aux)
 
 
 def test_concept_loss_is_a_cross_entropy_within_each_category():
