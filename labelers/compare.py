@@ -484,8 +484,8 @@ def _chance_intervals(per_shuffle: Mapping[str, np.ndarray], n_boot: int,
     out = {}
     for m in MEASURES:
         v = per_shuffle[m]
-        low, high = np.percentile(v[pick[:, None], idx].mean(1), [2.5, 97.5]) if n_boot > 0 else (math.nan,) * 2
-        out[m] = Interval(float(v.mean()), float(low), float(high))
+        # the resamples' mean scores (none when n_boot is 0: NaN bounds), read as every other interval is read
+        out[m] = percentile_interval(float(v.mean()), v[pick[:, None], idx].mean(1))
     return out
 
 
