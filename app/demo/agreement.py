@@ -92,7 +92,8 @@ def clip_dissect_baselines(project: Any, model_id: int, layers: list[str], param
     frequent = _most_frequent((top for _, top in tops.values()), "clip_dissect")
     agree_ceiling = agree_ceiling0 = agree_frequent = total = 0
     agree_area: int | None = 0
-    presence_cache: dict[Any, Any] = {}
+    presence_cache: dict[int, Any] = {}
+    area_cache: dict[int, Any] = {}
     for name, (row, top) in tops.items():
         det = _detectors(top, categories)
         if not det:
@@ -111,9 +112,9 @@ def clip_dissect_baselines(project: Any, model_id: int, layers: list[str], param
                 by_word[:, words.index(n)] |= pres[:, c]
             presence_cache[ds_id] = (words, by_word)
         words, by_word = presence_cache[ds_id]
-        if ("area", ds_id) not in presence_cache:
-            presence_cache[("area", ds_id)] = _concept_areas(project, ds_id, words)
-        areas = presence_cache[("area", ds_id)]
+        if ds_id not in area_cache:
+            area_cache[ds_id] = _concept_areas(project, ds_id, words)
+        areas = area_cache[ds_id]
         valid = np.asarray(res.valid, dtype=bool)
         acts = torch.from_numpy(np.array(res.pooled_mean if p["pooling"] == "mean" else res.pooled_max,
                                          dtype=np.float32))

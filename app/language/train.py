@@ -51,15 +51,15 @@ CARD_JSON = "card.json"
 # show them).
 # How often the captioner's steps draw each kind of batch (relative weights, over the kinds the data has).
 CAPTIONER_MIX = {"caption": 1.0, "regions": 3.0, "descriptions": 0.2}
-# Weight of the auxiliary loss: a linear head on each picture's pooled encoder tokens says which concept of each
+# Weight of the auxiliary loss: a linear head on each picture's pooled tower output says which concept of each
 # category the picture shows (`concept_loss`). The next-token loss alone barely reaches the image tower: on the demo
 # a captioner trained on it told six shapes apart no better than chance (held-out sets of 15 masked regions), though
-# the same towers learn them when trained to. Used in training only; the stored captioner is a regular
-# VisionEncoderDecoderModel.
-CAPTIONER_AUX = 1.0
+# the same towers learn them when trained to. Used in training only; the stored models are regular transformers
+# models.
+TOWER_AUX = 1.0
 # Share of the steps that train the image tower and the auxiliary head alone first, on single region pictures
 # (`Batches._draw_tower`), so that the decoder learns to read a tower that already tells the concepts apart.
-CAPTIONER_WARMUP = 0.5
+TOWER_WARMUP = 0.5
 # The kinds trained this way (the image tower's warm-up and the auxiliary head): the captioner and the dual encoder.
 TOWER_KINDS = ("captioner", "clip")
 # Region sets drawn the way MILAN will draw a unit's exemplars: a unit's map is a coarse grid, upsampled bilinearly
@@ -183,26 +183,29 @@ def _vision_config(tower: str, opts: TrainOptions) -> Any:
         cfg.hidden_size = h  # the width VisionEncoderDecoderModel reads
         return cfg
     if tower == "focalnet":
-        stages, grid = 1, opts.image_size // 4
-        while stages < 3 and grid // 2 >= 4:
-            stages, grid = stages + 1, grid // 2
-        embed = max(8, h >> (stages - 1))  # the last stage's width is then `hidden`
+        stages, _grid, embed = _hierarchical_stages(opts)
         cfg = tf.FocalNetConfig(image_size=opts.image_size, patch_size=4, embed_dim=embed,
                                 depths=[1] * (stages - 1) + [n], focal_levels=[2] * stages,
                                 focal_windows=[3] * stages)
         cfg.hidden_size = embed << (stages - 1)  # the width VisionEncoderDecoderModel and the dual encoder read
         return cfg
     if tower == "swin":
-        # up to three stages, as many as keep the last grid at least one 4 x 4 window (Swin fails below that)
-        stages, grid = 1, opts.image_size // 4
-        while stages < 3 and grid // 2 >= 4:
-            stages, grid = stages + 1, grid // 2
-        embed = max(8, h >> (stages - 1))
+        stages, grid, embed = _hierarchical_stages(opts)
         return tf.SwinConfig(image_size=opts.image_size, patch_size=4, embed_dim=embed,
                              depths=[1] * (stages - 1) + [n], window_size=min(4, grid),
                              num_heads=[max(1, (embed << i) // 32) for i in range(stages)])
     return tf.ViTConfig(image_size=opts.image_size, patch_size=opts.patch_size, hidden_size=h,
                         intermediate_size=2 * h, num_hidden_layers=n, num_attention_heads=max(1, h // 32))
+
+
+def _hierarchical_stages(opts: TrainOptions) -> tuple[int, int, int]:
+    """(stages, last grid side, first stage's width) of a tower over 4 x 4 patches that halves its grid per stage:
+    up to three stages, as many as keep the last grid at least 4 x 4 (one Swin window; FocalNet likewise), the
+    width doubling per stage so that the last stage's is `hidden`."""
+    stages, grid = 1, opts.image_size // 4
+    while stages < 3 and grid // 2 >= 4:
+        stages, grid = stages + 1, grid // 2
+    return stages, grid, max(8, opts.hidden >> (stages - 1))
 
 
 def build_model(kind: str, vocab: int, opts: TrainOptions) -> Any:
@@ -260,7 +263,7 @@ class Batches:
         from labelers.textmodels import CLIP_MEAN, CLIP_STD
 
         self.kind, self.corpus, self.tok, self.opts, self.batch = kind, corpus, tokenizer, opts, batch
-        self.warmup = warmup  # the captioner's first steps train its image tower alone (CAPTIONER_WARMUP)
+        self.warmup = warmup  # the first steps train the image tower alone (TOWER_WARMUP)
         self.caps = corpus.caption_split(False)
         self.regions = corpus.region_split(False)
         self.descs = [d for d in corpus.descriptions if not d.heldout]
@@ -277,10 +280,9 @@ class Batches:
                 members = self.regions[ph == p]
                 if len(members) >= 2:
                     self.by_phrase.append((p, members))
-        self.same_pixels = (self._same_pixel_phrases() if kind in ("clip", "captioner") and len(self.regions)
-                            else [])
-        # the captioner's auxiliary targets (CAPTIONER_AUX): the concept words naming a region's pixels, and the
-        # concept words present in a whole image
+        self.same_pixels = self._same_pixel_phrases() if kind in TOWER_KINDS and len(self.regions) else []
+        # the auxiliary head's targets for regions (TOWER_AUX): the concept words naming a region's pixels (a whole
+        # image's are the concept words present in it)
         self.region_words = self._region_words() if self.same_pixels else None
         if not self.texts:
             raise JobError("the dataset has no text to learn from (no captions, no concept names, no unit "
@@ -326,7 +328,7 @@ class Batches:
         share[parts[0]] += self.batch - sum(share.values())
         n_cap, n_reg, n_word = share.get("cap", 0), share.get("reg", 0), share.get("word", 0)
         imgs, texts = [], []
-        aux = []  # each picture's concept words, for the auxiliary head (CAPTIONER_AUX)
+        aux = []  # each picture's concept words, for the auxiliary head (TOWER_AUX)
         if n_cap:
             pick = torch.randint(len(self.caps), (n_cap,), generator=g).tolist()
             rows = torch.tensor([self.caps[i][0] for i in pick])
@@ -339,8 +341,7 @@ class Batches:
             imgs.append(self.pixels(c.images[c.region_image[r]], c.region_masks[r]))
             texts += [c.phrases[j] for j in c.region_phrase[r].tolist()]
             if self.aux_words:
-                aux.append(self.region_words[r] if self.region_words is not None
-                           else torch.zeros(len(r), self.aux_words))
+                aux.append(self.region_words[r])
         same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.bool)
         if n_word:
             rows = self.word_rows[torch.randint(len(self.word_rows), (n_word,), generator=g)]
@@ -434,7 +435,7 @@ class Batches:
 
     @property
     def aux_words(self) -> int:
-        """How many concept words the captioner's auxiliary head predicts (0: no head)."""
+        """How many concept words the auxiliary head predicts (0: no head)."""
         c = self.corpus
         return len(c.concept_names) if self.kind in TOWER_KINDS and c.concept_names and c.presence is not None else 0
 
@@ -464,10 +465,10 @@ class Batches:
                 r = members[torch.randint(len(members), (k,), generator=g)]
                 sets.append(self.pixels(c.images[c.region_image[r]], unit_like_masks(c.region_masks[r], g)))
                 texts.append(plural(c.phrases[phrase]))
-                if self.region_words is not None:
+                if self.aux_words:
                     words.append(self.region_words[r])
             pixels = torch.stack(sets)
-            aux = torch.stack(words) if words and self.aux_words else None
+            aux = torch.stack(words) if self.aux_words else None
         else:
             k = min(min(len(d.exemplar_rows) for d in self.descs), 6)
             b = max(4, self.batch // max(k, 1))
@@ -533,14 +534,14 @@ def clip_loss(model: Any, batch: dict[str, Any], aux_head: Any = None, groups: A
         loss = 0.5 * (torch.sum(-ti * F.log_softmax(logits, 1), 1).mean()
                       + torch.sum(-tt * F.log_softmax(logits.T, 1), 1).mean())
     if aux_head is not None and "aux" in batch:
-        loss = loss + CAPTIONER_AUX * concept_loss(aux_head(pooled).float(), batch["aux"].flatten(0, 1), groups)
+        loss = loss + TOWER_AUX * concept_loss(aux_head(pooled).float(), batch["aux"].flatten(0, 1), groups)
     return loss
 
 
 def captioner_loss(model: Any, batch: dict[str, Any], tm: Any, aux_head: Any = None,
                    groups: Any = None) -> Any:
     """The decoder's next-token loss on the batch's texts, plus (with `aux_head` and targets in the batch) the
-    auxiliary concept loss on each picture's pooled encoder tokens (`concept_loss`, CAPTIONER_AUX). A batch
+    auxiliary concept loss on each picture's pooled encoder tokens (`concept_loss`, TOWER_AUX). A batch
     without texts (the tower's warm-up) has the auxiliary loss only."""
     from labelers.textmodels import encode_exemplar_sets
 
@@ -555,7 +556,7 @@ def captioner_loss(model: Any, batch: dict[str, Any], tm: Any, aux_head: Any = N
         s, k = batch["pixels"].shape[:2]
         h = enc.last_hidden_state
         pooled = h.reshape(s, k, h.shape[1] // k, h.shape[2]).mean(2)
-        loss = loss + CAPTIONER_AUX * concept_loss(aux_head(pooled).float(), batch["aux"], groups)
+        loss = loss + TOWER_AUX * concept_loss(aux_head(pooled).float(), batch["aux"], groups)
     return loss
 
 
@@ -564,7 +565,7 @@ def concept_loss(logits: Any, targets: Any, groups: Any) -> Any:
     words per category) with a word naming the picture, cross-entropy of the category's words against its naming
     words (several share the target); summed over categories, averaged over pictures. A softmax within a category
     makes shapes compete with shapes and colours with colours, which teaches the tower far faster than independent
-    yes/no outputs (measured: see CAPTIONER_AUX)."""
+    yes/no outputs (measured: see TOWER_AUX)."""
     import torch
 
     logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1, targets.shape[-1])
@@ -779,7 +780,7 @@ class TrainJob:
                                "`neuron-studio language add PROJECT DIR --kind sentence`")
         self.project_path = Path(project_path)
         self.options = options
-        self.tower_warmup = 0  # the captioner's steps that trained its image tower alone, once training has begun
+        self.tower_warmup = 0  # the steps that trained the image tower alone, once training has begun
         self.title = f"Train the {KIND_TITLES[options.kind]}"
         self.run_id: int | None = None
 
@@ -848,7 +849,7 @@ class TrainJob:
         model = build_model(o.kind, vocab, o).to(device)
         model.train()
         batches = Batches(o.kind, corpus, tokenizer, o, batch,
-                          warmup=int(CAPTIONER_WARMUP * steps) if o.kind in TOWER_KINDS else 0)
+                          warmup=int(TOWER_WARMUP * steps) if o.kind in TOWER_KINDS else 0)
         aux_head = None
         if batches.aux_words:
             tower = model.config.encoder if o.kind == "captioner" else model.config.vision_config
